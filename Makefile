@@ -1,0 +1,43 @@
+# AutoServe Health. `make run` and `make test` work from a fresh clone.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PACKAGES := libs/events libs/config libs/runtime services/prober cli
+
+.PHONY: setup system run test unit integration lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): constraints.txt requirements-dev.txt $(addsuffix /pyproject.toml,$(PACKAGES))
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -c constraints.txt setuptools
+	$(BIN)/pip install -q --no-build-isolation -c constraints.txt -r requirements-dev.txt $(addprefix -e ,$(PACKAGES))
+	touch $@
+
+# System packages and services the tests and benchmarks need (root, Debian).
+system:
+	bash scripts/ensure-system.sh
+
+run: setup
+	$(BIN)/autoserve up --demo -c examples/demo.yaml
+
+test: setup system
+	$(BIN)/ruff check .
+	$(BIN)/pytest
+
+unit: setup
+	$(BIN)/pytest tests/unit
+
+integration: setup system
+	$(BIN)/pytest tests/integration
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: setup system
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) .autoserve .pytest_cache .hypothesis bench/.work

@@ -1,0 +1,1 @@
+"""The autoserve command line."""

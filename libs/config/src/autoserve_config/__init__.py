@@ -1,0 +1,34 @@
+"""AutoServe Health configuration: the model, validation with paths, and loading."""
+
+from .load import decode_app_spec, encode_app_spec, encode_detector, load_config, load_config_text
+from .model import (
+    AppSpec,
+    BreakerConfig,
+    Config,
+    DetectorConfig,
+    DockerDiscovery,
+    HealthCheckConfig,
+    Instance,
+    ScalingConfig,
+)
+from .validate import ConfigError, is_valid_host, parse_app_spec, parse_config
+
+__all__ = [
+    "AppSpec",
+    "BreakerConfig",
+    "Config",
+    "ConfigError",
+    "DetectorConfig",
+    "DockerDiscovery",
+    "HealthCheckConfig",
+    "Instance",
+    "ScalingConfig",
+    "decode_app_spec",
+    "encode_app_spec",
+    "encode_detector",
+    "is_valid_host",
+    "load_config",
+    "load_config_text",
+    "parse_app_spec",
+    "parse_config",
+]

@@ -1,0 +1,88 @@
+"""The configuration file's model: the seed's ``HealthCheckConfig`` and the sections around it.
+
+Names and defaults are the seed's. What goes beyond the seed is marked in a comment.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+
+class HealthCheckConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    protocol: Literal["HTTP", "TCP"] = "HTTP"
+    path: str = "/health"
+    port: int = 8000
+    method: str = "GET"
+    headers: dict[str, str] | None = None
+    body: str | None = None
+    expected_status_codes: list[int] = msgspec.field(default_factory=lambda: [200])
+    probe_data: str | None = None
+    expected_response: str | None = None
+    initial_delay_seconds: float = 30
+    period_seconds: float = 30
+    timeout_seconds: float = 5
+    failure_threshold: int = 3
+    success_threshold: int = 1
+    enabled: bool = True
+    follow_redirects: bool = False
+    verify_ssl: bool = True
+    max_retries: int = 0
+    # Beyond the seed: https targets (verify_ssl means nothing without them), and whether
+    # to reuse connections between probes (cheaper; off = a new connection each probe,
+    # as kubelet and blackbox_exporter do, which also tests that the port accepts).
+    scheme: Literal["http", "https"] = "http"
+    keep_alive: bool = True
+
+
+class Instance(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    id: str
+    host: str
+    port: int | None = None  # defaults to health_check.port
+
+
+class DockerDiscovery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    label: str  # "key=value" a container must carry
+    port: int | None = None  # else the container's autoserve.port label, else health_check.port
+
+
+class ScalingConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    min_replicas: int = 1
+    max_replicas: int = 5
+
+
+class BreakerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    failure_threshold: int = 5
+    success_threshold: int = 3
+    recovery_timeout: float = 60
+    max_test_requests: int = 3
+
+
+class AppSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One app's spec: the value stored under the app's name in the ``autoserve-apps`` bucket."""
+
+    health_check: HealthCheckConfig = msgspec.field(default_factory=HealthCheckConfig)
+    instances: list[Instance] = []
+    docker: DockerDiscovery | None = None
+    # Owned by the recovery service; kept opaque here until that service defines it.
+    recovery: dict[str, object] = {}
+    scaling: ScalingConfig = msgspec.field(default_factory=ScalingConfig)
+    breaker: BreakerConfig = msgspec.field(default_factory=BreakerConfig)
+
+
+class DetectorConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The seed's ``FailureDetector`` thresholds."""
+
+    max_response_time_ms: float = 5000
+    max_error_rate_percent: float = 5.0
+    max_cpu_percent: float = 90.0
+    max_memory_percent: float = 90.0
+    consecutive_failure_limit: int = 3
+    failure_rate_window_minutes: float = 10
+    max_restart_count: int = 5
+
+
+class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    apps: dict[str, AppSpec] = {}
+    detector: DetectorConfig = msgspec.field(default_factory=DetectorConfig)

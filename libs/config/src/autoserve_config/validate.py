@@ -1,0 +1,286 @@
+"""Validation that lists every problem with its path, then builds the typed config.
+
+Two passes. The structural pass walks the raw YAML/JSON against the model and reports
+unknown keys, missing keys and wrong types everywhere (msgspec alone stops at the first).
+The rule pass applies the seed's ``HealthCheckConfig.validate()`` rules and goes further:
+names, hosts, ports, thresholds that cannot work together.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+import types
+import typing
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import msgspec
+
+from autoserve_events import is_valid_name
+
+from .model import (
+    AppSpec,
+    BreakerConfig,
+    Config,
+    DetectorConfig,
+    DockerDiscovery,
+    HealthCheckConfig,
+    Instance,
+    ScalingConfig,
+)
+
+_S = TypeVar("_S", bound=msgspec.Struct)
+
+HTTP_METHODS = ("GET", "POST", "PUT", "HEAD")
+MAX_RETRIES = 10
+_HOSTNAME_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+class ConfigError(ValueError):
+    """A configuration with problems; ``problems`` lists each as ``path: message``."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+def parse_config(raw: Any) -> Config:
+    """Validate a decoded YAML/JSON document; raise ``ConfigError`` listing every problem."""
+    return _parse(Config, {} if raw is None else raw, "")
+
+
+def parse_app_spec(app_name: str, raw: Any) -> AppSpec:
+    """Validate one app's spec, as stored in the KV bucket."""
+    path = f"apps.{app_name}"
+    spec = _parse(AppSpec, raw, path)
+    problems = [] if is_valid_name(app_name) else [_bad_name(path, app_name)]
+    if problems:
+        raise ConfigError(problems)
+    return spec
+
+
+def _parse(cls: type[_S], raw: Any, path: str) -> _S:
+    problems: list[str] = []
+    _check(cls, raw, path, problems)
+    if problems:
+        raise ConfigError(problems)
+    return msgspec.convert(raw, cls)
+
+
+# -- the walk: structure everywhere, then each sound part's own rules ------------------
+
+
+def _join(path: str, key: object) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _check(tp: Any, value: Any, path: str, problems: list[str]) -> None:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if _is_struct(tp):
+        _check_struct(tp, value, path, problems)
+    elif origin in (typing.Union, types.UnionType) and any(_is_struct(a) for a in args):
+        if value is not None or type(None) not in args:
+            (struct,) = [a for a in args if _is_struct(a)]
+            _check_struct(struct, value, path, problems)
+    elif origin is dict and _is_struct(args[1]):
+        if not isinstance(value, dict):
+            problems.append(f"{path}: must be a mapping, got {_describe(value)}")
+            return
+        for key, item in value.items():
+            if not is_valid_name(str(key)):
+                problems.append(_bad_name(_join(path, key), key))
+            _check(args[1], item, _join(path, key), problems)
+    elif origin is list and _is_struct(args[0]):
+        if not isinstance(value, list):
+            problems.append(f"{path}: must be a list, got {_describe(value)}")
+            return
+        for index, item in enumerate(value):
+            _check(args[0], item, f"{path}[{index}]", problems)
+    elif origin is typing.Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            problems.append(f"{path}: must be one of {choices}, got {_describe(value)}")
+    else:
+        try:
+            msgspec.convert(value, tp)
+        except msgspec.ValidationError as exc:
+            message = re.sub(r", got `[^`]*`", "", str(exc)).replace("`", "")
+            problems.append(f"{path}: {message[:1].lower()}{message[1:]}, got {_describe(value)}")
+
+
+def _check_struct(cls: type[msgspec.Struct], value: Any, path: str, problems: list[str]) -> None:
+    if not isinstance(value, dict):
+        problems.append(f"{path or 'config'}: must be a mapping, got {_describe(value)}")
+        return
+    before = len(problems)
+    fields = {f.encode_name: f for f in msgspec.structs.fields(cls)}
+    for key in value:
+        if key not in fields:
+            hint = difflib.get_close_matches(str(key), list(fields), n=1)
+            suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+            problems.append(f"{_join(path, key)}: unknown key{suggestion}")
+    for name, field in fields.items():
+        if name in value:
+            _check(field.type, value[name], _join(path, name), problems)
+        elif field.required:
+            problems.append(f"{_join(path, name)}: required")
+    rules = _RULES.get(cls)
+    if rules is not None and len(problems) == before:
+        problems += rules(msgspec.convert(value, cls), path)
+
+
+def _is_struct(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, msgspec.Struct)
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def _bad_name(path: str, name: object) -> str:
+    return f"{path}: name {name!r} must be 1-128 characters of [A-Za-z0-9_-]"
+
+
+# -- rules, one function per part of the model ---------------------------------------
+
+
+def _health_check(hc: HealthCheckConfig, path: str) -> list[str]:
+    """The seed's ``HealthCheckConfig.validate()`` rules, each with its path, and more."""
+    problems: list[str] = []
+    if not 1 <= hc.port <= 65535:
+        problems.append(f"{path}.port: must be between 1 and 65535, got {hc.port}")
+    if hc.timeout_seconds < 1:
+        problems.append(f"{path}.timeout_seconds: must be at least 1 second, got {hc.timeout_seconds}")
+    if hc.period_seconds < hc.timeout_seconds:
+        problems.append(
+            f"{path}.period_seconds: must be at least timeout_seconds ({hc.timeout_seconds}), got {hc.period_seconds}"
+        )
+    elif hc.period_seconds < hc.timeout_seconds * (hc.max_retries + 1):
+        problems.append(
+            f"{path}.period_seconds: a probe with max_retries={hc.max_retries} takes up to "
+            f"{hc.timeout_seconds * (hc.max_retries + 1)}s, longer than the period {hc.period_seconds}s"
+        )
+    if hc.initial_delay_seconds < 0:
+        problems.append(f"{path}.initial_delay_seconds: must be at least 0, got {hc.initial_delay_seconds}")
+    for name in ("failure_threshold", "success_threshold"):
+        if getattr(hc, name) < 1:
+            problems.append(f"{path}.{name}: must be at least 1, got {getattr(hc, name)}")
+    if not 0 <= hc.max_retries <= MAX_RETRIES:
+        problems.append(f"{path}.max_retries: must be between 0 and {MAX_RETRIES}, got {hc.max_retries}")
+    if hc.protocol == "TCP":
+        if hc.scheme == "https":
+            problems.append(f"{path}.scheme: 'https' applies to HTTP checks only")
+        return problems
+    if not hc.path.startswith("/"):
+        problems.append(f"{path}.path: HTTP path must start with '/', got {hc.path!r}")
+    elif any(c in hc.path for c in " \r\n\t#"):
+        problems.append(f"{path}.path: must not contain spaces, control characters or '#', got {hc.path!r}")
+    if hc.method not in HTTP_METHODS:
+        problems.append(f"{path}.method: must be one of {', '.join(HTTP_METHODS)}, got {hc.method!r}")
+    if not hc.expected_status_codes:
+        problems.append(f"{path}.expected_status_codes: must list at least one status code")
+    for index, code in enumerate(hc.expected_status_codes):
+        if not 100 <= code <= 599:
+            problems.append(f"{path}.expected_status_codes[{index}]: must be between 100 and 599, got {code}")
+    for name, value in (hc.headers or {}).items():
+        if not _HEADER_NAME.match(name):
+            problems.append(f"{path}.headers: {name!r} is not a valid header name")
+        elif "\r" in value or "\n" in value:
+            # The value may be a secret: name the header, never echo the value.
+            problems.append(f"{path}.headers.{name}: value must not contain line breaks")
+    return problems
+
+
+def _instance(instance: Instance, path: str) -> list[str]:
+    problems: list[str] = []
+    if not is_valid_name(instance.id):
+        problems.append(_bad_name(f"{path}.id", instance.id))
+    if not is_valid_host(instance.host):
+        problems.append(f"{path}.host: {instance.host!r} is not an IP address or a host name")
+    if instance.port is not None and not 1 <= instance.port <= 65535:
+        problems.append(f"{path}.port: must be between 1 and 65535, got {instance.port}")
+    return problems
+
+
+def _app(spec: AppSpec, path: str) -> list[str]:
+    problems: list[str] = []
+    seen: set[str] = set()
+    for index, instance in enumerate(spec.instances):
+        if instance.id in seen:
+            problems.append(f"{path}.instances[{index}].id: duplicate instance id {instance.id!r}")
+        seen.add(instance.id)
+    return problems
+
+
+def _docker(docker: DockerDiscovery, path: str) -> list[str]:
+    problems: list[str] = []
+    key, sep, _ = docker.label.partition("=")
+    if not sep or not key:
+        problems.append(f"{path}.label: must be 'key=value', got {docker.label!r}")
+    if docker.port is not None and not 1 <= docker.port <= 65535:
+        problems.append(f"{path}.port: must be between 1 and 65535, got {docker.port}")
+    return problems
+
+
+def _scaling(scaling: ScalingConfig, path: str) -> list[str]:
+    problems: list[str] = []
+    if scaling.min_replicas < 0:
+        problems.append(f"{path}.min_replicas: must be at least 0, got {scaling.min_replicas}")
+    if scaling.max_replicas < max(1, scaling.min_replicas):
+        problems.append(
+            f"{path}.max_replicas: must be at least 1 and at least min_replicas "
+            f"({scaling.min_replicas}), got {scaling.max_replicas}"
+        )
+    return problems
+
+
+def _breaker(breaker: BreakerConfig, path: str) -> list[str]:
+    problems = [
+        f"{path}.{name}: must be at least 1, got {getattr(breaker, name)}"
+        for name in ("failure_threshold", "success_threshold", "max_test_requests")
+        if getattr(breaker, name) < 1
+    ]
+    if breaker.recovery_timeout <= 0:
+        problems.append(f"{path}.recovery_timeout: must be positive, got {breaker.recovery_timeout}")
+    return problems
+
+
+def _detector(detector: DetectorConfig, path: str) -> list[str]:
+    problems: list[str] = []
+    for name in ("max_response_time_ms", "failure_rate_window_minutes"):
+        if getattr(detector, name) <= 0:
+            problems.append(f"{path}.{name}: must be positive, got {getattr(detector, name)}")
+    for name in ("max_error_rate_percent", "max_cpu_percent", "max_memory_percent"):
+        if not 0 < getattr(detector, name) <= 100:
+            problems.append(f"{path}.{name}: must be a percentage in (0, 100], got {getattr(detector, name)}")
+    for name in ("consecutive_failure_limit", "max_restart_count"):
+        if getattr(detector, name) < 1:
+            problems.append(f"{path}.{name}: must be at least 1, got {getattr(detector, name)}")
+    return problems
+
+
+_RULES: dict[type, Callable[[Any, str], list[str]]] = {
+    HealthCheckConfig: _health_check,
+    Instance: _instance,
+    AppSpec: _app,
+    DockerDiscovery: _docker,
+    ScalingConfig: _scaling,
+    BreakerConfig: _breaker,
+    DetectorConfig: _detector,
+}
+
+
+def is_valid_host(host: str) -> bool:
+    """An IP literal or an RFC 1123 host name: no scheme, port, path or user info."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    if not host or len(host) > 253:
+        return False
+    return all(_HOSTNAME_LABEL.match(label) for label in host.rstrip(".").split("."))

@@ -1,0 +1,182 @@
+"""The event catalogue: every event the services exchange, as frozen msgspec structs.
+
+Field names are the seed document's, so an operator who knows the seed reads them
+directly. Evolution rules (msgspec): new fields get defaults, a field never changes its
+type; a breaking change bumps ``schema_version`` and registers an upcaster in ``codec``.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+import uuid
+from typing import Any, Literal
+
+import msgspec
+
+
+class FailureType(enum.StrEnum):
+    """The seed's ``FailureType`` values."""
+
+    HEALTH_CHECK_FAILED = "health_check_failed"
+    HEALTH_CHECK_TIMEOUT = "health_check_timeout"
+    HEALTH_CHECK_ERROR = "health_check_error"
+    HIGH_RESPONSE_TIME = "high_response_time"
+    HIGH_ERROR_RATE = "high_error_rate"
+    HIGH_RESOURCE_USAGE = "high_resource_usage"
+    CONTAINER_STOPPED = "container_stopped"
+    CONTAINER_RESTART_LOOP = "container_restart_loop"
+    CONTAINER_OOM_KILLED = "container_oom_killed"
+    NETWORK_UNREACHABLE = "network_unreachable"
+    PORT_NOT_LISTENING = "port_not_listening"
+    DNS_RESOLUTION_FAILED = "dns_resolution_failed"
+    APPLICATION_STARTUP_FAILED = "application_startup_failed"
+    APPLICATION_DEADLOCK = "application_deadlock"
+    APPLICATION_MEMORY_LEAK = "application_memory_leak"
+
+
+class RecoveryStrategy(enum.StrEnum):
+    """The seed's ``RecoveryStrategy`` values."""
+
+    RESTART_CONTAINER = "restart_container"
+    RECREATE_CONTAINER = "recreate_container"
+    REPLACE_INSTANCE = "replace_instance"
+    SCALE_OUT = "scale_out"
+    DRAIN_INSTANCE = "drain_instance"
+    ROLLING_RESTART = "rolling_restart"
+    REMOVE_FROM_LB = "remove_from_lb"
+    REDIRECT_TRAFFIC = "redirect_traffic"
+    CLEAR_CACHE = "clear_cache"
+    RESTART_DEPENDENCIES = "restart_dependencies"
+
+
+class ErrorKind(enum.StrEnum):
+    """Why a probe failed, so consumers need not parse error texts."""
+
+    TIMEOUT = "timeout"
+    CONNECTION_REFUSED = "connection_refused"
+    CONNECTION_ERROR = "connection_error"
+    DNS = "dns"
+    TLS = "tls"
+    UNEXPECTED_STATUS = "unexpected_status"
+    UNEXPECTED_RESPONSE = "unexpected_response"
+    REDIRECT_BLOCKED = "redirect_blocked"
+    PROTOCOL_ERROR = "protocol_error"
+
+
+Severity = Literal["low", "medium", "high", "critical"]
+CheckType = Literal["http", "tcp"]
+BreakerState = Literal["closed", "open", "half_open"]
+
+SCHEMA_VERSION = 1
+
+
+def new_event_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=True):
+    """Envelope shared by every event. ``event_id`` doubles as the ``Nats-Msg-Id``."""
+
+    event_id: str = msgspec.field(default_factory=new_event_id)
+    schema_version: int = SCHEMA_VERSION
+    emitted_at: float = msgspec.field(default_factory=time.time)
+
+
+class ProbeCompleted(Event, frozen=True, kw_only=True):
+    """One health check result (the seed's ``HealthCheckResult``)."""
+
+    instance_id: str
+    app_name: str
+    check_type: CheckType
+    is_healthy: bool
+    response_time_ms: float
+    timestamp: float
+    status_code: int | None = None
+    response_body: str | None = None
+    headers: dict[str, str] = {}
+    error: str | None = None
+    # Beyond the seed: a machine-readable cause, when the probe was due (consumers see
+    # lateness and gaps), and how many attempts ``max_retries`` allowed it.
+    error_kind: ErrorKind | None = None
+    scheduled_at: float | None = None
+    attempts: int = 1
+
+
+class ContainerObserved(Event, frozen=True, kw_only=True):
+    """A Docker event or a stats sample for a container that belongs to an app."""
+
+    instance_id: str
+    app_name: str
+    container_id: str
+    event: str
+    timestamp: float
+    exit_code: int | None = None
+    cpu_percent: float | None = None
+    memory_percent: float | None = None
+    memory_usage_bytes: int | None = None
+    restart_count: int | None = None
+
+
+class HealthChanged(Event, frozen=True, kw_only=True):
+    instance_id: str
+    app_name: str
+    healthy: bool
+    previous: bool | None
+    consecutive: int
+    reason: str
+    timestamp: float
+
+
+class FailureDetected(Event, frozen=True, kw_only=True):
+    failure_type: FailureType
+    instance_id: str
+    app_name: str
+    severity: Severity
+    message: str
+    timestamp: float
+    details: dict[str, Any] = {}
+    consecutive_count: int = 1
+    total_count: int = 1
+    first_occurrence: float | None = None
+    is_critical: bool = False
+    cause_event_id: str | None = None
+
+
+class RecoveryExecuted(Event, frozen=True, kw_only=True):
+    strategy: RecoveryStrategy
+    failure_type: FailureType | None
+    instance_id: str
+    app_name: str
+    success: bool
+    timestamp: float
+    duration_ms: float
+    details: dict[str, Any] = {}
+    error: str | None = None
+    failure_event_id: str | None = None
+
+
+class BreakerStateChanged(Event, frozen=True, kw_only=True):
+    app_name: str
+    instance_id: str
+    state: BreakerState
+    previous_state: BreakerState | None
+    consecutive_failures: int
+    consecutive_successes: int
+    reason: str
+    timestamp: float
+
+
+AnyEvent = ProbeCompleted | ContainerObserved | HealthChanged | FailureDetected | RecoveryExecuted | BreakerStateChanged
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.__name__: cls
+    for cls in (
+        ProbeCompleted,
+        ContainerObserved,
+        HealthChanged,
+        FailureDetected,
+        RecoveryExecuted,
+        BreakerStateChanged,
+    )
+}

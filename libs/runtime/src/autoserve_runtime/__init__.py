@@ -1,0 +1,23 @@
+"""AutoServe Health runtime: NATS connection, embedded nats-server, provisioning, publishing."""
+
+from .bus import DEFAULT_NATS_URL, NatsUnavailable, connect, provision
+from .logs import configure_logging
+from .nats_server import EmbeddedNatsServer, NatsServerError, free_port, nats_server_binary
+from .process import spawn_child, stop_child
+from .publisher import EventPublisher, PublisherStats
+
+__all__ = [
+    "DEFAULT_NATS_URL",
+    "EmbeddedNatsServer",
+    "EventPublisher",
+    "NatsServerError",
+    "NatsUnavailable",
+    "PublisherStats",
+    "configure_logging",
+    "connect",
+    "free_port",
+    "nats_server_binary",
+    "provision",
+    "spawn_child",
+    "stop_child",
+]

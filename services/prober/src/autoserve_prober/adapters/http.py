@@ -1,0 +1,137 @@
+"""HTTP probes on aiohttp: the measured winner for the probe hot path (bench/RESULTS.md).
+
+One shared session and connection pool. Every field of the seed's ``HealthCheckConfig``
+is honoured, ``verify_ssl`` and ``follow_redirects`` included. Redirects are followed by
+hand so that they never leave the configured target, and at most ``READ_LIMIT`` bytes of
+a body are ever read; a connection left with unread body is closed, not drained.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from urllib.parse import urljoin
+
+import aiohttp
+
+from autoserve_events import ErrorKind
+
+from ..core.outcome import (
+    MAX_REDIRECTS,
+    READ_LIMIT,
+    REDIRECT_STATUSES,
+    Verdict,
+    body_text,
+    failure,
+    public_headers,
+    same_origin,
+    status_verdict,
+)
+from ..core.targets import Target
+from .attempt import Attempt
+
+USER_AGENT = "AutoServe-HealthChecker/1.0"
+
+
+def target_url(target: Target) -> str:
+    host = f"[{target.host}]" if ":" in target.host else target.host
+    return f"{target.check.scheme}://{host}:{target.port}{target.check.path}"
+
+
+def classify_exception(exc: BaseException, timeout: float) -> Verdict:
+    """Map what aiohttp raised to an error kind. Order matters: subclasses first."""
+    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+        return failure(ErrorKind.TIMEOUT, f"no response within {timeout:g}s")
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return failure(ErrorKind.DNS, str(exc.os_error))
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return failure(ErrorKind.TLS, str(exc.certificate_error))
+    if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
+        return failure(ErrorKind.TLS, str(exc))
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        if isinstance(exc.os_error, ConnectionRefusedError):
+            return failure(ErrorKind.CONNECTION_REFUSED)
+        return failure(ErrorKind.CONNECTION_ERROR, exc.os_error.strerror or str(exc.os_error))
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return failure(ErrorKind.CONNECTION_ERROR, "server closed the connection without a response")
+    if isinstance(exc, aiohttp.ClientResponseError | aiohttp.ClientPayloadError):
+        return failure(ErrorKind.PROTOCOL_ERROR, str(exc))
+    if isinstance(exc, aiohttp.ClientOSError | OSError):
+        return failure(ErrorKind.CONNECTION_ERROR, str(exc))
+    return failure(ErrorKind.PROTOCOL_ERROR, f"{type(exc).__name__}: {exc}")
+
+
+class HttpProbe:
+    def __init__(self, *, pool_size: int = 1024) -> None:
+        self._pool_size = pool_size
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> HttpProbe:
+        connector = aiohttp.TCPConnector(
+            limit=self._pool_size, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=75
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
+            skip_auto_headers=("Accept-Encoding",),
+            headers={"User-Agent": USER_AGENT, "Accept": "application/json, text/plain, */*"},
+        )
+        return self
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def attempt(self, target: Target) -> Attempt:
+        assert self._session is not None, "start() first"
+        check = target.check
+        headers = dict(check.headers or {})
+        headers.update(
+            {"X-Health-Check": "true", "X-Instance-ID": target.instance_id[:12], "X-App-Name": target.app_name}
+        )
+        if not check.keep_alive:
+            headers["Connection"] = "close"
+        url, method = target_url(target), check.method
+        verify: bool | None = None if check.verify_ssl else False
+        try:
+            async with asyncio.timeout(check.timeout_seconds):
+                for _ in range(MAX_REDIRECTS + 1):
+                    async with self._session.request(
+                        method, url, headers=headers, data=check.body, allow_redirects=False, ssl=verify
+                    ) as response:
+                        location = response.headers.get("Location")
+                        if check.follow_redirects and response.status in REDIRECT_STATUSES and location:
+                            next_url = urljoin(url, location)
+                            if not same_origin(url, next_url):
+                                verdict = failure(
+                                    ErrorKind.REDIRECT_BLOCKED, f"{response.status} to {next_url} leaves the target"
+                                )
+                                return Attempt(verdict, response.status)
+                            url = next_url
+                            method = "GET" if response.status == 303 else method
+                            continue
+                        raw = await _read_bounded(response)
+                        return Attempt(
+                            status_verdict(response.status, check.expected_status_codes),
+                            response.status,
+                            body_text(raw),
+                            public_headers(response.headers.items()),
+                        )
+                return Attempt(failure(ErrorKind.REDIRECT_BLOCKED, f"more than {MAX_REDIRECTS} redirects"))
+        except (Exception, TimeoutError) as exc:  # every failure is a verdict, never a crash
+            return Attempt(classify_exception(exc, check.timeout_seconds))
+
+
+async def _read_bounded(response: aiohttp.ClientResponse) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while size < READ_LIMIT:
+        chunk = await response.content.read(READ_LIMIT - size)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        size += len(chunk)
+    if not response.content.at_eof():
+        response.close()  # the rest is never read: drop the connection instead of draining it
+    return b"".join(chunks)

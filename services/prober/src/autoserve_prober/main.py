@@ -1,0 +1,48 @@
+"""``autoserve run prober``: one prober process, or several shards of it."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+
+import uvloop
+
+from autoserve_runtime import configure_logging
+
+from .service import ProberService
+
+
+async def _serve(nats_url: str, shard: int, shards: int, docker: bool | None) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await ProberService(nats_url, shard=shard, shards=shards, docker=docker).run(stop)
+
+
+def run(nats_url: str, *, shard: int = 0, shards: int = 1, docker: bool | None = None) -> int:
+    configure_logging(f"prober-{shard}" if shards > 1 else "prober")
+    uvloop.run(_serve(nats_url, shard, shards, docker))
+    return 0
+
+
+def run_sharded(nats_url: str, workers: int, docker: bool | None = None) -> int:
+    """Targets are split across ``workers`` processes by a stable hash of their key."""
+    if workers <= 1:
+        return run(nats_url, docker=docker)
+    command = [sys.executable, "-m", "autoserve_cli.main", "run", "prober", "--nats-url", nats_url]
+    if docker is not None:
+        command.append("--docker" if docker else "--no-docker")
+    children = [subprocess.Popen([*command, "--shard", f"{i}/{workers}"]) for i in range(workers)]
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    codes = [child.wait() for child in children]
+    return max(codes, default=0)

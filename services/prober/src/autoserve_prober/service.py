@@ -1,0 +1,101 @@
+"""The prober's composition root: wires NATS, the target sources, the workers and the
+publisher, and stops them in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import nats.errors
+import structlog
+
+from autoserve_config import AppSpec
+from autoserve_events import APPS_BUCKET
+from autoserve_runtime import EventPublisher, connect, provision
+
+from .adapters.config_source import follow_apps
+from .adapters.docker_source import DockerSource, docker_available
+from .adapters.http import HttpProbe
+from .core.targets import Container, TargetKey, desired_targets
+from .probe import Prober
+from .workers import ProbeWorkers
+
+log = structlog.get_logger("autoserve.prober")
+
+
+class ProberService:
+    def __init__(self, nats_url: str, *, shard: int = 0, shards: int = 1, docker: bool | None = None) -> None:
+        self.nats_url = nats_url
+        self.shard = shard
+        self.shards = shards
+        self.use_docker = docker_available() if docker is None else docker
+        self.apps: dict[str, AppSpec] = {}
+        self.containers: dict[str, Container] = {}
+        self.container_started: dict[str, float] = {}
+        self.workers: ProbeWorkers | None = None
+        self.publisher: EventPublisher | None = None
+        self.ready = asyncio.Event()
+        self._docker: DockerSource | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        nc = await connect(self.nats_url, f"autoserve-prober-{self.shard}")
+        js = nc.jetstream()
+        await provision(js)
+        kv = await js.key_value(APPS_BUCKET)
+        self.publisher = EventPublisher(js).start()
+        http = await HttpProbe().start()
+        self.workers = ProbeWorkers(Prober(http).probe, self.publisher.submit)
+        tasks = [asyncio.create_task(follow_apps(kv, self._on_apps), name="follow-apps")]
+        if self.use_docker:
+            self._docker = DockerSource(self._on_containers)
+            tasks.append(asyncio.create_task(self._docker.run(), name="docker-discovery"))
+        else:
+            log.info("no Docker engine socket: container discovery off")
+        log.info("prober started", shard=self.shard, shards=self.shards, nats=self.nats_url)
+        try:
+            await stop.wait()
+        finally:
+            log.info("prober stopping")
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            await self.workers.stop_all()
+            await self.publisher.close()
+            await http.close()
+            try:
+                await nc.drain()
+            except nats.errors.Error:  # the server went first; nothing left to flush
+                await nc.close()
+            log.info("prober stopped", published=self.publisher.stats.acked, dropped=self.publisher.stats.dropped)
+
+    def _on_apps(self, apps: dict[str, AppSpec], written_at: float | None) -> None:
+        self.apps = apps
+        if self._docker is not None:
+            self._docker.watch_labels({name: spec.docker.label for name, spec in apps.items() if spec.docker})
+        self._reconcile(written_at)
+        self.ready.set()
+
+    def _on_containers(self, containers: dict[str, Container], started: dict[str, float]) -> None:
+        self.containers = containers
+        self.container_started = started
+        self._reconcile(None)
+
+    def _reconcile(self, written_at: float | None) -> None:
+        """``initial_delay_seconds`` counts from when an instance appeared: a container's
+        start, or the config write that added it while the prober ran. Targets known at
+        start-up are probed at once, or a prober restart would blind it for the delay."""
+        assert self.workers is not None
+        desired = desired_targets(self.apps, self.containers, self.shard, self.shards)
+        appeared: dict[TargetKey, float] = {}
+        for key, target in desired.items():
+            if key in self.workers.targets:
+                continue
+            if target.container_id is not None:
+                if target.container_id in self.container_started:
+                    appeared[key] = self.container_started[target.container_id]
+            elif written_at is not None:
+                appeared[key] = written_at
+        self.workers.apply(desired, appeared)

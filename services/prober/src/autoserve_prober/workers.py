@@ -1,0 +1,110 @@
+"""One worker per target, as kubelet's prober manager keeps one per probe key.
+
+``apply`` reconciles the running workers with the desired targets: new targets get a
+worker, removed ones are stopped, changed ones are restarted with the new spec (keeping
+their phase, since the phase comes from the key).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+import structlog
+
+from autoserve_events import ProbeCompleted
+
+from .core.schedule import first_due, next_due
+from .core.targets import Target, TargetChanges, TargetKey, diff
+
+log = structlog.get_logger("autoserve.prober")
+
+ProbeFn = Callable[[Target, float | None], Awaitable[ProbeCompleted]]
+PublishFn = Callable[[ProbeCompleted], None]
+
+
+@dataclass(slots=True)
+class WorkerStats:
+    probes: int = 0
+    missed_slots: int = 0
+
+
+class ProbeWorkers:
+    def __init__(self, probe: ProbeFn, publish: PublishFn) -> None:
+        self._probe = probe
+        self._publish = publish
+        self._targets: dict[TargetKey, Target] = {}
+        self._tasks: dict[TargetKey, asyncio.Task[None]] = {}
+        self.stats = WorkerStats()
+
+    @property
+    def targets(self) -> Mapping[TargetKey, Target]:
+        return self._targets
+
+    def apply(
+        self, desired: Mapping[TargetKey, Target], appeared_at: Mapping[TargetKey, float] | None = None
+    ) -> TargetChanges:
+        """Start, stop and restart workers. ``appeared_at`` gives, for new targets, the
+        wall time their instance appeared, from which ``initial_delay_seconds`` counts."""
+        changes = diff(self._targets, desired)
+        for key in changes.removed:
+            self._stop(key)
+            del self._targets[key]
+        for target in changes.changed:
+            self._stop(target.key)
+            self._start(target, None)
+        for target in changes.added:
+            self._start(target, (appeared_at or {}).get(target.key))
+        if changes:
+            log.info(
+                "targets changed",
+                added=len(changes.added),
+                removed=len(changes.removed),
+                changed=len(changes.changed),
+                total=len(self._targets),
+            )
+        return changes
+
+    async def stop_all(self) -> None:
+        tasks = list(self._tasks.values())
+        for key in list(self._tasks):
+            self._stop(key)
+        self._targets.clear()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def _start(self, target: Target, appeared_at: float | None) -> None:
+        self._targets[target.key] = target
+        self._tasks[target.key] = asyncio.create_task(self._run(target, appeared_at), name=f"probe:{target.key}")
+
+    def _stop(self, key: TargetKey) -> None:
+        task = self._tasks.pop(key, None)
+        if task is not None:
+            task.cancel()
+
+    async def _run(self, target: Target, appeared_at: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        check = target.check
+        # Scheduling runs on the monotonic clock; events carry wall-clock times.
+        wall_minus_mono = time.time() - loop.time()
+        delay = 0.0
+        if appeared_at is not None:
+            delay = max(0.0, appeared_at + check.initial_delay_seconds - time.time())
+        due = first_due(loop.time(), delay, check.period_seconds, f"{target.app_name}/{target.instance_id}")
+        while True:
+            wait = due - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            try:
+                result = await self._probe(target, due + wall_minus_mono)
+            except Exception:  # a bug in a probe must not end its worker
+                log.exception("probe crashed", app=target.app_name, instance=target.instance_id)
+            else:
+                self._publish(result)
+                self.stats.probes += 1
+            due, missed = next_due(due, check.period_seconds, loop.time())
+            self.stats.missed_slots += missed
