@@ -154,18 +154,18 @@ def _health_check(hc: HealthCheckConfig, path: str) -> list[str]:
     if not 1 <= hc.port <= 65535:
         problems.append(f"{path}.port: must be between 1 and 65535, got {hc.port}")
     if hc.timeout_seconds < 1:
-        problems.append(f"{path}.timeout_seconds: must be at least 1 second, got {hc.timeout_seconds}")
+        problems.append(f"{path}.timeout_seconds: must be at least 1 second, got {hc.timeout_seconds:g}")
     if hc.period_seconds < hc.timeout_seconds:
         problems.append(
-            f"{path}.period_seconds: must be at least timeout_seconds ({hc.timeout_seconds}), got {hc.period_seconds}"
+            f"{path}.period_seconds: must be at least timeout_seconds ({hc.timeout_seconds:g}), got {hc.period_seconds:g}"
         )
     elif hc.period_seconds < hc.timeout_seconds * (hc.max_retries + 1):
         problems.append(
             f"{path}.period_seconds: a probe with max_retries={hc.max_retries} takes up to "
-            f"{hc.timeout_seconds * (hc.max_retries + 1)}s, longer than the period {hc.period_seconds}s"
+            f"{hc.timeout_seconds * (hc.max_retries + 1):g}s, longer than the period {hc.period_seconds:g}s"
         )
     if hc.initial_delay_seconds < 0:
-        problems.append(f"{path}.initial_delay_seconds: must be at least 0, got {hc.initial_delay_seconds}")
+        problems.append(f"{path}.initial_delay_seconds: must be at least 0, got {hc.initial_delay_seconds:g}")
     for name in ("failure_threshold", "success_threshold"):
         if getattr(hc, name) < 1:
             problems.append(f"{path}.{name}: must be at least 1, got {getattr(hc, name)}")
@@ -245,7 +245,7 @@ def _breaker(breaker: BreakerConfig, path: str) -> list[str]:
         if getattr(breaker, name) < 1
     ]
     if breaker.recovery_timeout <= 0:
-        problems.append(f"{path}.recovery_timeout: must be positive, got {breaker.recovery_timeout}")
+        problems.append(f"{path}.recovery_timeout: must be positive, got {breaker.recovery_timeout:g}")
     return problems
 
 
@@ -253,10 +253,10 @@ def _detector(detector: DetectorConfig, path: str) -> list[str]:
     problems: list[str] = []
     for name in ("max_response_time_ms", "failure_rate_window_minutes"):
         if getattr(detector, name) <= 0:
-            problems.append(f"{path}.{name}: must be positive, got {getattr(detector, name)}")
+            problems.append(f"{path}.{name}: must be positive, got {getattr(detector, name):g}")
     for name in ("max_error_rate_percent", "max_cpu_percent", "max_memory_percent"):
         if not 0 < getattr(detector, name) <= 100:
-            problems.append(f"{path}.{name}: must be a percentage in (0, 100], got {getattr(detector, name)}")
+            problems.append(f"{path}.{name}: must be a percentage in (0, 100], got {getattr(detector, name):g}")
     for name in ("consecutive_failure_limit", "max_restart_count"):
         if getattr(detector, name) < 1:
             problems.append(f"{path}.{name}: must be at least 1, got {getattr(detector, name)}")

@@ -1,0 +1,79 @@
+"""Scheduling maths: stable spread start-up, fixed-rate periods, skipped slots."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from autoserve_prober.core.schedule import first_due, next_due, phase_offset
+
+
+def test_phase_is_stable_and_inside_the_period() -> None:
+    assert phase_offset("web/web-1", 5.0) == phase_offset("web/web-1", 5.0)
+    assert 0 <= phase_offset("web/web-1", 5.0) < 5.0
+    assert phase_offset("web/web-1", 5.0) != phase_offset("web/web-2", 5.0)
+
+
+def test_ten_thousand_targets_do_not_fire_together() -> None:
+    """kubelet's reason for jitter: spread over the period, about evenly."""
+    period = 1.0
+    buckets = [0] * 10
+    for i in range(10_000):
+        buckets[int(phase_offset(f"app/i-{i}", period) * 10)] += 1
+    assert min(buckets) > 850 and max(buckets) < 1150, buckets
+    assert statistics.pstdev(buckets) < 60
+
+
+def test_first_due_adds_the_initial_delay_then_the_phase() -> None:
+    assert first_due(100.0, 30.0, 10.0, "k") == pytest.approx(130.0 + phase_offset("k", 10.0))
+    assert first_due(100.0, 0.0, 10.0, "k") == pytest.approx(100.0 + phase_offset("k", 10.0))
+
+
+# (due, period, now) -> (next due, missed slots), in the style of kubelet's worker_test.go
+STEPS = [
+    ((10.0, 5.0, 10.2), (15.0, 0)),  # probe took 0.2 s: next slot
+    ((10.0, 5.0, 14.999), (15.0, 0)),  # finished just in time
+    ((10.0, 5.0, 15.0), (20.0, 1)),  # finished exactly at the next slot: it is missed, not fired late
+    ((10.0, 5.0, 16.0), (20.0, 1)),  # overran one slot
+    ((10.0, 5.0, 31.0), (35.0, 4)),  # stalled for a long time: no burst of catch-up probes
+    ((10.0, 1.0, 10.0), (11.0, 0)),
+]
+
+
+@pytest.mark.parametrize(("args", "expected"), STEPS)
+def test_next_due(args: tuple[float, float, float], expected: tuple[float, int]) -> None:
+    due, missed = next_due(*args)
+    assert (due, missed) == (pytest.approx(expected[0]), expected[1])
+
+
+def test_a_sequence_of_probes_keeps_a_fixed_rate() -> None:
+    durations = [0.1, 0.3, 2.5, 0.1, 6.0, 0.2]  # seconds each probe took
+    due, period, dues, missed_total = 0.0, 2.0, [], 0
+    for took in durations:
+        due, missed = next_due(due, period, due + took)
+        dues.append(due)
+        missed_total += missed
+    assert dues == [2.0, 4.0, 8.0, 10.0, 18.0, 20.0]
+    assert missed_total == 1 + 3
+
+
+@given(
+    st.floats(0, 1e6, allow_nan=False),
+    st.floats(0.5, 600, allow_nan=False),
+    st.floats(0, 1e4, allow_nan=False),
+)
+def test_next_due_is_in_the_future_on_the_grid(due: float, period: float, elapsed: float) -> None:
+    now = due + elapsed
+    following, missed = next_due(due, period, now)
+    assert following > now or following == pytest.approx(now, abs=1e-6)
+    assert following - period <= now + 1e-6
+    assert following == pytest.approx(due + (missed + 1) * period, rel=1e-9, abs=1e-6)
+    assert missed >= 0
+
+
+@given(st.text(max_size=40), st.floats(0.001, 3600, allow_nan=False))
+def test_phase_is_always_in_range(key: str, period: float) -> None:
+    assert 0 <= phase_offset(key, period) < period
