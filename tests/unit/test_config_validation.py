@@ -196,7 +196,7 @@ def test_yaml_errors_name_the_line(tmp_path) -> None:
 
 
 def test_a_missing_file_is_a_clear_error(tmp_path) -> None:
-    with pytest.raises(ConfigError, match="cannot read: No such file"):
+    with pytest.raises(ConfigError, match=r"cannot read: No such file"):
         load_config(tmp_path / "nope.yaml")
 
 
@@ -211,7 +211,7 @@ def test_the_kv_form_round_trips_and_is_validated_again() -> None:
         decode_app_spec("web", b'{"health_check": {"port": 0}}')
     with pytest.raises(ConfigError, match="not valid JSON"):
         decode_app_spec("web", b"{nope")
-    with pytest.raises(ConfigError, match="name 'a.b'"):
+    with pytest.raises(ConfigError, match=r"name 'a\.b'"):
         decode_app_spec("a.b", b"{}")
 
 
