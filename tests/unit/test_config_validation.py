@@ -180,6 +180,13 @@ def test_every_problem_is_listed_at_once() -> None:
     ]
 
 
+def test_rules_still_run_beside_an_unknown_key() -> None:
+    assert problems_of(app({"port": 0, "methd": "GET"})) == [
+        "apps.web.health_check.methd: unknown key (did you mean 'method'?)",
+        "apps.web.health_check.port: must be between 1 and 65535, got 0",
+    ]
+
+
 def test_a_secret_header_value_is_never_echoed() -> None:
     problems = problems_of(app({"headers": {"Authorization": "Bearer s3cret\r\nX-Evil: 1"}}))
     assert problems == ["apps.web.health_check.headers.Authorization: value must not contain line breaks"]

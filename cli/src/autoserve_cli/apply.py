@@ -56,7 +56,7 @@ async def store_config(js: JetStreamContext, config: Config) -> ApplySummary:
 
 
 async def apply_config(config: Config, nats_url: str) -> int:
-    nc = await connect(nats_url, "autoserve-apply")
+    nc = await connect(nats_url, "autoserve-apply", timeout=10)
     try:
         js = nc.jetstream()
         await provision(js)

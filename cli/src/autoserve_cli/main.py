@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from autoserve_config import ConfigError, load_config
-from autoserve_runtime import DEFAULT_NATS_URL, NatsUnavailable
+from autoserve_runtime import DEFAULT_NATS_URL, NatsUnavailable, configure_logging
 
 SERVICES = ("prober",)  # the services built so far; the rest join as their issues land
 EXIT_CONFIG = 2
@@ -36,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--data-dir", type=Path, default=Path(_env("AUTOSERVE_DATA_DIR", ".autoserve")), help="env AUTOSERVE_DATA_DIR"
     )
+    up.add_argument("--nats-port", type=int, default=4222, help="embedded nats-server port; a free one if taken")
     up.add_argument("--demo", action="store_true", help="also start the bundled demo targets")
     up.add_argument("--prober-workers", type=int, default=1, help="prober processes (targets are sharded)")
     up.add_argument("--no-status", action="store_true", help="do not show the live status table")
@@ -77,6 +78,8 @@ def _load_or_exit(path: Path):
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command != "run":  # a service configures its own logs; commands keep stdout for output
+        configure_logging("cli", level=os.environ.get("AUTOSERVE_LOG_LEVEL", "warning"), json=False)
     try:
         return _dispatch(args)
     except NatsUnavailable as exc:

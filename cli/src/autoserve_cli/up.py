@@ -26,8 +26,6 @@ from autoserve_runtime import EmbeddedNatsServer, connect, free_port, provision,
 from .apply import store_config
 from .status import LatestProbes, live_table
 
-DEFAULT_PORT = 4222
-
 
 @dataclass
 class Child:
@@ -114,7 +112,7 @@ def up(config: Config | None, args: argparse.Namespace) -> int:
     try:
         nats_url = args.nats_url
         if nats_url is None:
-            port = DEFAULT_PORT if _port_free(DEFAULT_PORT) else free_port()
+            port = args.nats_port if _port_free(args.nats_port) else free_port()
             server = EmbeddedNatsServer(data_dir / "nats", port=port, log_file=logs / "nats-server.log").start()
             nats_url = server.url
             console.print(f"embedded nats-server at [bold]{nats_url}[/] (JetStream data in {data_dir / 'nats'})")

@@ -115,13 +115,13 @@ def _check_struct(cls: type[msgspec.Struct], value: Any, path: str, problems: li
     if not isinstance(value, dict):
         problems.append(f"{path or 'config'}: must be a mapping, got {_describe(value)}")
         return
-    before = len(problems)
     fields = {f.encode_name: f for f in msgspec.structs.fields(cls)}
     for key in value:
         if key not in fields:
             hint = difflib.get_close_matches(str(key), list(fields), n=1)
             suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
             problems.append(f"{_join(path, key)}: unknown key{suggestion}")
+    before = len(problems)
     for name, field in fields.items():
         if name in value:
             _check(field.type, value[name], _join(path, name), problems)
@@ -129,7 +129,9 @@ def _check_struct(cls: type[msgspec.Struct], value: Any, path: str, problems: li
             problems.append(f"{_join(path, name)}: required")
     rules = _RULES.get(cls)
     if rules is not None and len(problems) == before:
-        problems += rules(msgspec.convert(value, cls), path)
+        # Every known field is sound: its rules can run, so they are reported too.
+        known = {key: item for key, item in value.items() if key in fields}
+        problems += rules(msgspec.convert(known, cls), path)
 
 
 def _is_struct(tp: Any) -> bool:

@@ -1,0 +1,279 @@
+"""Real components for integration tests, all on 127.0.0.1: nats-server, HTTP/TCP targets,
+and the prober service running in the test's event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+import pytest
+import yaml
+from aiohttp import web
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from autoserve_cli.apply import store_config
+from autoserve_config import load_config_text
+from autoserve_events import ProbeCompleted, decode, wildcard
+from autoserve_prober.service import ProberService
+from autoserve_runtime import EmbeddedNatsServer, connect, free_port
+
+LOCALHOST = "127.0.0.1"
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
+    """Poll ``condition`` until it holds; fail with ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[EmbeddedNatsServer]:
+    with EmbeddedNatsServer(tmp_path / "nats") as server:
+        yield server
+
+
+@pytest.fixture
+async def nc(nats_server: EmbeddedNatsServer) -> AsyncIterator[Client]:
+    client = await connect(nats_server.url, "test", timeout=10)
+    yield client
+    await client.close()
+
+
+@dataclass
+class Received:
+    """Events that arrived on the documented subjects, read with plain nats-py."""
+
+    messages: list[tuple[str, ProbeCompleted]] = field(default_factory=list)
+
+    def of(self, app: str, instance: str) -> list[ProbeCompleted]:
+        return [event for _, event in self.messages if (event.app_name, event.instance_id) == (app, instance)]
+
+    def count(self, app: str, instance: str) -> int:
+        return len(self.of(app, instance))
+
+
+@pytest.fixture
+async def probes(nc: Client) -> Received:
+    received = Received()
+
+    async def on_message(msg: Msg) -> None:
+        event = decode(msg.data)
+        assert isinstance(event, ProbeCompleted)
+        received.messages.append((msg.subject, event))
+
+    await nc.subscribe(wildcard(ProbeCompleted, "*", "*"), cb=on_message)
+    return received
+
+
+async def apply_yaml(nc: Client, text: str) -> None:
+    await store_config(nc.jetstream(), load_config_text(text))
+
+
+@pytest.fixture
+async def prober(nats_server: EmbeddedNatsServer, nc: Client) -> AsyncIterator[ProberService]:
+    """The real prober service, started against the real nats-server; stopped cleanly."""
+    from autoserve_runtime import provision
+
+    await provision(nc.jetstream())
+    service = ProberService(nats_server.url, docker=False)
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    await wait_for(lambda: service.ready.is_set() or task.done(), what="prober ready")
+    yield service
+    stop.set()
+    await asyncio.wait_for(task, 20)
+
+
+def config_for(apps: dict) -> str:
+    return yaml.safe_dump({"apps": apps})
+
+
+def check(**overrides: object) -> dict:
+    """A fast health check for tests: 1 s period, 1 s timeout, no initial delay."""
+    return {"initial_delay_seconds": 0, "period_seconds": 1, "timeout_seconds": 1, **overrides}
+
+
+# -- HTTP targets ----------------------------------------------------------------------
+
+
+@dataclass
+class HttpTarget:
+    port: int
+    requests: list[web.Request] = field(default_factory=list)
+    bodies: list[bytes] = field(default_factory=list)
+    flaky_remaining: dict[str, int] = field(default_factory=dict)
+
+
+async def _huge(request: web.Request) -> web.StreamResponse:
+    """Sends without end; the prober must read a small bound and hang up."""
+    response = web.StreamResponse()
+    await response.prepare(request)
+    chunk = b"x" * 65536
+    with contextlib.suppress(ConnectionError, RuntimeError):
+        for _ in range(2000):  # bounded: 128 MiB at most
+            await response.write(chunk)
+    return response
+
+
+def respond(status: int = 200, text: str = "ok", headers: dict[str, str] | None = None):
+    async def handler(_: web.Request) -> web.Response:
+        return web.Response(status=status, text=text, headers=headers)
+
+    return handler
+
+
+def redirect(location: str):
+    async def handler(_: web.Request) -> web.Response:
+        raise web.HTTPFound(location)
+
+    return handler
+
+
+@pytest.fixture
+async def http_target() -> AsyncIterator[HttpTarget]:
+    target = HttpTarget(port=free_port())
+
+    @web.middleware
+    async def record(request: web.Request, handler):
+        target.requests.append(request)
+        target.bodies.append(await request.read())
+        return await handler(request)
+
+    async def flaky(request: web.Request) -> web.Response:
+        """Fails the first N requests of each instance (N from the query), then succeeds."""
+        instance = request.headers.get("X-Instance-ID", "")
+        left = target.flaky_remaining.setdefault(instance, int(request.query.get("fail", "2")))
+        if left > 0:
+            target.flaky_remaining[instance] = left - 1
+            return web.Response(status=503, text="warming up")
+        return web.Response(text="ok")
+
+    async def slow(_: web.Request) -> web.Response:
+        await asyncio.sleep(5)
+        return web.Response(text="too late")
+
+    app = web.Application(middlewares=[record])
+    app.router.add_route("*", "/ok", respond(text='{"status":"ok"}', headers={"Set-Cookie": "s=secret"}))
+    app.router.add_get("/fail", respond(500, "boom"))
+    app.router.add_get("/slow", slow)
+    app.router.add_get("/flaky", flaky)
+    app.router.add_get("/huge", _huge)
+    app.router.add_get("/redirect", redirect("/ok"))
+    app.router.add_get("/redirect-loop", redirect("/redirect-loop"))
+    app.router.add_get("/redirect-away", redirect(f"http://localhost:{target.port}/ok"))
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, LOCALHOST, target.port).start()
+    yield target
+    await runner.cleanup()
+
+
+@pytest.fixture(scope="session")
+def tls_cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+@pytest.fixture
+async def https_target(tls_cert: tuple[Path, Path]) -> AsyncIterator[int]:
+    import ssl
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(*tls_cert)
+    port = free_port()
+    app = web.Application()
+    app.router.add_get("/health", respond(text="secure ok"))
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, LOCALHOST, port, ssl_context=context).start()
+    yield port
+    await runner.cleanup()
+
+
+# -- TCP targets -----------------------------------------------------------------------
+
+
+@pytest.fixture
+async def tcp_pong() -> AsyncIterator[int]:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            line = await reader.readline()
+            writer.write(b"+PONG\r\n" if line.strip() == b"PING" else b"-ERR unknown\r\n")
+            await writer.drain()
+        writer.close()
+
+    port = free_port()
+    server = await asyncio.start_server(handle, LOCALHOST, port)
+    yield port
+    server.close()
+
+
+@pytest.fixture
+def black_hole() -> Iterator[int]:
+    """Accepts connections (the kernel completes the handshake) and never answers."""
+    with socket.socket() as sock:
+        sock.bind((LOCALHOST, 0))
+        sock.listen(128)
+        yield sock.getsockname()[1]
+
+
+@pytest.fixture
+def closed_port() -> int:
+    return free_port()  # nothing listens there
+
+
+def to_builtins(event: ProbeCompleted) -> dict:
+    return msgspec.to_builtins(event)
+
+
+# -- Docker ----------------------------------------------------------------------------
+
+TEST_IMAGE = "autoserve-test/busybox:1"
+
+
+@pytest.fixture(scope="session")
+def busybox_image(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A local image (nothing can be pulled here): Debian's static busybox and a /www/health file."""
+    root = tmp_path_factory.mktemp("image")
+    (root / "bin").mkdir()
+    (root / "www").mkdir()
+    (root / "bin" / "busybox").write_bytes(Path("/bin/busybox").read_bytes())
+    (root / "bin" / "busybox").chmod(0o755)
+    (root / "www" / "health").write_text("ok\n")
+    tar = subprocess.run(["tar", "-C", str(root), "-c", "."], check=True, capture_output=True).stdout
+    subprocess.run(["docker", "import", "-", TEST_IMAGE], input=tar, check=True, capture_output=True)
+    return TEST_IMAGE
+
+
+@pytest.fixture
+def docker_containers() -> Iterator[list[str]]:
+    """Container ids a test started; all removed afterwards."""
+    started: list[str] = []
+    yield started
+    if started:
+        subprocess.run(["docker", "rm", "-f", *started], capture_output=True)
+
+
+def run_httpd(image: str, port: int, labels: dict[str, str]) -> str:
+    """busybox httpd on 127.0.0.1:port with host networking (never the Docker bridge)."""
+    label_args = [arg for key, value in labels.items() for arg in ("--label", f"{key}={value}")]
+    command = ["docker", "run", "-d", "--network", "host", *label_args, image,
+               "/bin/busybox", "httpd", "-f", "-p", f"{LOCALHOST}:{port}", "-h", "/www"]  # fmt: skip
+    return subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip()

@@ -1,0 +1,185 @@
+"""The ``autoserve`` command line as an operator runs it: real processes, real NATS."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from nats.aio.client import Client
+from nats.js.errors import NoKeysError
+
+from autoserve_events import APPS_BUCKET
+from autoserve_runtime import EmbeddedNatsServer, free_port
+
+from .conftest import LOCALHOST, check, config_for
+
+AUTOSERVE = str(Path(sys.executable).parent / "autoserve")
+
+
+def autoserve(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([AUTOSERVE, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def write(path: Path, apps: dict) -> Path:
+    path.write_text(config_for(apps))
+    return path
+
+
+def web(port: int = 18081, *ids: str) -> dict:
+    return {
+        "health_check": check(path="/ok"),
+        "instances": [{"id": i, "host": LOCALHOST, "port": port} for i in ids or ("w-1",)],
+    }
+
+
+async def kv_keys(nc: Client) -> set[str]:
+    kv = await nc.jetstream().key_value(APPS_BUCKET)
+    try:
+        return set(await kv.keys())
+    except NoKeysError:
+        return set()
+
+
+def test_check_accepts_a_good_file(tmp_path: Path) -> None:
+    result = autoserve("check", "-c", str(write(tmp_path / "ok.yaml", {"web": web()})))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"{tmp_path / 'ok.yaml'}: ok (1 apps, 1 static instances)"
+
+
+def test_check_lists_every_problem_and_exits_2(tmp_path: Path) -> None:
+    bad = {"web": {"health_check": {"port": 0, "methd": "GET"}, "instances": [{"id": "a b", "host": LOCALHOST}]}}
+    result = autoserve("check", "-c", str(write(tmp_path / "bad.yaml", bad)))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"{tmp_path / 'bad.yaml'}: 3 problem(s), nothing applied:",
+        "  apps.web.health_check.methd: unknown key (did you mean 'method'?)",
+        "  apps.web.health_check.port: must be between 1 and 65535, got 0",
+        "  apps.web.instances[0].id: name 'a b' must be 1-128 characters of [A-Za-z0-9_-]",
+    ]
+
+
+async def test_apply_is_declarative_and_a_bad_file_changes_nothing(
+    tmp_path: Path, nats_server: EmbeddedNatsServer, nc: Client
+) -> None:
+    url = nats_server.url
+    both = write(tmp_path / "both.yaml", {"web": web(), "api": web()})
+    result = autoserve("apply", "-c", str(both), "--nats-url", url)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"applied to {url}: created: api, web"
+    assert await kv_keys(nc) == {"web", "api"}
+
+    assert (
+        autoserve("apply", "-c", str(both), "--nats-url", url).stdout.strip()
+        == f"applied to {url}: unchanged: api, web"
+    )
+
+    bad = write(tmp_path / "bad.yaml", {"web": {"health_check": {"port": -1}}})
+    result = autoserve("apply", "-c", str(bad), "--nats-url", url)
+    assert result.returncode == 2
+    assert await kv_keys(nc) == {"web", "api"}  # nothing applied
+
+    one = write(tmp_path / "one.yaml", {"web": web(18082)})
+    assert (
+        autoserve("apply", "-c", str(one), "--nats-url", url).stdout.strip()
+        == f"applied to {url}: updated: web; removed: api"
+    )
+    assert await kv_keys(nc) == {"web"}
+
+
+def test_apply_without_nats_says_so(tmp_path: Path) -> None:
+    url = f"nats://127.0.0.1:{free_port()}"
+    result = autoserve("apply", "-c", str(write(tmp_path / "ok.yaml", {"web": web()})), "--nats-url", url)
+    assert result.returncode == 1
+    assert f"cannot reach NATS at {url}" in result.stderr
+
+
+def processes_mentioning(marker: str) -> list[int]:
+    """Pids whose command line or environment mentions ``marker`` (our data dir)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            blob = (entry / "cmdline").read_bytes() + (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if marker.encode() in blob:
+            found.append(int(entry.name))
+    return found
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.1)
+
+
+def start_up(tmp_path: Path, port: int, nats_port: int) -> subprocess.Popen[str]:
+    config = write(tmp_path / "up.yaml", {"web": web(port, "w-1", "w-2")})
+    return subprocess.Popen(
+        [AUTOSERVE, "up", "-c", str(config), "--data-dir", str(tmp_path / "data"), "--nats-port", str(nats_port), "--no-status"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def wait_for_probes(nats_port: int) -> list[dict]:
+    rows: list[dict] = []
+
+    def probed() -> bool:
+        nonlocal rows
+        result = autoserve("status", "--json", "--nats-url", f"nats://127.0.0.1:{nats_port}", timeout=30)
+        rows = json.loads(result.stdout) if result.returncode == 0 and result.stdout.strip() else []
+        return len(rows) == 2
+
+    wait_until(probed, 60, "both instances to show up in autoserve status")
+    return rows
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_up_runs_everything_and_stops_cleanly(tmp_path: Path, stop_signal: int) -> None:
+    # A target in its own process: this test is synchronous, so no server runs in its loop.
+    server = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", LOCALHOST, str(port := free_port())],
+                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    (tmp_path / "ok").write_text("ok")
+    nats_port = free_port()
+    up = start_up(tmp_path, port, nats_port)
+    try:
+        rows = wait_for_probes(nats_port)
+        assert {(r["app_name"], r["instance_id"]) for r in rows} == {("web", "w-1"), ("web", "w-2")}
+        assert all(r["is_healthy"] and r["status_code"] == 200 for r in rows)
+        assert processes_mentioning(str(tmp_path / "data"))  # nats-server and the prober are running
+
+        up.send_signal(stop_signal)
+        output, _ = up.communicate(timeout=60)
+        assert up.returncode == 0, output
+        assert "stopped" in output
+        wait_until(lambda: not processes_mentioning(str(tmp_path / "data")), 10, "no process left behind")
+    finally:
+        if up.poll() is None:
+            up.kill()
+        server.terminate()
+        server.wait()
+
+
+def test_up_killed_outright_leaves_no_orphans(tmp_path: Path) -> None:
+    server = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", LOCALHOST, str(port := free_port())],
+                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    (tmp_path / "ok").write_text("ok")
+    nats_port = free_port()
+    up = start_up(tmp_path, port, nats_port)
+    try:
+        wait_for_probes(nats_port)
+        up.kill()  # SIGKILL: no cleanup code runs in `up`
+        up.wait()
+        wait_until(lambda: not processes_mentioning(str(tmp_path / "data")), 20, "children to die with their parent")
+    finally:
+        server.terminate()
+        server.wait()
