@@ -1,6 +1,7 @@
 """AutoServe Health runtime: NATS connection, embedded nats-server, provisioning, publishing."""
 
 from .bus import DEFAULT_NATS_URL, NatsUnavailable, connect, provision
+from .consumer import ConsumerSpec, EventConsumer, SeenIds
 from .logs import configure_logging
 from .nats_server import EmbeddedNatsServer, NatsServerError, free_port, nats_server_binary
 from .process import spawn_child, stop_child
@@ -8,11 +9,14 @@ from .publisher import EventPublisher, PublisherStats
 
 __all__ = [
     "DEFAULT_NATS_URL",
+    "ConsumerSpec",
     "EmbeddedNatsServer",
+    "EventConsumer",
     "EventPublisher",
     "NatsServerError",
     "NatsUnavailable",
     "PublisherStats",
+    "SeenIds",
     "configure_logging",
     "connect",
     "free_port",

@@ -32,6 +32,12 @@ class _Pending:
     subject: str
     payload: bytes
     headers: dict[str, str]
+    # Resolved True once stored, False if rejected or dropped; None when nobody waits.
+    done: asyncio.Future[bool] | None = None
+
+    def resolve(self, stored: bool) -> None:
+        if self.done is not None and not self.done.done():
+            self.done.set_result(stored)
 
 
 @dataclass(slots=True)
@@ -89,10 +95,18 @@ class EventPublisher:
     def pending(self) -> int:
         return len(self._buffer) + len(self._in_flight)
 
-    def submit(self, event: Event) -> None:
+    def submit(self, event: Event, *, track: bool = False) -> asyncio.Future[bool] | None:
+        """Queue ``event``; with ``track``, a future that resolves once JetStream stored it."""
+        return self.submit_raw(subject_for(event), encode(event), headers_for(event), track=track)
+
+    def submit_raw(
+        self, subject: str, payload: bytes, headers: dict[str, str], *, track: bool = False
+    ) -> asyncio.Future[bool] | None:
+        done = asyncio.get_running_loop().create_future() if track else None
         self.stats.submitted += 1
-        self._buffer.append(_Pending(subject_for(event), encode(event), headers_for(event)))
+        self._buffer.append(_Pending(subject, payload, headers, done))
         self._bound_and_wake()
+        return done
 
     def _retry(self, item: _Pending) -> None:
         self.stats.retried += 1
@@ -101,7 +115,7 @@ class EventPublisher:
 
     def _bound_and_wake(self) -> None:
         if len(self._buffer) > self._max_buffered:
-            self._buffer.popleft()
+            self._buffer.popleft().resolve(False)
             self.stats.dropped += 1
             if self.stats.dropped % 1000 == 1:
                 log.warning("publish buffer full, dropping oldest", dropped=self.stats.dropped)
@@ -142,12 +156,14 @@ class EventPublisher:
             self._retry(item)
         elif (exc := future.exception()) is None:
             self.stats.acked += 1
+            item.resolve(True)
         elif isinstance(exc, NoStreamResponseError) or (isinstance(exc, APIError) and (exc.code or 0) >= 500):
             # No stream yet, or the server is busy: try again shortly, not in a hot loop.
             self._retry_at = time.monotonic() + 0.5
             self._retry(item)
         else:
             self.stats.rejected += 1
+            item.resolve(False)
             log.error("event rejected by JetStream", subject=item.subject, error=str(exc))
         if not self._buffer and not self._in_flight:
             self._idle.set()

@@ -1,0 +1,277 @@
+"""A durable JetStream consumer for an event-sourced service.
+
+The service's core is a fold: ``process(event) -> output events``. This adapter feeds it:
+
+- in order, from a durable push consumer (``AckPolicy.ALL``: one ack covers every earlier
+  message, so acking costs one publish per batch, not one per event);
+- an input is acknowledged only after every output it caused is stored in JetStream, so a
+  crash can repeat work but never lose it; outputs carry deterministic ids, so repeated
+  work is dropped by JetStream's duplicate window;
+- a duplicate input (same ``event_id``) is folded once;
+- a malformed or oversized message, or one that makes the core raise, is copied to
+  ``autoserve.deadletter.<service>`` with the reason and acknowledged: it never stalls the
+  consumer and is never retried forever.
+
+``replay`` rebuilds state before consuming live: it folds, without publishing, everything
+from a start time up to the durable consumer's ack floor, the last input whose outputs
+were stored before the service stopped.
+
+FastStream is not used here on purpose: its per-message handlers measured about 6,800
+events/s on this machine, far below what the detector must sustain (DESIGN.md), and its
+NATS default terminates a message whose handler raises instead of dead-lettering it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import structlog
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
+from nats.js.errors import NotFoundError
+
+from autoserve_events import AnyEvent, Event, MalformedEvent, deadletter, decode
+
+from .publisher import EventPublisher
+
+log = structlog.get_logger("autoserve.consumer")
+
+MAX_EVENT_BYTES = 64 * 1024
+ProcessFn = Callable[[AnyEvent], Sequence[Event]]
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    stream: str
+    durable: str
+    filter_subjects: tuple[str, ...]
+    max_ack_pending: int = 20_000
+    ack_wait_seconds: float = 30.0
+
+    @property
+    def deliver_subject(self) -> str:
+        # Outside every stream's subjects, so deliveries are never stored again.
+        return f"autoserve.deliver.{self.durable}"
+
+    def config(self) -> ConsumerConfig:
+        return ConsumerConfig(
+            durable_name=self.durable,
+            deliver_subject=self.deliver_subject,
+            deliver_policy=DeliverPolicy.NEW,
+            ack_policy=AckPolicy.ALL,
+            ack_wait=self.ack_wait_seconds,
+            max_ack_pending=self.max_ack_pending,
+            filter_subjects=list(self.filter_subjects),
+            flow_control=True,
+            idle_heartbeat=5.0,
+        )
+
+
+@dataclass
+class ConsumerStats:
+    received: int = 0
+    duplicates: int = 0
+    dead_lettered: int = 0
+    replayed: int = 0
+    outputs: int = 0
+    acked_seq: int = 0
+    last_seq: int = 0
+    started_at: float = field(default_factory=time.time)
+
+
+class SeenIds:
+    """The last ``capacity`` event ids, for idempotency; bounded, oldest forgotten first."""
+
+    def __init__(self, capacity: int) -> None:
+        self._ids: OrderedDict[str, None] = OrderedDict()
+        self._capacity = capacity
+
+    def add(self, event_id: str) -> bool:
+        """Record ``event_id``; False if it was already seen."""
+        if event_id in self._ids:
+            return False
+        self._ids[event_id] = None
+        if len(self._ids) > self._capacity:
+            self._ids.popitem(last=False)
+        return True
+
+
+class EventConsumer:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        publisher: EventPublisher,
+        spec: ConsumerSpec,
+        service: str,
+        process: ProcessFn,
+        *,
+        seen_capacity: int = 500_000,
+    ) -> None:
+        self._js = js
+        self._publisher = publisher
+        self._spec = spec
+        self._deadletter_subject = deadletter(service)
+        self._process = process
+        self._seen = SeenIds(seen_capacity)
+        self._awaiting: deque[tuple[Msg, list[asyncio.Future[bool]]]] = deque()
+        self._ackable: Msg | None = None
+        self._ack_wakeup = asyncio.Event()
+        self._acker: asyncio.Task[None] | None = None
+        self._sub: JetStreamContext.PushSubscription | None = None
+        self.stats = ConsumerStats()
+
+    async def ack_floor(self) -> int:
+        """The stream sequence of the last input acknowledged: its outputs are stored."""
+        info = await self._ensure_consumer()
+        return info.ack_floor.stream_seq if info.ack_floor else 0
+
+    async def replay(self, since: float, until_seq: int, subject: str) -> int:
+        """Fold inputs on ``subject`` from wall time ``since`` up to stream sequence
+        ``until_seq`` without publishing anything; return how many were folded."""
+        if until_seq <= 0:
+            return 0
+        sub = await self._js.subscribe(
+            subject,
+            stream=self._spec.stream,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.BY_START_TIME,
+            opt_start_time=datetime.fromtimestamp(since, UTC).isoformat(),
+            pending_msgs_limit=-1,
+        )
+        count = 0
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=5.0)
+                except TimeoutError:
+                    break  # nothing more stored in range
+                seq = msg.metadata.sequence.stream
+                if seq > until_seq:
+                    break
+                with contextlib.suppress(MalformedEvent):
+                    event = decode(msg.data)
+                    if self._seen.add(event.event_id):
+                        self._process(event)
+                        count += 1
+                if seq == until_seq or msg.metadata.num_pending == 0:
+                    break
+        finally:
+            await sub.unsubscribe()
+        self.stats.replayed = count
+        return count
+
+    async def start(self) -> None:
+        await self._ensure_consumer()
+        self._acker = asyncio.create_task(self._ack_loop(), name=f"acker:{self._spec.durable}")
+        self._sub = await self._js.subscribe_bind(
+            self._spec.stream,
+            self._spec.config(),
+            self._spec.durable,
+            cb=self._on_message,
+            manual_ack=True,
+            pending_msgs_limit=self._spec.max_ack_pending * 2,
+        )
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Stop taking messages, wait for outputs to be stored, acknowledge what is done."""
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+        deadline = time.monotonic() + timeout
+        while self._awaiting and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if self._acker is not None:
+            self._acker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._acker
+        await self._ack_now()
+
+    async def _ensure_consumer(self) -> ConsumerInfo:
+        try:
+            return await self._js.consumer_info(self._spec.stream, self._spec.durable)
+        except NotFoundError:
+            return await self._js.add_consumer(self._spec.stream, self._spec.config())
+
+    async def _on_message(self, msg: Msg) -> None:
+        self.stats.received += 1
+        stored: list[asyncio.Future[bool] | None] = []
+        if len(msg.data) > MAX_EVENT_BYTES:
+            stored.append(self._dead_letter(msg, f"oversized: {len(msg.data)} bytes > {MAX_EVENT_BYTES}"))
+        else:
+            try:
+                event = decode(msg.data)
+            except MalformedEvent as exc:
+                stored.append(self._dead_letter(msg, str(exc)))
+            else:
+                if not self._seen.add(event.event_id):
+                    self.stats.duplicates += 1
+                else:
+                    try:
+                        outputs = self._process(event)
+                    except Exception as exc:  # a bug must not stall the stream: park the input
+                        log.exception("handler failed; input dead-lettered", subject=msg.subject)
+                        stored.append(self._dead_letter(msg, f"handler error: {type(exc).__name__}: {exc}"))
+                    else:
+                        self.stats.outputs += len(outputs)
+                        stored.extend(self._publisher.submit(o, track=True) for o in outputs)
+        self._settle(msg, [f for f in stored if f is not None])
+
+    def _dead_letter(self, msg: Msg, reason: str) -> asyncio.Future[bool] | None:
+        self.stats.dead_lettered += 1
+        meta = msg.metadata
+        headers = {
+            "Nats-Msg-Id": f"dl-{meta.stream}-{meta.sequence.stream}",
+            "Autoserve-Reason": reason[:1000],
+            "Autoserve-Subject": msg.subject,
+            "Autoserve-Stream-Seq": str(meta.sequence.stream),
+        }
+        log.warning("message dead-lettered", subject=msg.subject, seq=meta.sequence.stream, reason=reason[:200])
+        return self._publisher.submit_raw(self._deadletter_subject, msg.data[:MAX_EVENT_BYTES], headers, track=True)
+
+    def _settle(self, msg: Msg, futures: list[asyncio.Future[bool]]) -> None:
+        """An input becomes ackable once its outputs are stored and every earlier input is."""
+        if futures or self._awaiting:
+            self._awaiting.append((msg, futures))
+            for future in futures:
+                future.add_done_callback(self._advance)
+            self._advance()
+        else:
+            self._ackable = msg
+            self._ack_soon()
+
+    def _advance(self, _: object = None) -> None:
+        while self._awaiting and all(f.done() for f in self._awaiting[0][1]):
+            self._ackable = self._awaiting.popleft()[0]
+        self._ack_soon()
+
+    def _ack_soon(self) -> None:
+        if self._ackable is not None:
+            self.stats.last_seq = self._ackable.metadata.sequence.stream
+        if self.stats.last_seq - self.stats.acked_seq >= 1000:
+            self._ack_wakeup.set()
+
+    async def _ack_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ack_wakeup.wait(), 0.05)
+            self._ack_wakeup.clear()
+            await self._ack_now()
+
+    async def _ack_now(self) -> None:
+        msg, self._ackable = self._ackable, None
+        if msg is None:
+            return
+        try:
+            await msg.ack()  # AckPolicy.ALL: covers every earlier message too
+            self.stats.acked_seq = msg.metadata.sequence.stream
+        except Exception as exc:  # disconnected: the next ack covers this one
+            log.debug("ack deferred", error=type(exc).__name__)
+            if self._ackable is None:
+                self._ackable = msg
