@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -11,7 +12,8 @@ from pathlib import Path
 from autoserve_config import ConfigError, load_config
 from autoserve_runtime import DEFAULT_NATS_URL, NatsUnavailable, configure_logging
 
-SERVICES = ("prober",)  # the services built so far; the rest join as their issues land
+from .services import SERVICES
+
 EXIT_CONFIG = 2
 
 
@@ -42,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--no-status", action="store_true", help="do not show the live status table")
 
     run = commands.add_parser("run", help="run one service in the foreground")
-    run.add_argument("service", choices=SERVICES)
+    run.add_argument("service", choices=list(SERVICES))
     nats_option(run)
     run.add_argument("--workers", type=int, default=int(_env("AUTOSERVE_PROBER_WORKERS", "1")), help="prober processes")
     run.add_argument("--shard", help=argparse.SUPPRESS)
@@ -99,12 +101,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         config = _load_or_exit(args.config)
         return asyncio.run(apply_config(config, args.nats_url))
     if args.command == "run":
-        from autoserve_prober.main import run, run_sharded
-
-        if args.shard:
-            shard, _, shards = args.shard.partition("/")
-            return run(args.nats_url, shard=int(shard), shards=int(shards), docker=args.docker)
-        return run_sharded(args.nats_url, args.workers, docker=args.docker)
+        return importlib.import_module(SERVICES[args.service]).run_service(args)
     if args.command == "status":
         from .status import show_status
 

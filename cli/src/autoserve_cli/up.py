@@ -24,6 +24,7 @@ from autoserve_config import Config
 from autoserve_runtime import EmbeddedNatsServer, connect, free_port, provision, spawn_child, stop_child
 
 from .apply import store_config
+from .services import SERVICES
 from .status import LatestProbes, live_table
 
 
@@ -120,8 +121,11 @@ def up(config: Config | None, args: argparse.Namespace) -> int:
         env = {**os.environ, "AUTOSERVE_NATS_URL": nats_url, "AUTOSERVE_DATA_DIR": str(data_dir)}
         if args.demo:
             children.append(_spawn("demo-targets", ["-m", "autoserve_cli.demo"], logs, env))
-        command = ["-m", "autoserve_cli.main", "run", "prober", "--workers", str(args.prober_workers)]
-        children.append(_spawn("prober", command, logs, env))
+        for name in SERVICES:
+            command = ["-m", "autoserve_cli.main", "run", name]
+            if name == "prober":
+                command += ["--workers", str(args.prober_workers)]
+            children.append(_spawn(name, command, logs, env))
         console.print(f"started: {', '.join(c.name for c in children)} (logs in {logs})")
         return asyncio.run(_watch(nats_url, children, not args.no_status, console))
     except KeyboardInterrupt:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import signal
 import subprocess
@@ -26,6 +27,14 @@ def run(nats_url: str, *, shard: int = 0, shards: int = 1, docker: bool | None =
     configure_logging(f"prober-{shard}" if shards > 1 else "prober")
     uvloop.run(_serve(nats_url, shard, shards, docker))
     return 0
+
+
+def run_service(args: argparse.Namespace) -> int:
+    """``autoserve run prober [--workers N] [--docker|--no-docker]``."""
+    if args.shard:
+        shard, _, shards = args.shard.partition("/")
+        return run(args.nats_url, shard=int(shard), shards=int(shards), docker=args.docker)
+    return run_sharded(args.nats_url, args.workers, docker=args.docker)
 
 
 def run_sharded(nats_url: str, workers: int, docker: bool | None = None) -> int:
