@@ -81,6 +81,8 @@ class DetectorConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     consecutive_failure_limit: int = 3
     failure_rate_window_minutes: float = 10
     max_restart_count: int = 5
+    # Beyond the seed: an error rate over fewer probes than this says little.
+    min_probes_for_error_rate: int = 10
 
 
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -259,7 +259,7 @@ def _detector(detector: DetectorConfig, path: str) -> list[str]:
     for name in ("max_error_rate_percent", "max_cpu_percent", "max_memory_percent"):
         if not 0 < getattr(detector, name) <= 100:
             problems.append(f"{path}.{name}: must be a percentage in (0, 100], got {getattr(detector, name):g}")
-    for name in ("consecutive_failure_limit", "max_restart_count"):
+    for name in ("consecutive_failure_limit", "max_restart_count", "min_probes_for_error_rate"):
         if getattr(detector, name) < 1:
             problems.append(f"{path}.{name}: must be at least 1, got {getattr(detector, name)}")
     return problems

@@ -1,6 +1,7 @@
 """AutoServe Health runtime: NATS connection, embedded nats-server, provisioning, publishing."""
 
 from .bus import DEFAULT_NATS_URL, NatsUnavailable, connect, provision
+from .config_watch import follow_apps, follow_detector_settings
 from .consumer import ConsumerSpec, EventConsumer, SeenIds
 from .logs import configure_logging
 from .nats_server import EmbeddedNatsServer, NatsServerError, free_port, nats_server_binary
@@ -19,6 +20,8 @@ __all__ = [
     "SeenIds",
     "configure_logging",
     "connect",
+    "follow_apps",
+    "follow_detector_settings",
     "free_port",
     "nats_server_binary",
     "provision",

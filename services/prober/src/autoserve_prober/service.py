@@ -12,9 +12,8 @@ import structlog
 
 from autoserve_config import AppSpec
 from autoserve_events import APPS_BUCKET
-from autoserve_runtime import EventPublisher, connect, provision
+from autoserve_runtime import EventPublisher, connect, follow_apps, provision
 
-from .adapters.config_source import follow_apps
 from .adapters.docker_source import DockerSource, docker_available
 from .adapters.http import HttpProbe
 from .core.targets import Container, TargetKey, desired_targets

@@ -1,19 +1,20 @@
-"""Follows the ``autoserve-apps`` KV bucket: the latest valid spec of every app.
+"""Following the configuration in KV: every app's latest valid spec, and the settings.
 
 A value that does not validate is logged with its problems and ignored: the app keeps its
-last good spec, so a bad write never stops probing.
+last good spec, so a bad write never stops a service.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import msgspec
 import structlog
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
-from autoserve_config import AppSpec, ConfigError, decode_app_spec
+from autoserve_config import AppSpec, ConfigError, DetectorConfig, decode_app_spec, parse_config
 
-log = structlog.get_logger("autoserve.prober.config")
+log = structlog.get_logger("autoserve.config")
 
 # (apps, when the change was written or None for the initial load)
 OnApps = Callable[[dict[str, AppSpec], float | None], None]
@@ -41,3 +42,24 @@ async def follow_apps(kv: KeyValue, on_change: OnApps) -> None:
             log.info("app spec loaded", app=entry.key, revision=entry.revision)
         if synced:
             on_change(dict(apps), entry.created.timestamp() if entry.created else None)
+
+
+OnDetectorSettings = Callable[[DetectorConfig], None]
+
+
+async def follow_detector_settings(kv: KeyValue, on_change: OnDetectorSettings) -> None:
+    """The ``detector`` key of the settings bucket; defaults until one is written."""
+    watcher = await kv.watch("detector")
+    on_change(DetectorConfig())
+    async for entry in watcher:
+        if entry is None:
+            continue
+        if entry.operation in (KV_DEL, KV_PURGE):
+            on_change(DetectorConfig())
+            continue
+        try:
+            raw = msgspec.json.decode(entry.value or b"")
+            on_change(parse_config({"detector": raw}).detector)
+        except (msgspec.DecodeError, ConfigError) as exc:
+            problems = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
+            log.error("invalid detector settings ignored; keeping the last good ones", problems=problems)

@@ -1,0 +1,1 @@
+"""AutoServe detector: failure classification, thresholds, and history rebuilt by replay."""

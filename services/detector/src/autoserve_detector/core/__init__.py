@@ -1,0 +1,1 @@
+"""The detector's pure core: a fold over probe results and container observations."""
