@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -23,7 +24,7 @@ from autoserve_cli.apply import store_config
 from autoserve_config import load_config_text
 from autoserve_events import ProbeCompleted, decode, wildcard
 from autoserve_prober.service import ProberService
-from autoserve_runtime import EmbeddedNatsServer, connect, free_port
+from autoserve_runtime import EmbeddedNatsServer, connect, free_port, provision
 
 LOCALHOST = "127.0.0.1"
 
@@ -77,14 +78,13 @@ async def probes(nc: Client) -> Received:
 
 
 async def apply_yaml(nc: Client, text: str) -> None:
+    await provision(nc.jetstream())
     await store_config(nc.jetstream(), load_config_text(text))
 
 
 @pytest.fixture
 async def prober(nats_server: EmbeddedNatsServer, nc: Client) -> AsyncIterator[ProberService]:
     """The real prober service, started against the real nats-server; stopped cleanly."""
-    from autoserve_runtime import provision
-
     await provision(nc.jetstream())
     service = ProberService(nats_server.url, docker=False)
     stop = asyncio.Event()
@@ -163,10 +163,15 @@ async def http_target() -> AsyncIterator[HttpTarget]:
         await asyncio.sleep(5)
         return web.Response(text="too late")
 
+    async def slowish(_: web.Request) -> web.Response:
+        await asyncio.sleep(0.3)
+        return web.Response(text="ok, eventually")
+
     app = web.Application(middlewares=[record])
     app.router.add_route("*", "/ok", respond(text='{"status":"ok"}', headers={"Set-Cookie": "s=secret"}))
     app.router.add_get("/fail", respond(500, "boom"))
     app.router.add_get("/slow", slow)
+    app.router.add_get("/slowish", slowish)
     app.router.add_get("/flaky", flaky)
     app.router.add_get("/huge", _huge)
     app.router.add_get("/redirect", redirect("/ok"))
@@ -277,3 +282,66 @@ def run_httpd(image: str, port: int, labels: dict[str, str]) -> str:
     command = ["docker", "run", "-d", "--network", "host", *label_args, image,
                "/bin/busybox", "httpd", "-f", "-p", f"{LOCALHOST}:{port}", "-h", "/www"]  # fmt: skip
     return subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip()
+
+
+# -- the detector and the events it publishes -------------------------------------------
+
+
+@dataclass
+class Outputs:
+    """Everything published on autoserve.event.> and autoserve.deadletter.>."""
+
+    messages: list[Msg] = field(default_factory=list)
+
+    def events(self, kind: type | None = None) -> list:
+        decoded = [decode(m.data) for m in self.messages if m.subject.startswith("autoserve.event.")]
+        return [e for e in decoded if kind is None or isinstance(e, kind)]
+
+    def dead_letters(self) -> list[Msg]:
+        return [m for m in self.messages if m.subject.startswith("autoserve.deadletter.")]
+
+
+@pytest.fixture
+async def outputs(nc: Client) -> Outputs:
+    collected = Outputs()
+
+    async def on_message(msg: Msg) -> None:
+        collected.messages.append(msg)
+
+    await nc.subscribe("autoserve.event.>", cb=on_message)
+    await nc.subscribe("autoserve.deadletter.>", cb=on_message)
+    return collected
+
+
+class ServiceRunner:
+    """Starts and stops a service in the test's loop, as often as a test needs."""
+
+    def __init__(self, factory: Callable[[], Any]) -> None:
+        self._factory = factory
+        self.service: Any = None
+        self._stop: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> Any:
+        self.service = self._factory()
+        self._stop = asyncio.Event()
+        self._task = asyncio.create_task(self.service.run(self._stop))
+        await wait_for(lambda: self.service.ready.is_set() or self._task.done(), timeout=30, what="service ready")
+        if self._task.done():
+            self._task.result()  # raise what went wrong
+        return self.service
+
+    async def stop(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._stop.set()
+            await asyncio.wait_for(self._task, 30)
+
+
+@pytest.fixture
+async def detector_runner(nats_server: EmbeddedNatsServer, nc: Client) -> AsyncIterator[ServiceRunner]:
+    from autoserve_detector.service import DetectorService
+
+    await provision(nc.jetstream())
+    runner = ServiceRunner(lambda: DetectorService(nats_server.url))
+    yield runner
+    await runner.stop()

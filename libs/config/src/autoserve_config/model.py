@@ -57,6 +57,17 @@ class BreakerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     success_threshold: int = 3
     recovery_timeout: float = 60
     max_test_requests: int = 3
+    # Beyond the seed, as in resilience4j: a sliding window of the last N calls ("count")
+    # or the last N seconds ("time"). Its rules are off until a rate threshold is set, so
+    # the seed's consecutive-failure rule alone applies by default.
+    sliding_window_type: Literal["count", "time"] = "count"
+    sliding_window_size: int = 100
+    minimum_number_of_calls: int = 10
+    failure_rate_threshold: float | None = None  # percent; open at or above it
+    slow_call_duration_threshold: float | None = None  # ms; a slower call is slow
+    slow_call_rate_threshold: float = 100  # percent of slow calls that opens the breaker
+    # An instance the breaker has never seen (no probe, no report, not configured).
+    allow_unknown_instances: bool = True
 
 
 class AppSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

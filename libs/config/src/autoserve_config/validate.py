@@ -35,6 +35,8 @@ _S = TypeVar("_S", bound=msgspec.Struct)
 
 HTTP_METHODS = ("GET", "POST", "PUT", "HEAD")
 MAX_RETRIES = 10
+MAX_WINDOW_CALLS = 100_000  # a count window is a ring of this many outcomes at most
+MAX_WINDOW_SECONDS = 86_400  # a time window keeps one bucket per second at most
 _HOSTNAME_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
@@ -248,6 +250,27 @@ def _breaker(breaker: BreakerConfig, path: str) -> list[str]:
     ]
     if breaker.recovery_timeout <= 0:
         problems.append(f"{path}.recovery_timeout: must be positive, got {breaker.recovery_timeout:g}")
+    limit = MAX_WINDOW_CALLS if breaker.sliding_window_type == "count" else MAX_WINDOW_SECONDS
+    if not 1 <= breaker.sliding_window_size <= limit:
+        unit = "calls" if breaker.sliding_window_type == "count" else "seconds"
+        problems.append(
+            f"{path}.sliding_window_size: must be between 1 and {limit} {unit}, got {breaker.sliding_window_size}"
+        )
+    if breaker.minimum_number_of_calls < 1:
+        problems.append(f"{path}.minimum_number_of_calls: must be at least 1, got {breaker.minimum_number_of_calls}")
+    elif breaker.sliding_window_type == "count" and 1 <= breaker.sliding_window_size < breaker.minimum_number_of_calls:
+        problems.append(
+            f"{path}.minimum_number_of_calls: a count window holds {breaker.sliding_window_size} calls, "
+            f"so at most that, got {breaker.minimum_number_of_calls}"
+        )
+    for name in ("failure_rate_threshold", "slow_call_rate_threshold"):
+        rate = getattr(breaker, name)
+        if rate is not None and not 0 < rate <= 100:
+            problems.append(f"{path}.{name}: must be a percentage in (0, 100], got {rate:g}")
+    if breaker.slow_call_duration_threshold is not None and breaker.slow_call_duration_threshold <= 0:
+        problems.append(
+            f"{path}.slow_call_duration_threshold: must be positive (ms), got {breaker.slow_call_duration_threshold:g}"
+        )
     return problems
 
 

@@ -165,9 +165,36 @@ class BreakerStateChanged(Event, frozen=True, kw_only=True):
     consecutive_successes: int
     reason: str
     timestamp: float
+    # Beyond the seed, so the state is a fold of these events alone: the breaker's
+    # transition count (orders them), an operator's hold (``autoserve breaker open|close``),
+    # when an open breaker half-opens, a machine-readable trigger, and what caused it.
+    generation: int = 0
+    forced: bool = False
+    retry_at: float | None = None
+    trigger: str = ""
+    cause_event_id: str | None = None
 
 
-AnyEvent = ProbeCompleted | ContainerObserved | HealthChanged | FailureDetected | RecoveryExecuted | BreakerStateChanged
+class BreakerTrialAdmitted(Event, frozen=True, kw_only=True):
+    """A half-open breaker admitted trial request number ``trial`` of its ``generation``:
+    recorded so a restarted breaker never admits more than ``max_test_requests``."""
+
+    app_name: str
+    instance_id: str
+    generation: int
+    trial: int
+    timestamp: float
+
+
+AnyEvent = (
+    ProbeCompleted
+    | ContainerObserved
+    | HealthChanged
+    | FailureDetected
+    | RecoveryExecuted
+    | BreakerStateChanged
+    | BreakerTrialAdmitted
+)
 
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.__name__: cls
@@ -178,5 +205,6 @@ EVENT_TYPES: dict[str, type[Event]] = {
         FailureDetected,
         RecoveryExecuted,
         BreakerStateChanged,
+        BreakerTrialAdmitted,
     )
 }

@@ -10,6 +10,7 @@ import re
 
 from .catalogue import (
     BreakerStateChanged,
+    BreakerTrialAdmitted,
     ContainerObserved,
     Event,
     FailureDetected,
@@ -25,6 +26,11 @@ PROBES_WILDCARD = f"{PREFIX}.probe.>"
 EVENTS_WILDCARD = f"{PREFIX}.event.>"
 DEADLETTER_WILDCARD = f"{PREFIX}.deadletter.>"
 BREAKER_ALLOW_RPC = f"{PREFIX}.rpc.breaker.allow"
+# Manual override (``autoserve breaker open|close|reset``): request/reply, the owner answers.
+BREAKER_OVERRIDE_RPC = f"{PREFIX}.rpc.breaker.override"
+# Request outcomes reported by load balancers and clients: plain NATS, outside every stream.
+BREAKER_REPORT_PREFIX = f"{PREFIX}.breaker.report"
+BREAKER_REPORT_WILDCARD = f"{BREAKER_REPORT_PREFIX}.*.*"
 
 _STEMS: dict[type[Event], str] = {
     ProbeCompleted: "probe.completed",
@@ -33,7 +39,12 @@ _STEMS: dict[type[Event], str] = {
     FailureDetected: "event.failure",
     RecoveryExecuted: "event.recovery",
     BreakerStateChanged: "event.breaker",
+    BreakerTrialAdmitted: "event.breaker.trial",
 }
+
+
+# Every breaker event: states (5 tokens) and trials (6 tokens), in stream order.
+BREAKER_EVENTS_WILDCARD = f"{PREFIX}.event.breaker.>"
 
 
 def is_valid_name(name: str) -> bool:
@@ -57,6 +68,10 @@ def subject_for(event: Event) -> str:
 def wildcard(event_type: type[Event], app_name: str = "*", instance_id: str = "*") -> str:
     """Filter subject for one event type, optionally narrowed to an app or instance."""
     return f"{PREFIX}.{_STEMS[event_type]}.{app_name}.{instance_id}"
+
+
+def breaker_report(app_name: str, instance_id: str) -> str:
+    return f"{BREAKER_REPORT_PREFIX}.{_token(app_name, 'app_name')}.{_token(instance_id, 'instance_id')}"
 
 
 def deadletter(service: str) -> str:

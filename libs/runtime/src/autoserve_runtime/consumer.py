@@ -141,8 +141,10 @@ class EventConsumer:
             subject,
             stream=self._spec.stream,
             ordered_consumer=True,
-            deliver_policy=DeliverPolicy.BY_START_TIME,
-            opt_start_time=datetime.fromtimestamp(since, UTC).isoformat(),
+            config=ConsumerConfig(
+                deliver_policy=DeliverPolicy.BY_START_TIME,
+                opt_start_time=datetime.fromtimestamp(since, UTC).isoformat(),
+            ),
             pending_msgs_limit=-1,
         )
         count = 0

@@ -16,7 +16,7 @@ from autoserve_runtime import EventPublisher, connect, follow_apps, provision
 
 from .adapters.docker_source import DockerSource, docker_available
 from .adapters.http import HttpProbe
-from .core.targets import Container, TargetKey, desired_targets
+from .core.targets import Container, TargetKey, desired_targets, shard_of
 from .probe import Prober
 from .workers import ProbeWorkers
 
@@ -24,11 +24,20 @@ log = structlog.get_logger("autoserve.prober")
 
 
 class ProberService:
-    def __init__(self, nats_url: str, *, shard: int = 0, shards: int = 1, docker: bool | None = None) -> None:
+    def __init__(
+        self,
+        nats_url: str,
+        *,
+        shard: int = 0,
+        shards: int = 1,
+        docker: bool | None = None,
+        container_stats_seconds: float = 15.0,
+    ) -> None:
         self.nats_url = nats_url
         self.shard = shard
         self.shards = shards
         self.use_docker = docker_available() if docker is None else docker
+        self.container_stats_seconds = container_stats_seconds
         self.apps: dict[str, AppSpec] = {}
         self.containers: dict[str, Container] = {}
         self.container_started: dict[str, float] = {}
@@ -47,7 +56,9 @@ class ProberService:
         self.workers = ProbeWorkers(Prober(http).probe, self.publisher.submit)
         tasks = [asyncio.create_task(follow_apps(kv, self._on_apps), name="follow-apps")]
         if self.use_docker:
-            self._docker = DockerSource(self._on_containers)
+            self._docker = DockerSource(
+                self._on_containers, self.publisher.submit, self._owns, stats_seconds=self.container_stats_seconds
+            )
             tasks.append(asyncio.create_task(self._docker.run(), name="docker-discovery"))
         else:
             log.info("no Docker engine socket: container discovery off")
@@ -76,6 +87,9 @@ class ProberService:
             self._docker.watch_labels({name: spec.docker.label for name, spec in apps.items() if spec.docker})
         self._reconcile(written_at)
         self.ready.set()
+
+    def _owns(self, app_name: str, instance_id: str) -> bool:
+        return self.shards == 1 or shard_of((app_name, instance_id), self.shards) == self.shard
 
     def _on_containers(self, containers: dict[str, Container], started: dict[str, float]) -> None:
         self.containers = containers

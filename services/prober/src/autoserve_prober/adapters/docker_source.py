@@ -1,7 +1,9 @@
-"""Discovers containers labelled for an app, through the Docker engine's API (aiodocker).
+"""Containers labelled for an app, through the Docker engine's API (aiodocker): discovery
+of targets, and ``ContainerObserved`` events (engine events and periodic stats).
 
 Listing is refreshed on every container start/stop/die/destroy event and, as a safety
-net, every ``resync_seconds``. The Docker socket is privileged: the prober only reads.
+net, every ``resync_seconds``. With several prober shards, each observes only the
+containers whose targets it owns. The Docker socket is privileged: the prober only reads.
 """
 
 from __future__ import annotations
@@ -10,21 +12,27 @@ import asyncio
 import contextlib
 import json
 import os
+import time
 from collections.abc import Callable, Mapping
 from datetime import datetime
 
 import aiodocker
 import structlog
 
-from ..core.targets import Container
+from autoserve_events import ContainerObserved
+
+from ..core.containers import observation_from_event, stats_observation
+from ..core.targets import Container, short_id
 
 log = structlog.get_logger("autoserve.prober.docker")
 
 PORT_LABEL = "autoserve.port"
-WATCHED_EVENTS = ("start", "stop", "die", "destroy", "pause", "unpause", "rename")
+LISTING_EVENTS = frozenset({"start", "stop", "die", "destroy", "pause", "unpause", "rename"})
 
 # (containers by id, when each started)
 OnContainers = Callable[[dict[str, Container], dict[str, float]], None]
+Publish = Callable[[ContainerObserved], object]
+Owns = Callable[[str, str], bool]  # (app, instance) -> this shard probes it
 
 
 def docker_available() -> bool:
@@ -67,9 +75,20 @@ def started_at(inspected: Mapping) -> float | None:
 
 
 class DockerSource:
-    def __init__(self, on_change: OnContainers, resync_seconds: float = 30.0) -> None:
+    def __init__(
+        self,
+        on_change: OnContainers,
+        publish: Publish,
+        owns: Owns,
+        *,
+        resync_seconds: float = 30.0,
+        stats_seconds: float = 15.0,
+    ) -> None:
         self._on_change = on_change
+        self._publish = publish
+        self._owns = owns
         self._resync_seconds = resync_seconds
+        self._stats_seconds = stats_seconds
         self._selectors: dict[str, str] = {}
         self._refresh = asyncio.Event()
         self._seen: dict[str, tuple[Container, float]] = {}
@@ -82,7 +101,10 @@ class DockerSource:
 
     async def run(self) -> None:
         async with aiodocker.Docker() as docker:
-            events = asyncio.create_task(self._follow_events(docker))
+            helpers = [
+                asyncio.create_task(self._follow_events(docker)),
+                asyncio.create_task(self._sample_stats(docker)),
+            ]
             try:
                 while True:
                     with contextlib.suppress(TimeoutError):
@@ -93,9 +115,11 @@ class DockerSource:
                     except aiodocker.DockerError as exc:
                         log.warning("docker listing failed", error=str(exc))
             finally:
-                events.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await events
+                for task in helpers:
+                    task.cancel()
+                for task in helpers:
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
 
     async def _list(self, docker: aiodocker.Docker) -> None:
         found: dict[str, tuple[Container, float]] = {}
@@ -116,11 +140,40 @@ class DockerSource:
         self._on_change({cid: c for cid, (c, _) in found.items()}, {cid: t for cid, (_, t) in found.items()})
 
     async def _follow_events(self, docker: aiodocker.Docker) -> None:
-        filters = json.dumps({"type": ["container"], "event": list(WATCHED_EVENTS)})
+        filters = json.dumps({"type": ["container"]})
         while True:
             subscriber = docker.events.subscribe(filters=filters)
             while (event := await subscriber.get()) is not None:
-                log.debug("docker event", action=event.get("Action"), id=event.get("id", "")[:12])
-                self._refresh.set()
+                await self._on_event(docker, event)
             await docker.events.stop()  # the stream ended (engine restart): subscribe again
             await asyncio.sleep(1.0)
+
+    async def _on_event(self, docker: aiodocker.Docker, event: dict) -> None:
+        action = str(event.get("Action", "")).split(":", 1)[0]
+        if action in LISTING_EVENTS:
+            self._refresh.set()
+        actor = event.get("Actor") or {}
+        app_name = match_app(actor.get("Attributes") or {}, self._selectors)
+        container_id = str(actor.get("ID", ""))
+        if app_name is None or not self._owns(app_name, short_id(container_id)):
+            return
+        restart_count = None
+        if action in ("start", "die"):
+            with contextlib.suppress(aiodocker.DockerError):
+                restart_count = (await docker.containers.get(container_id))._container.get("RestartCount")
+        observation = observation_from_event(app_name, event, restart_count)
+        if observation is not None:
+            self._publish(observation)
+
+    async def _sample_stats(self, docker: aiodocker.Docker) -> None:
+        while True:
+            await asyncio.sleep(self._stats_seconds)
+            owned = [(cid, c.app_name) for cid, (c, _) in self._seen.items() if self._owns(c.app_name, short_id(cid))]
+            results = await asyncio.gather(
+                *(asyncio.wait_for(docker.containers.container(cid).stats(stream=False), 10) for cid, _ in owned),
+                return_exceptions=True,
+            )
+            now = time.time()
+            for (cid, app_name), result in zip(owned, results, strict=True):
+                if isinstance(result, list) and result:
+                    self._publish(stats_observation(app_name, cid, result[0], now))
