@@ -9,10 +9,8 @@ counts it would have given without the restart, and no transition is published t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 
-import nats.errors
 import structlog
 
 from autoserve_config import AppSpec, DetectorConfig
@@ -22,6 +20,8 @@ from autoserve_runtime import (
     ConsumerSpec,
     EventConsumer,
     EventPublisher,
+    cancel_all,
+    close_nats,
     connect,
     follow_apps,
     follow_detector_settings,
@@ -96,13 +96,6 @@ class DetectorService:
             log.info("detector stopping")
             await self.consumer.stop()
             await self.publisher.close()
-            for task in watchers:
-                task.cancel()
-            for task in watchers:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-            try:
-                await nc.drain()
-            except nats.errors.Error:
-                await nc.close()
+            await cancel_all(watchers)
+            await close_nats(nc)
             log.info("detector stopped", **vars(self.consumer.stats))

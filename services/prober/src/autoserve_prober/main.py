@@ -3,30 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import signal
 import subprocess
 import sys
 
-import uvloop
-
-from autoserve_runtime import configure_logging
+from autoserve_runtime import serve
 
 from .service import ProberService
 
 
-async def _serve(nats_url: str, shard: int, shards: int, docker: bool | None) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await ProberService(nats_url, shard=shard, shards=shards, docker=docker).run(stop)
-
-
 def run(nats_url: str, *, shard: int = 0, shards: int = 1, docker: bool | None = None) -> int:
-    configure_logging(f"prober-{shard}" if shards > 1 else "prober")
-    uvloop.run(_serve(nats_url, shard, shards, docker))
-    return 0
+    service = ProberService(nats_url, shard=shard, shards=shards, docker=docker)
+    return serve(f"prober-{shard}" if shards > 1 else "prober", service.run)
 
 
 def run_service(args: argparse.Namespace) -> int:

@@ -5,14 +5,12 @@ publisher, and stops them in order.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
-import nats.errors
 import structlog
 
 from autoserve_config import AppSpec
 from autoserve_events import APPS_BUCKET
-from autoserve_runtime import EventPublisher, connect, follow_apps, provision
+from autoserve_runtime import EventPublisher, cancel_all, close_nats, connect, follow_apps, provision
 
 from .adapters.docker_source import DockerSource, docker_available
 from .adapters.http import HttpProbe
@@ -67,18 +65,11 @@ class ProberService:
             await stop.wait()
         finally:
             log.info("prober stopping")
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            await cancel_all(tasks)
             await self.workers.stop_all()
             await self.publisher.close()
             await http.close()
-            try:
-                await nc.drain()
-            except nats.errors.Error:  # the server went first; nothing left to flush
-                await nc.close()
+            await close_nats(nc)
             log.info("prober stopped", published=self.publisher.stats.acked, dropped=self.publisher.stats.dropped)
 
     def _on_apps(self, apps: dict[str, AppSpec], written_at: float | None) -> None:
