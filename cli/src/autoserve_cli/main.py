@@ -48,6 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     nats_option(run)
     run.add_argument("--workers", type=int, default=int(_env("AUTOSERVE_PROBER_WORKERS", "1")), help="prober processes")
     run.add_argument("--shard", help=argparse.SUPPRESS)
+    run.add_argument(
+        "--replica",
+        default=os.environ.get("AUTOSERVE_BREAKER_REPLICA"),
+        help="breaker: this replica I/N, deciding for 1/N of the breakers (env AUTOSERVE_BREAKER_REPLICA)",
+    )
     docker = run.add_mutually_exclusive_group()
     docker.add_argument("--docker", dest="docker", action="store_true", default=None, help="require Docker discovery")
     docker.add_argument("--no-docker", dest="docker", action="store_false", help="turn Docker discovery off")
@@ -65,6 +70,12 @@ def _parser() -> argparse.ArgumentParser:
     nats_option(status)
     status.add_argument("--once", action="store_true", help="print once instead of refreshing")
     status.add_argument("--json", action="store_true", help="print JSON once")
+
+    breaker = commands.add_parser("breaker", help="hold a circuit breaker open or closed, or reset it")
+    breaker.add_argument("action", choices=["open", "close", "reset"])
+    breaker.add_argument("app")
+    breaker.add_argument("instance")
+    nats_option(breaker)
     return parser
 
 
@@ -106,6 +117,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .status import show_status
 
         return asyncio.run(show_status(args.nats_url, once=args.once or args.json, as_json=args.json))
+    if args.command == "breaker":
+        from .breaker import override
+
+        return asyncio.run(override(args.nats_url, args.action, args.app, args.instance))
     if args.command == "up":
         from .up import up
 

@@ -10,4 +10,5 @@ from __future__ import annotations
 SERVICES: dict[str, str] = {
     "prober": "autoserve_prober.main",
     "detector": "autoserve_detector.main",
+    "breaker": "autoserve_breaker.main",
 }

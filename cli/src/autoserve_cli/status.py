@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from autoserve_events import MalformedEvent, ProbeCompleted, decode, wildcard
+from autoserve_events import BreakerStateChanged, MalformedEvent, ProbeCompleted, decode, wildcard
 from autoserve_runtime import connect
 
 InstanceKey = tuple[str, str]
@@ -34,6 +34,7 @@ class LatestProbes:
     def __init__(self) -> None:
         self.latest: dict[InstanceKey, ProbeCompleted] = {}
         self.seen: dict[InstanceKey, int] = {}
+        self.breakers: dict[InstanceKey, BreakerStateChanged] = {}  # the last transition of each
         self.last_message_at = 0.0
 
     async def follow(self, js: JetStreamContext) -> None:
@@ -47,13 +48,27 @@ class LatestProbes:
                 key = (event.app_name, event.instance_id)
                 self.latest[key] = event
                 self.seen[key] = self.seen.get(key, 0) + 1
+            elif isinstance(event, BreakerStateChanged):
+                self.breakers[(event.app_name, event.instance_id)] = event
 
-        await js.subscribe(
-            wildcard(ProbeCompleted),
-            cb=on_message,
-            ordered_consumer=True,
-            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
-        )
+        for kind in (ProbeCompleted, BreakerStateChanged):
+            await js.subscribe(
+                wildcard(kind),
+                cb=on_message,
+                ordered_consumer=True,
+                deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+            )
+
+    def _breaker_cell(self, key: InstanceKey) -> str:
+        change = self.breakers.get(key)
+        return _BREAKER_STYLE[change.state if change else "closed"].format(self.breaker(key))
+
+    def breaker(self, key: InstanceKey) -> str:
+        """The breaker's state; an instance without a transition yet is closed."""
+        change = self.breakers.get(key)
+        if change is None:
+            return "closed"
+        return f"{change.state} (held)" if change.forced else change.state
 
     async def settle(self, quiet: float = 0.3, deadline: float = 5.0) -> None:
         """Wait until the initial backlog has arrived (no message for ``quiet`` seconds)."""
@@ -65,7 +80,7 @@ class LatestProbes:
     def table(self, title: str = "AutoServe Health") -> Table:
         now = time.time()
         table = Table(title=title, caption=f"{len(self.latest)} instances · last probe per instance")
-        for column in ("app", "instance", "check", "last probe", "time", "result", "age", "seen"):
+        for column in ("app", "instance", "check", "last probe", "time", "result", "age", "seen", "breaker"):
             table.add_column(column, justify="right" if column in ("time", "age", "seen") else "left")
         for key in sorted(self.latest):
             probe = self.latest[key]
@@ -80,11 +95,18 @@ class LatestProbes:
                 result[:60],
                 f"{max(0.0, now - probe.timestamp):.0f}s",
                 str(self.seen[key]),
+                self._breaker_cell(key),
             )
+        for key in sorted(set(self.breakers) - set(self.latest)):  # reported on, never probed
+            table.add_row(*key, "-", "-", "", "", "", "", self._breaker_cell(key))
         return table
 
     def as_json(self) -> str:
-        return json.dumps([msgspec.to_builtins(p) for _, p in sorted(self.latest.items())], indent=2)
+        rows = [{**msgspec.to_builtins(p), "breaker": self.breaker(k)} for k, p in sorted(self.latest.items())]
+        return json.dumps(rows, indent=2)
+
+
+_BREAKER_STYLE = {"open": "[red]{}[/]", "half_open": "[yellow]{}[/]", "closed": "{}"}
 
 
 async def show_status(nats_url: str, *, once: bool, as_json: bool) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import msgspec
 
@@ -88,6 +88,8 @@ def _explain(exc: msgspec.DecodeError, data: bytes, what: str) -> MalformedMessa
     except msgspec.DecodeError:
         value = ""
     detail = re.sub(r", got [a-z]+$", "", detail) if value else detail
+    if detail.startswith("Invalid enum value"):
+        detail = f"must be one of {', '.join(map(repr, get_args(OverrideAction)))}"
     return MalformedMessage(f"{what}.{field}: {detail[:1].lower()}{detail[1:]}{value}"[:500])
 
 

@@ -149,6 +149,9 @@ class EventConsumer:
         )
         count = 0
         try:
+            info = await sub.consumer_info()
+            if info.num_pending == 0 and not info.delivered.consumer_seq:
+                return 0  # nothing stored in range: do not wait for a message that won't come
             while True:
                 try:
                     msg = await sub.next_msg(timeout=5.0)

@@ -1,0 +1,1 @@
+"""AutoServe Health breaker service: one circuit breaker per (app, instance)."""

@@ -1,0 +1,1 @@
+"""Thin adapters: NATS subscriptions and the KV config watch."""
