@@ -30,6 +30,7 @@ from .catalogue import (
     ProbeCompleted,
     RecoveryExecuted,
     RecoveryStrategy,
+    derived_event_id,
     new_event_id,
 )
 from .codec import MalformedEvent, decode, encode, headers_for, register_upcaster
@@ -89,6 +90,7 @@ __all__ = [
     "decode_override_reply",
     "decode_override_request",
     "decode_report",
+    "derived_event_id",
     "encode",
     "encode_message",
     "headers_for",

@@ -8,6 +8,7 @@ type; a breaking change bumps ``schema_version`` and registers an upcaster in ``
 from __future__ import annotations
 
 import enum
+import hashlib
 import time
 import uuid
 from typing import Any, Literal
@@ -73,6 +74,12 @@ SCHEMA_VERSION = 1
 
 def new_event_id() -> str:
     return uuid.uuid4().hex
+
+
+def derived_event_id(*parts: object) -> str:
+    """An id that is a function of what caused the event: a service that repeats work after
+    a crash publishes the same ids, and JetStream's duplicate window drops the copies."""
+    return hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=16).hexdigest()
 
 
 class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=True):

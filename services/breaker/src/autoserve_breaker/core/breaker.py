@@ -22,13 +22,12 @@ duplicates that JetStream drops by ``Nats-Msg-Id``.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import msgspec
 
 from autoserve_config import BreakerConfig
-from autoserve_events import BreakerStateChanged, BreakerTrialAdmitted, OverrideAction
+from autoserve_events import BreakerStateChanged, BreakerTrialAdmitted, OverrideAction, derived_event_id
 
 from .window import Window, new_window
 
@@ -67,11 +66,6 @@ class Breaker:
 
 def uses_window(config: BreakerConfig) -> bool:
     return config.failure_rate_threshold is not None or config.slow_call_duration_threshold is not None
-
-
-def event_id(*parts: object) -> str:
-    """A deterministic id: the same fold always names the same event the same way."""
-    return hashlib.blake2b("|".join(map(str, parts)).encode(), digest_size=16).hexdigest()
 
 
 # -- the fold ---------------------------------------------------------------------------
@@ -190,7 +184,7 @@ def allow(
     trial = admitted + 1
     events.append(
         BreakerTrialAdmitted(
-            event_id=event_id("trial", breaker.app_name, breaker.instance_id, generation, trial),
+            event_id=derived_event_id("trial", breaker.app_name, breaker.instance_id, generation, trial),
             emitted_at=now,
             app_name=breaker.app_name,
             instance_id=breaker.instance_id,
@@ -255,7 +249,7 @@ def transition(
 ) -> BreakerStateChanged:
     generation = breaker.generation + 1
     return BreakerStateChanged(
-        event_id=event_id(cause or trigger, breaker.app_name, breaker.instance_id, generation, state),
+        event_id=derived_event_id(cause or trigger, breaker.app_name, breaker.instance_id, generation, state),
         emitted_at=now,
         app_name=breaker.app_name,
         instance_id=breaker.instance_id,

@@ -9,7 +9,6 @@ detected are detected (see README, "Failure types").
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +21,7 @@ from autoserve_events import (
     FailureType,
     HealthChanged,
     ProbeCompleted,
+    derived_event_id,
 )
 from autoserve_events.catalogue import Severity
 
@@ -61,12 +61,6 @@ class InstanceState:
         self.results = BucketWindow(self.window_seconds)
         self.failures = BucketWindow(self.window_seconds)
         self.restarts = BucketWindow(self.window_seconds)
-
-
-def derived_id(cause_event_id: str, kind: str) -> str:
-    """Output ids are a function of the cause: a repeated fold republishes the same ids,
-    and JetStream drops them as duplicates."""
-    return hashlib.blake2b(f"{cause_event_id}/{kind}".encode(), digest_size=16).hexdigest()
 
 
 class Detector:
@@ -145,7 +139,7 @@ class Detector:
             reason = (f"{transition.run} consecutive failed probes (failure_threshold {app.failure_threshold}): "
                       f"{probe.error or 'unhealthy'}")  # fmt: skip
         return HealthChanged(
-            event_id=derived_id(probe.event_id, "health"),
+            event_id=derived_event_id(probe.event_id, "health"),
             instance_id=probe.instance_id,
             app_name=probe.app_name,
             healthy=transition.healthy,
@@ -270,7 +264,7 @@ class Detector:
         state.failures.add(now, failure_type.value)
         severity = severity or severity_of(failure_type)
         return FailureDetected(
-            event_id=derived_id(cause.event_id, f"failure/{failure_type.value}/{kind}"),
+            event_id=derived_event_id(cause.event_id, f"failure/{failure_type.value}/{kind}"),
             failure_type=failure_type,
             instance_id=cause.instance_id,
             app_name=cause.app_name,

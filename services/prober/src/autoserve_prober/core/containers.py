@@ -3,22 +3,15 @@ passes the engine's JSON in, with the app it belongs to."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from typing import Any
 
-from autoserve_events import ContainerObserved
+from autoserve_events import ContainerObserved, derived_event_id
 
 from .targets import short_id
 
 # health_status arrives as "health_status: healthy"; the rest are plain actions.
 OBSERVED_ACTIONS = frozenset({"start", "restart", "die", "oom", "stop", "kill", "health_status"})
-
-
-def observation_id(container_id: str, action: str, time_nano: int | str) -> str:
-    """Every shard and every prober replica derives the same id for one engine event,
-    so JetStream stores it once."""
-    return hashlib.blake2b(f"{container_id}/{action}/{time_nano}".encode(), digest_size=16).hexdigest()
 
 
 def observation_from_event(
@@ -34,7 +27,7 @@ def observation_from_event(
     exit_code = attributes.get("exitCode")
     time_nano = event.get("timeNano") or 0
     return ContainerObserved(
-        event_id=observation_id(container_id, action, time_nano),
+        event_id=derived_event_id(container_id, action, time_nano),  # the same from every shard
         instance_id=short_id(container_id),
         app_name=app_name,
         container_id=container_id,
@@ -65,7 +58,7 @@ def usage_from_stats(stats: Mapping[str, Any]) -> tuple[float | None, float | No
 def stats_observation(app_name: str, container_id: str, stats: Mapping[str, Any], at: float) -> ContainerObserved:
     cpu_percent, memory_percent, memory_bytes = usage_from_stats(stats)
     return ContainerObserved(
-        event_id=observation_id(container_id, "stats", int(at)),
+        event_id=derived_event_id(container_id, "stats", int(at)),
         instance_id=short_id(container_id),
         app_name=app_name,
         container_id=container_id,
