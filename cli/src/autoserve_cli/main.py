@@ -21,6 +21,15 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(name) or default
 
 
+def _hours(value: str) -> float:
+    from autoserve_reporter.core.report import BadRequest, parse_hours
+
+    try:
+        return parse_hours(value)
+    except BadRequest as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autoserve", description="AutoServe Health: health monitoring and recovery")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -53,6 +62,15 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("AUTOSERVE_BREAKER_REPLICA"),
         help="breaker: this replica I/N, deciding for 1/N of the breakers (env AUTOSERVE_BREAKER_REPLICA)",
     )
+    run.add_argument(
+        "--clickhouse-url", help="reporter: env AUTOSERVE_CLICKHOUSE_URL; default chdb://<data dir>/clickhouse"
+    )
+    run.add_argument("--data-dir", help="reporter: env AUTOSERVE_DATA_DIR (default ./.autoserve)")
+    run.add_argument(
+        "--listen", help="reporter: report API HOST:PORT (env AUTOSERVE_REPORTER_LISTEN; default 127.0.0.1:8710)"
+    )
+    run.add_argument("--metrics-retention-days", help="reporter: env AUTOSERVE_METRICS_RETENTION_DAYS (default 30)")
+    run.add_argument("--events-retention-days", help="reporter: env AUTOSERVE_EVENTS_RETENTION_DAYS (default 90)")
     docker = run.add_mutually_exclusive_group()
     docker.add_argument("--docker", dest="docker", action="store_true", default=None, help="require Docker discovery")
     docker.add_argument("--no-docker", dest="docker", action="store_false", help="turn Docker discovery off")
@@ -70,6 +88,14 @@ def _parser() -> argparse.ArgumentParser:
     nats_option(status)
     status.add_argument("--once", action="store_true", help="print once instead of refreshing")
     status.add_argument("--json", action="store_true", help="print JSON once")
+
+    report = commands.add_parser("report", help="the seed's health report for an app, computed in ClickHouse")
+    report.add_argument("app")
+    report.add_argument("--hours", type=_hours, default=24.0, help="report period (default 24)")
+    report.add_argument("--json", action="store_true", help="print the report as JSON")
+    report.add_argument(
+        "--reporter-url", help="the reporter's API (env AUTOSERVE_REPORTER_URL; default http://127.0.0.1:8710)"
+    )
 
     breaker = commands.add_parser("breaker", help="hold a circuit breaker open or closed, or reset it")
     breaker.add_argument("action", choices=["open", "close", "reset"])
@@ -117,6 +143,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .status import show_status
 
         return asyncio.run(show_status(args.nats_url, once=args.once or args.json, as_json=args.json))
+    if args.command == "report":
+        from .report import show_report
+
+        return show_report(args.app, args.hours, args.json, args.reporter_url)
     if args.command == "breaker":
         from .breaker import override
 

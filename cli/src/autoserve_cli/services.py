@@ -11,4 +11,5 @@ SERVICES: dict[str, str] = {
     "prober": "autoserve_prober.main",
     "detector": "autoserve_detector.main",
     "breaker": "autoserve_breaker.main",
+    "reporter": "autoserve_reporter.main",
 }

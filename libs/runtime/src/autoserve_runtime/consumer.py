@@ -44,7 +44,10 @@ from .publisher import EventPublisher
 log = structlog.get_logger("autoserve.consumer")
 
 MAX_EVENT_BYTES = 64 * 1024
-ProcessFn = Callable[[AnyEvent], Sequence[Event]]
+# An output is an event to publish, or a future that resolves once something the service
+# stores elsewhere (a ClickHouse batch, say) is durable: the input is acked only after it.
+Output = Event | asyncio.Future[bool]
+ProcessFn = Callable[[AnyEvent], Sequence[Output]]
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,8 @@ class EventConsumer:
         self._ack_wakeup = asyncio.Event()
         self._acker: asyncio.Task[None] | None = None
         self._sub: JetStreamContext.PushSubscription | None = None
+        self._highest_seq = 0  # highest stream sequence taken by this process
+        self._watched: asyncio.Future[bool] | None = None
         self.stats = ConsumerStats()
 
     async def ack_floor(self) -> int:
@@ -173,7 +178,7 @@ class EventConsumer:
         return count
 
     async def start(self) -> None:
-        await self._ensure_consumer()
+        await self._resume_at_ack_floor()
         self._acker = asyncio.create_task(self._ack_loop(), name=f"acker:{self._spec.durable}")
         self._sub = await self._js.subscribe_bind(
             self._spec.stream,
@@ -198,6 +203,21 @@ class EventConsumer:
                 await self._acker
         await self._ack_now()
 
+    async def _resume_at_ack_floor(self) -> None:
+        """Messages a previous process took but never acknowledged would come back only
+        after ``ack_wait``, behind newer ones, and a fold must see its inputs in order. So
+        the durable consumer is recreated to deliver again from just after its ack floor."""
+        info = await self._ensure_consumer()
+        if not info.num_ack_pending:
+            return
+        floor = info.ack_floor.stream_seq if info.ack_floor else 0
+        config = self._spec.config()
+        config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
+        config.opt_start_seq = floor + 1
+        await self._js.delete_consumer(self._spec.stream, self._spec.durable)
+        await self._js.add_consumer(self._spec.stream, config)
+        log.info("resuming after the ack floor", durable=self._spec.durable, seq=floor + 1, unacked=info.num_ack_pending)
+
     async def _ensure_consumer(self) -> ConsumerInfo:
         try:
             return await self._js.consumer_info(self._spec.stream, self._spec.durable)
@@ -206,6 +226,17 @@ class EventConsumer:
 
     async def _on_message(self, msg: Msg) -> None:
         self.stats.received += 1
+        seq = msg.metadata.sequence.stream
+        if seq <= self._highest_seq:
+            # A redelivery (ack_wait passed while its outputs were still being stored, say):
+            # this process already took it, and the ack of a later message covers it
+            # (AckPolicy.ALL). Tracking it again would grow memory with every redelivery.
+            self.stats.duplicates += 1
+            if seq <= self.stats.acked_seq:  # our ack was lost: repeat it, it is safe
+                with contextlib.suppress(Exception):
+                    await msg.ack()
+            return
+        self._highest_seq = seq
         stored: list[asyncio.Future[bool] | None] = []
         if len(msg.data) > MAX_EVENT_BYTES:
             stored.append(self._dead_letter(msg, f"oversized: {len(msg.data)} bytes > {MAX_EVENT_BYTES}"))
@@ -225,7 +256,10 @@ class EventConsumer:
                         stored.append(self._dead_letter(msg, f"handler error: {type(exc).__name__}: {exc}"))
                     else:
                         self.stats.outputs += len(outputs)
-                        stored.extend(self._publisher.submit(o, track=True) for o in outputs)
+                        stored.extend(
+                            o if isinstance(o, asyncio.Future) else self._publisher.submit(o, track=True)
+                            for o in outputs
+                        )
         self._settle(msg, [f for f in stored if f is not None])
 
     def _dead_letter(self, msg: Msg, reason: str) -> asyncio.Future[bool] | None:
@@ -245,7 +279,9 @@ class EventConsumer:
         if futures or self._awaiting:
             self._awaiting.append((msg, futures))
             for future in futures:
-                future.add_done_callback(self._advance)
+                if future is not self._watched:  # a batch future shared by many inputs: one callback
+                    future.add_done_callback(self._advance)
+                    self._watched = future
             self._advance()
         else:
             self._ackable = msg

@@ -1,0 +1,1 @@
+"""Thin adapters: ClickHouse (clickhouse-connect), migrations, batching, the HTTP API."""

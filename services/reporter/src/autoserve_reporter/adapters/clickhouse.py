@@ -1,0 +1,91 @@
+"""ClickHouse through clickhouse-connect: ``chdb://<path>`` (the engine in-process) or
+``http(s)://host:8123`` (a server), one code path.
+
+clickhouse-connect is synchronous, so every call runs on one dedicated thread: the event
+loop keeps consuming while a batch is written (chDB releases the GIL while it works), and
+one thread means one client is never used by two callers at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import clickhouse_connect
+import structlog
+from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import OperationalError, ProgrammingError
+
+log = structlog.get_logger("autoserve.reporter.clickhouse")
+
+T = TypeVar("T")
+
+
+def default_url(data_dir: Path) -> str:
+    return f"chdb://{(data_dir / 'clickhouse').resolve()}"
+
+
+def check_url(url: str) -> str:
+    scheme = urlsplit(url).scheme
+    if scheme not in ("chdb", "http", "https"):
+        raise ValueError(f"clickhouse url: scheme must be chdb, http or https, got {url!r}")
+    return url
+
+
+def describe(url: str) -> str:
+    """The URL without a password, for logs."""
+    password = urlsplit(url).password
+    return url.replace(f":{password}@", ":***@") if password else url
+
+
+class Store:
+    def __init__(self, url: str) -> None:
+        self.url = check_url(url)
+        self._client: Client | None = None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="clickhouse")
+
+    def _connect(self) -> Client:
+        if self._client is None:
+            if self.url.startswith("chdb://"):
+                Path(urlsplit(self.url).path).mkdir(parents=True, exist_ok=True)
+            self._client = clickhouse_connect.get_client(dsn=self.url, compress=False)
+        return self._client
+
+    def _call(self, fn: Callable[[Client], T]) -> T:
+        try:
+            return fn(self._connect())
+        except (OperationalError, ProgrammingError):
+            # The connection (or the client) is gone: reconnect on the next call. A server
+            # error (a missing table, say) keeps the client.
+            self._drop_client()
+            raise
+
+    def _drop_client(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.close()
+
+    async def run(self, fn: Callable[[Client], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._call, fn)
+
+    async def command(self, sql: str, parameters: dict[str, Any] | None = None) -> Any:
+        return await self.run(lambda c: c.command(sql, parameters=parameters))
+
+    async def query(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple]:
+        return await self.run(lambda c: c.query(sql, parameters=parameters).result_rows)
+
+    async def insert_lines(self, table: str, columns: Sequence[str], lines: bytes) -> None:
+        """Insert rows encoded as JSONCompactEachRow: ClickHouse parses them in C++,
+        far cheaper than clickhouse-connect serialising Python values column by column."""
+        await self.run(lambda c: c.raw_insert(table, list(columns), lines, fmt="JSONCompactEachRow"))
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._drop_client)
+        self._executor.shutdown(wait=False)

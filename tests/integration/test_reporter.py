@@ -1,0 +1,352 @@
+"""The reporter end to end: a real nats-server, real chDB, the real prober, the report API
+over HTTP on 127.0.0.1, and ``autoserve report`` as a separate process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import httpx
+import pytest
+from nats.aio.client import Client
+
+from autoserve_events import (
+    PROBES_STREAM,
+    FailureDetected,
+    FailureType,
+    HealthChanged,
+    ProbeCompleted,
+    RecoveryExecuted,
+    RecoveryStrategy,
+    encode,
+    subject_for,
+)
+from autoserve_prober.service import ProberService
+from autoserve_reporter.core.rows import METRICS_TABLE
+from autoserve_reporter.service import ReporterService, ReporterSettings, consumer_specs
+from autoserve_runtime import EmbeddedNatsServer, free_port, provision
+
+from .conftest import LOCALHOST, HttpTarget, ServiceRunner, apply_yaml, check, config_for, wait_for
+
+
+async def until(condition: Callable[[], Awaitable[bool]], timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not await condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+class Reporter:
+    """A reporter in the test's loop with its own chDB directory and API port."""
+
+    def __init__(self, nats_url: str, data: Path, **overrides: object) -> None:
+        self.port = free_port()
+        self.settings = ReporterSettings(
+            clickhouse_url=f"chdb://{data}", listen=f"{LOCALHOST}:{self.port}", batch_seconds=0.2, **overrides
+        )
+        self.runner = ServiceRunner(lambda: ReporterService(nats_url, self.settings))
+        self.url = f"http://{LOCALHOST}:{self.port}"
+
+    @property
+    def service(self) -> ReporterService:
+        return self.runner.service
+
+    async def get(self, path: str, **params: object) -> httpx.Response:
+        async with httpx.AsyncClient(base_url=self.url, timeout=10) as client:
+            return await client.get(path, params=params)
+
+    async def report(self, app: str, hours: float = 24) -> dict:
+        response = await self.get(f"/v1/apps/{app}/report", hours=hours)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    async def total(self, app: str) -> int:
+        response = await self.get(f"/v1/apps/{app}/report", hours=24)
+        return response.json()["total_health_checks"] if response.status_code == 200 else -1
+
+
+@pytest.fixture
+async def reporter(nats_server: EmbeddedNatsServer, nc: Client, tmp_path: Path) -> AsyncIterator[Reporter]:
+    await provision(nc.jetstream())
+    r = Reporter(nats_server.url, tmp_path / "clickhouse")
+    await r.runner.start()
+    yield r
+    await r.runner.stop()
+
+
+async def cli(*args: str) -> tuple[int, str, str]:
+    """``autoserve`` as its own process, so the API in this loop keeps answering."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "autoserve_cli.main", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    return process.returncode, out.decode(), err.decode()
+
+
+def probe(app: str, instance: str, t: float, rt: float, healthy: bool = True, **kw: object) -> ProbeCompleted:
+    return ProbeCompleted(instance_id=instance, app_name=app, check_type="http", is_healthy=healthy,
+                          response_time_ms=rt, timestamp=t, **kw)  # fmt: skip
+
+
+async def publish(nc: Client, events: list, *, msg_id_suffix: str = "") -> None:
+    js = nc.jetstream()
+    acks = [
+        await js.publish_async(subject_for(e), encode(e), headers={"Nats-Msg-Id": e.event_id + msg_id_suffix})
+        for e in events
+    ]
+    await asyncio.wait_for(asyncio.gather(*acks), 30)
+
+
+def comparable(report: dict) -> dict:
+    return {k: v for k, v in report.items() if k not in ("generated_at", "period_start", "period_end")}
+
+
+# -- end to end -------------------------------------------------------------------------
+
+
+async def test_probes_flow_in_and_cli_and_api_agree(
+    nats_server: EmbeddedNatsServer, nc: Client, http_target: HttpTarget, reporter: Reporter
+) -> None:
+    await apply_yaml(nc, config_for({"web": {"health_check": check(path="/ok"), "instances": [
+        {"id": "web-1", "host": LOCALHOST, "port": http_target.port},
+    ]}, "broken": {"health_check": check(path="/fail"), "instances": [
+        {"id": "b-1", "host": LOCALHOST, "port": http_target.port},
+    ]}}))  # fmt: skip
+    prober = ServiceRunner(lambda: ProberService(nats_server.url, docker=False))
+    await prober.start()
+    try:
+        await until(lambda: _at_least(reporter, "web", 3), what="3 web probes reported")
+        await until(lambda: _at_least(reporter, "broken", 3), what="3 broken probes reported")
+    finally:
+        await prober.stop()
+    # everything published is stored before comparing
+    info = await nc.jetstream().stream_info(PROBES_STREAM)
+    durable = consumer_specs(reporter.settings)[0].durable
+    await wait_for(lambda: _acked(reporter, durable) >= info.state.last_seq, what="all probes stored")
+
+    api = await reporter.report("web")
+    code, out, err = await cli("report", "web", "--json", "--reporter-url", reporter.url)
+    assert code == 0, err
+    assert comparable(json.loads(out)) == comparable(api)
+    assert api["uptime_percent"] == 100.0 and api["instances"][0]["instance_id"] == "web-1"
+    assert api["p95_response_time_ms"] > 0
+
+    broken = await reporter.report("broken")
+    assert broken["uptime_percent"] == 0.0 and broken["failed_checks"] == broken["total_health_checks"]
+    assert broken["error_breakdown"] == {"http": broken["failed_checks"]}  # 500: error_kind unexpected_status
+
+    code, out, err = await cli("report", "broken", "--reporter-url", reporter.url)
+    assert code == 0, err
+    assert "uptime" in out and "0.00 %" in out and "b-1" in out and "http" in out
+
+
+async def _at_least(reporter: Reporter, app: str, n: int) -> bool:
+    return await reporter.total(app) >= n
+
+
+def _acked(reporter: Reporter, durable: str) -> int:
+    return next(c.stats.acked_seq for c in reporter.service.consumers if c._spec.durable == durable)
+
+
+async def test_report_api_errors_and_openapi(nc: Client, reporter: Reporter) -> None:
+    now = time.time()
+    await publish(nc, [probe("shop", "s1", now - 5, 3.0)])
+    await until(lambda: _at_least(reporter, "shop", 1), what="shop stored")
+
+    missing = await reporter.get("/v1/apps/nope/report")
+    assert missing.status_code == 404 and "unknown app 'nope'" in missing.json()["error"]
+    bad = await reporter.get("/v1/apps/shop/report", hours="abc")
+    assert bad.status_code == 400 and bad.json()["error"].startswith("hours: ") and "'abc'" in bad.json()["error"]
+    bad = await reporter.get("/v1/apps/shop/report", hours="-2")
+    assert bad.status_code == 400
+    bad = await reporter.get("/v1/apps/shop.x/incidents")
+    assert bad.status_code == 400 and bad.json()["error"].startswith("app: ")
+    bad = await reporter.get("/v1/apps/shop/timeline", bucket_seconds="zero")
+    assert bad.status_code == 400 and bad.json()["error"].startswith("bucket_seconds: ")
+
+    assert (await reporter.get("/v1/apps")).json()["apps"] == ["shop"]
+    timeline = (await reporter.get("/v1/apps/shop/timeline", hours=1)).json()
+    assert sum(b["total_health_checks"] for b in timeline["buckets"]) == 1
+    incidents = (await reporter.get("/v1/apps/shop/incidents")).json()
+    assert incidents["incidents"] == [] and incidents["by_strategy"] == []
+    spec = (await reporter.get("/openapi.json")).json()
+    assert {"/v1/apps/{app}/report", "/v1/apps/{app}/incidents", "/v1/apps/{app}/timeline"} <= set(spec["paths"])
+    assert "HealthReport" in spec["components"]["schemas"]
+    health = await reporter.get("/v1/health")
+    assert health.status_code == 200 and health.json()["ready"] is True
+
+    code, _, err = await cli("report", "nope", "--reporter-url", reporter.url)
+    assert code == 1 and "unknown app 'nope'" in err
+    code, _, err = await cli("report", "shop", "--hours", "0", "--reporter-url", reporter.url)
+    assert code == 2 and "hours: " in err
+
+
+# -- idempotency: duplicates and replays ----------------------------------------------------
+
+
+def incident_events(app: str, instance: str, at: float, ttr: float) -> list:
+    failure = FailureDetected(failure_type=FailureType.HEALTH_CHECK_FAILED, instance_id=instance, app_name=app,
+                              severity="low", message="503", timestamp=at)  # fmt: skip
+    return [
+        failure,
+        HealthChanged(
+            instance_id=instance,
+            app_name=app,
+            healthy=False,
+            previous=True,
+            consecutive=3,
+            reason="3 failures",
+            timestamp=at + 1,
+        ),
+        RecoveryExecuted(
+            strategy=RecoveryStrategy.RESTART_CONTAINER,
+            failure_type=FailureType.HEALTH_CHECK_FAILED,
+            instance_id=instance,
+            app_name=app,
+            success=True,
+            timestamp=at + 2,
+            duration_ms=300.0,
+            failure_event_id=failure.event_id,
+        ),
+        HealthChanged(
+            instance_id=instance,
+            app_name=app,
+            healthy=True,
+            previous=False,
+            consecutive=1,
+            reason="ok",
+            timestamp=at + ttr,
+        ),
+    ]
+
+
+async def test_duplicates_and_replay_change_no_report(
+    nats_server: EmbeddedNatsServer, nc: Client, tmp_path: Path
+) -> None:
+    await provision(nc.jetstream())
+    now = time.time()
+    probes = [probe("pay", f"p{k % 4}", now - 600 + k * 0.5, float(k % 97), healthy=k % 9 != 0,
+                    **({} if k % 9 else {"error": "Connection refused"})) for k in range(800)]  # fmt: skip
+    audit = incident_events("pay", "p1", now - 500, 30.0) + incident_events("pay", "p2", now - 400, 12.0)
+    events = probes + audit
+
+    reporter = Reporter(nats_server.url, tmp_path / "ch")
+    await reporter.runner.start()
+    try:
+        await publish(nc, events)
+        await until(lambda: _at_least(reporter, "pay", 800), what="800 probes stored")
+        incidents_url = "/v1/apps/pay/incidents"
+        await until(lambda: _incident_count(reporter, 2), what="2 incidents")
+        before = comparable(await reporter.report("pay"))
+        incidents_before = (await reporter.get(incidents_url)).json()
+        assert incidents_before["by_strategy"][0]["avg_time_to_recover_s"] == pytest.approx(21.0)
+
+        # the same events again, past JetStream's duplicate window (new Nats-Msg-Id): redelivery
+        await publish(nc, events, msg_id_suffix="-again")
+        info = await nc.jetstream().stream_info(PROBES_STREAM)
+        durable = consumer_specs(reporter.settings)[0].durable
+        await wait_for(lambda: _acked(reporter, durable) >= info.state.last_seq, what="duplicates taken")
+        assert sum(c.stats.duplicates for c in reporter.service.consumers) >= len(events)
+        assert comparable(await reporter.report("pay")) == before
+    finally:
+        await reporter.runner.stop()
+
+    # a restarted reporter has forgotten the ids: a replay is stored again, and FINAL collapses it
+    reporter = Reporter(nats_server.url, tmp_path / "ch")
+    await reporter.runner.start()
+    try:
+        await publish(nc, events, msg_id_suffix="-replay")
+        store = reporter.service.store
+        sql = f"SELECT count() FROM {METRICS_TABLE} WHERE app_name = 'pay' AND metric_type = 'health_check_status'"
+        await until(lambda: _raw_count_at_least(store, sql, 1600), what="replayed rows stored")
+        await until(lambda: _events_stored(reporter, len(audit) * 2), what="replayed audit rows stored")
+        assert comparable(await reporter.report("pay")) == before
+        assert (await reporter.get(incidents_url)).json() == incidents_before
+    finally:
+        await reporter.runner.stop()
+
+
+async def _incident_count(reporter: Reporter, n: int) -> bool:
+    response = await reporter.get("/v1/apps/pay/incidents")
+    return response.status_code == 200 and len(response.json()["incidents"]) == n
+
+
+async def _raw_count_at_least(store, sql: str, n: int) -> bool:
+    return (await store.query(sql))[0][0] >= n
+
+
+async def _events_stored(reporter: Reporter, n: int) -> bool:
+    return (await reporter.service.store.query("SELECT count() FROM events"))[0][0] >= n
+
+
+# -- a ClickHouse outage: buffer, stop pulling, retry, lose nothing -------------------------
+
+
+async def test_clickhouse_outage_loses_nothing_and_stops_pulling(
+    nats_server: EmbeddedNatsServer, nc: Client, tmp_path: Path
+) -> None:
+    """A real failure: the table is detached in the real engine, so every insert fails with
+    ClickHouse's own UNKNOWN_TABLE error through the real client; then it is attached again."""
+    await provision(nc.jetstream())
+    max_ack_pending = 300
+    reporter = Reporter(nats_server.url, tmp_path / "ch", max_ack_pending=max_ack_pending, batch_rows=100)
+    await reporter.runner.start()
+    try:
+        store = reporter.service.store
+        await store.command(f"DETACH TABLE {METRICS_TABLE}")
+        now = time.time()
+        probes = [probe("ops", f"o{k % 5}", now - 300 + k * 0.1, 2.0) for k in range(1000)]
+        await publish(nc, probes)
+        writer = reporter.service.metrics
+        await wait_for(lambda: writer.stats.insert_failures >= 2, what="inserts failing")
+        durable = consumer_specs(reporter.settings)[0].durable
+        js = nc.jetstream()
+
+        async def stopped_pulling() -> bool:
+            info = await js.consumer_info(PROBES_STREAM, durable)
+            return info.num_ack_pending == max_ack_pending and info.num_pending == 1000 - max_ack_pending
+
+        await until(stopped_pulling, what="the reporter to stop pulling at max_ack_pending")
+        assert writer.stats.buffered_rows <= max_ack_pending * 3  # bounded; nothing dropped
+        assert writer.stats.rows_stored == 0
+
+        await store.command(f"ATTACH TABLE {METRICS_TABLE}")
+        await until(lambda: _at_least(reporter, "ops", 1000), timeout=60, what="all 1000 probes stored")
+        report = await reporter.report("ops")
+        assert report["total_health_checks"] == 1000
+        distinct = await store.query(f"SELECT uniqExact(event_id) FROM {METRICS_TABLE} WHERE app_name = 'ops'")
+        assert distinct[0][0] == 1000
+        await until(lambda: _fully_acked(js, durable), what="every message acknowledged")
+    finally:
+        await reporter.runner.stop()
+
+
+async def _fully_acked(js, durable: str) -> bool:
+    info = await js.consumer_info(PROBES_STREAM, durable)
+    return info.num_ack_pending == 0 and info.num_pending == 0
+
+
+# -- poison messages ---------------------------------------------------------------------
+
+
+async def test_poison_messages_are_dead_lettered_and_the_rest_stored(nc: Client, reporter: Reporter, outputs) -> None:
+    now = time.time()
+    js = nc.jetstream()
+    await js.publish("autoserve.probe.completed.web.x", b"\x00not json")
+    await js.publish("autoserve.event.failure.web.x", b'{"type":"FailureDetected","app_name":"web"}')
+    bad_time = probe("web", "x", 1e13, 1.0)
+    await js.publish(subject_for(bad_time), encode(bad_time))
+    await publish(nc, [probe("web", "x", now, 4.0)])
+
+    await wait_for(lambda: len(outputs.dead_letters()) == 3, what="3 dead letters")
+    reasons = sorted(m.headers["Autoserve-Reason"] for m in outputs.dead_letters())
+    assert any("timestamp: must be epoch seconds" in r and "10000000000000.0" in r for r in reasons), reasons
+    assert all(m.subject == "autoserve.deadletter.reporter" for m in outputs.dead_letters())
+    await until(lambda: _at_least(reporter, "web", 1), what="the good probe stored")
+    assert (await reporter.report("web"))["total_health_checks"] == 1
