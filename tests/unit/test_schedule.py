@@ -36,9 +36,9 @@ def test_first_due_adds_the_initial_delay_then_the_phase() -> None:
 STEPS = [
     ((10.0, 5.0, 10.2), (15.0, 0)),  # probe took 0.2 s: next slot
     ((10.0, 5.0, 14.999), (15.0, 0)),  # finished just in time
-    ((10.0, 5.0, 15.0), (20.0, 1)),  # finished exactly at the next slot: it is missed, not fired late
-    ((10.0, 5.0, 16.0), (20.0, 1)),  # overran one slot
-    ((10.0, 5.0, 31.0), (35.0, 4)),  # stalled for a long time: no burst of catch-up probes
+    ((10.0, 5.0, 15.0), (15.0, 0)),  # finished exactly at the next slot: it runs now
+    ((10.0, 5.0, 16.0), (15.0, 0)),  # overran into the next slot: it runs now, 1 s late
+    ((10.0, 5.0, 31.0), (30.0, 3)),  # stalled: 15, 20 and 25 passed entirely; no catch-up burst
     ((10.0, 1.0, 10.0), (11.0, 0)),
 ]
 
@@ -56,8 +56,13 @@ def test_a_sequence_of_probes_keeps_a_fixed_rate() -> None:
         due, missed = next_due(due, period, due + took)
         dues.append(due)
         missed_total += missed
-    assert dues == [2.0, 4.0, 8.0, 10.0, 18.0, 20.0]
-    assert missed_total == 1 + 3
+    assert dues == [2.0, 4.0, 6.0, 8.0, 14.0, 16.0]
+    assert missed_total == 2
+
+
+def test_a_timeout_equal_to_the_period_loses_no_slot() -> None:
+    """A probe timing out after a full period is followed at once (kubelet's ticker)."""
+    assert next_due(10.0, 1.0, 11.002) == (11.0, 0)
 
 
 @given(
@@ -65,11 +70,10 @@ def test_a_sequence_of_probes_keeps_a_fixed_rate() -> None:
     st.floats(0.5, 600, allow_nan=False),
     st.floats(0, 1e4, allow_nan=False),
 )
-def test_next_due_is_in_the_future_on_the_grid(due: float, period: float, elapsed: float) -> None:
+def test_next_due_is_the_oldest_slot_not_entirely_past(due: float, period: float, elapsed: float) -> None:
     now = due + elapsed
     following, missed = next_due(due, period, now)
-    assert following > now or following == pytest.approx(now, abs=1e-6)
-    assert following - period <= now + 1e-6
+    assert now - period < following <= max(now, due + period) + 1e-6
     assert following == pytest.approx(due + (missed + 1) * period, rel=1e-9, abs=1e-6)
     assert missed >= 0
 
@@ -77,3 +81,10 @@ def test_next_due_is_in_the_future_on_the_grid(due: float, period: float, elapse
 @given(st.text(max_size=40), st.floats(0.001, 3600, allow_nan=False))
 def test_phase_is_always_in_range(key: str, period: float) -> None:
     assert 0 <= phase_offset(key, period) < period
+
+
+@given(st.floats(0, 1e6, allow_nan=False))
+def test_ticks_never_fire_early_and_stay_close(t: float) -> None:
+    from autoserve_prober.core.schedule import TICK_SECONDS, on_tick
+
+    assert t - 1e-6 <= on_tick(t) < t + TICK_SECONDS + 1e-6

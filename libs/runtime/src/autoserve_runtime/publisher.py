@@ -1,7 +1,7 @@
 """Publishing events to JetStream without waiting on one round trip at a time.
 
-``submit`` never blocks the caller: events go to a bounded buffer, a pump sends them with
-``publish_async`` (up to ``max_in_flight`` unacknowledged), and an event whose ack fails
+``submit`` never blocks the caller: events go to a bounded buffer, a pump sends them as
+JetStream publishes (up to ``max_in_flight`` unacknowledged), and an event whose ack fails
 or does not come within ``ack_timeout`` goes back to the front of the buffer and is sent
 again with the same ``Nats-Msg-Id``, so JetStream stores it once. While NATS is away the
 buffer holds up to ``max_buffered`` events; past that the oldest are dropped and counted,
@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import json
 import time
 from collections import deque
 from dataclasses import dataclass
 
 import structlog
+from nats.aio.msg import Msg
 from nats.errors import ConnectionClosedError, OutboundBufferLimitError
 from nats.js import JetStreamContext
-from nats.js.errors import APIError, NoStreamResponseError
 
 from autoserve_events import Event, encode, headers_for, subject_for
 
@@ -63,7 +65,8 @@ class EventPublisher:
         self._max_buffered = max_buffered
         self._ack_timeout = ack_timeout
         self._buffer: deque[_Pending] = deque()
-        self._in_flight: dict[asyncio.Future[object], tuple[_Pending, float]] = {}
+        self._in_flight: dict[str, tuple[_Pending, float]] = {}  # reply token -> (event, sent at)
+        self._reply_prefix_len = 0
         self._slots = asyncio.Semaphore(max_in_flight)
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
@@ -85,8 +88,6 @@ class EventPublisher:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for future in list(self._in_flight):
-            future.cancel()
 
     async def drained(self) -> None:
         await self._idle.wait()
@@ -123,6 +124,13 @@ class EventPublisher:
         self._wakeup.set()
 
     async def _pump(self) -> None:
+        nc = self._js._nc
+        # Acks come back on one wildcard subscription, matched by a counter token: cheaper
+        # than js.publish_async (a future, two callbacks, json.loads and a PubAck each).
+        prefix = nc.new_inbox() + "."
+        self._reply_prefix_len = len(prefix)
+        await nc.subscribe(prefix + "*", cb=self._on_ack)
+        tokens = itertools.count()
         backoff = 0.05
         while True:
             if not self._buffer:
@@ -136,9 +144,12 @@ class EventPublisher:
                 self._slots.release()
                 continue
             item = self._buffer.popleft()
+            token = f"{next(tokens):x}"
+            self._in_flight[token] = (item, time.monotonic())
             try:
-                future = await self._js.publish_async(item.subject, item.payload, headers=item.headers)
+                await nc.publish(item.subject, item.payload, reply=prefix + token, headers=item.headers)
             except (ConnectionClosedError, OutboundBufferLimitError, OSError) as exc:
+                del self._in_flight[token]
                 self._slots.release()
                 self._retry(item)
                 log.debug("publish deferred", error=type(exc).__name__)
@@ -146,33 +157,36 @@ class EventPublisher:
                 backoff = min(backoff * 2, 2.0)
                 continue
             backoff = 0.05
-            self._in_flight[future] = (item, time.monotonic())
-            future.add_done_callback(self._on_ack)
 
-    def _on_ack(self, future: asyncio.Future[object]) -> None:
-        item, _ = self._in_flight.pop(future)
+    async def _on_ack(self, msg: Msg) -> None:
+        entry = self._in_flight.pop(msg.subject[self._reply_prefix_len :], None)
+        if entry is None:  # expired already, and sent again
+            return
+        item = entry[0]
         self._slots.release()
-        if future.cancelled():
-            self._retry(item)
-        elif (exc := future.exception()) is None:
-            self.stats.acked += 1
-            item.resolve(True)
-        elif isinstance(exc, NoStreamResponseError) or (isinstance(exc, APIError) and (exc.code or 0) >= 500):
+        data = msg.data
+        no_stream = not data and msg.headers is not None and msg.headers.get("Status") == "503"
+        error = json.loads(data).get("error") or {} if b'"error"' in data else None
+        if no_stream or (error is not None and (error.get("code") or 0) >= 500):
             # No stream yet, or the server is busy: try again shortly, not in a hot loop.
             self._retry_at = time.monotonic() + 0.5
             self._retry(item)
-        else:
+        elif error is not None:
             self.stats.rejected += 1
             item.resolve(False)
-            log.error("event rejected by JetStream", subject=item.subject, error=str(exc))
+            log.error("event rejected by JetStream", subject=item.subject, error=error.get("description", str(error)))
+        else:
+            self.stats.acked += 1
+            item.resolve(True)
         if not self._buffer and not self._in_flight:
             self._idle.set()
 
     async def _expire(self) -> None:
-        """Cancel acks that never came (lost in a disconnect); ``_on_ack`` re-queues them."""
+        """Acks that never came (lost in a disconnect) are sent again, same Nats-Msg-Id."""
         while True:
             await asyncio.sleep(min(1.0, self._ack_timeout / 2))
             cutoff = time.monotonic() - self._ack_timeout
-            for future, (_, sent_at) in list(self._in_flight.items()):
-                if sent_at < cutoff:
-                    future.cancel()
+            for token, (item, sent_at) in list(self._in_flight.items()):
+                if sent_at < cutoff and self._in_flight.pop(token, None) is not None:
+                    self._slots.release()
+                    self._retry(item)

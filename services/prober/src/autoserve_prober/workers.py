@@ -17,7 +17,7 @@ import structlog
 
 from autoserve_events import ProbeCompleted
 
-from .core.schedule import first_due, next_due
+from .core.schedule import first_due, next_due, on_tick
 from .core.targets import Target, TargetChanges, TargetKey, diff
 
 log = structlog.get_logger("autoserve.prober")
@@ -33,8 +33,9 @@ class WorkerStats:
 
 
 class ProbeWorkers:
-    def __init__(self, probe: ProbeFn, publish: PublishFn) -> None:
+    def __init__(self, probe: ProbeFn, publish: PublishFn, *, max_in_flight: int = 256) -> None:
         self._probe = probe
+        self._in_flight = asyncio.Semaphore(max_in_flight)
         self._publish = publish
         self._targets: dict[TargetKey, Target] = {}
         self._tasks: dict[TargetKey, asyncio.Task[None]] = {}
@@ -94,17 +95,21 @@ class ProbeWorkers:
         delay = 0.0
         if appeared_at is not None:
             delay = max(0.0, appeared_at + check.initial_delay_seconds - time.time())
-        due = first_due(loop.time(), delay, check.period_seconds, f"{target.app_name}/{target.instance_id}")
+        due = on_tick(first_due(loop.time(), delay, check.period_seconds, f"{target.app_name}/{target.instance_id}"))
         while True:
             wait = due - loop.time()
             if wait > 0:
                 await asyncio.sleep(wait)
             try:
-                result = await self._probe(target, due + wall_minus_mono)
+                # An overloaded prober waits here, before the attempt and its timeout start:
+                # it then reports lateness and skipped slots, not false timeouts.
+                async with self._in_flight:
+                    result = await self._probe(target, due + wall_minus_mono)
             except Exception:  # a bug in a probe must not end its worker
                 log.exception("probe crashed", app=target.app_name, instance=target.instance_id)
             else:
                 self._publish(result)
                 self.stats.probes += 1
             due, missed = next_due(due, check.period_seconds, loop.time())
+            due = on_tick(due)
             self.stats.missed_slots += missed

@@ -2,8 +2,9 @@
 
 Each target gets a stable phase inside its period, derived from its key, so thousands of
 targets do not fire together, and a restarted prober keeps the same rhythm (a consumer
-sees no burst and no gap). A probe that overruns its slot skips the slots it missed
-instead of firing them in a burst.
+sees no burst and no gap). A probe that overruns its slot runs
+the next one at once, late, and skips any slot that passed entirely. Due times sit on a 20 ms grid, so probes due together
+run in one loop iteration: one wake-up, one NATS write and one read of acks per batch.
 """
 
 from __future__ import annotations
@@ -24,9 +25,23 @@ def first_due(now: float, initial_delay: float, period: float, key: str) -> floa
 
 
 def next_due(due: float, period: float, now: float) -> tuple[float, int]:
-    """The next slot after ``due`` that is not already past, and how many slots were missed."""
+    """The slot after ``due``, and how many slots were skipped to get there.
+
+    Like Go's ticker (kubelet's), a probe that overran its slot is followed at once by the
+    slot it overlapped, late but not lost: with ``timeout_seconds`` equal to the period, a
+    timed-out probe is followed straight away, so two failures take two periods, not
+    three. Only slots that passed entirely are skipped, never fired as a burst.
+    """
     following = due + period
     if following > now:
         return following, 0
-    missed = math.floor((now - following) / period) + 1
+    missed = math.floor((now - following) / period)
     return following + missed * period, missed
+
+
+TICK_SECONDS = 0.02
+
+
+def on_tick(t: float, tick: float = TICK_SECONDS) -> float:
+    """``t`` rounded up to the grid (never earlier than asked)."""
+    return math.ceil(t / tick - 1e-6) * tick
