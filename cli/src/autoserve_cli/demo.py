@@ -3,14 +3,23 @@
 - web-1 (18081) is always healthy;
 - web-2 (18082) fails with 503 for 15 s of every 45 s;
 - web-3 (18083) answers every fourth probe too late for its 2 s timeout;
-- cache (18091) is a TCP service that answers ``PING`` with ``+PONG``.
+- cache (18091) is a TCP service that answers ``PING`` with ``+PONG``;
+- web-3 (18084) crashes 45 s after each start: the recovery service restarts it.
+
+``--target NAME`` runs one target as its own process and records how to start it again
+under ``$AUTOSERVE_DATA_DIR/processes/<app>/<instance>.json``: the recovery service's
+local-process runtime restarts it from there (``make run`` has no Docker engine).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import signal
+import sys
 import time
+from pathlib import Path
 
 from aiohttp import web
 
@@ -50,6 +59,56 @@ async def _pong(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         writer.close()
 
 
+# instance -> (app, port); each can run alone with --target.
+TARGETS: dict[str, tuple[str, int]] = {
+    "web-1": ("web", 18081),
+    "web-2": ("web", 18082),
+    "api-1": ("slow-api", 18083),
+    "web-3": ("web", 18084),
+    "cache-1": ("cache", 18091),
+}
+CRASH_AFTER_SECONDS = 45.0
+
+
+def _register(instance: str) -> None:
+    """Tell the recovery service how to start this target again (its process runtime)."""
+    app, port = TARGETS[instance]
+    path = Path(os.environ.get("AUTOSERVE_DATA_DIR", ".autoserve")).resolve() / "processes" / app / f"{instance}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "autoserve_cli.demo", "--target", instance]
+    log = path.parent.parent.parent / "logs" / f"demo-{instance}.log"
+    record = {"argv": argv, "pid": os.getpid(), "port": port, "cwd": os.getcwd(), "log": str(log)}
+    path.with_suffix(".tmp").write_text(json.dumps(record))
+    os.replace(path.with_suffix(".tmp"), path)
+
+
+async def serve_one(instance: str) -> None:
+    app_name, port = TARGETS[instance]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if instance == "cache-1":
+        server = await asyncio.start_server(_pong, HOST, port)
+        cleanup = server.close
+    else:
+        handler = {"web-1": _steady, "web-2": _flapping, "api-1": _sometimes_slow(), "web-3": _steady}[instance]
+        app = web.Application()
+        app.router.add_get("/health", handler)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, HOST, port).start()
+        cleanup = runner.cleanup
+    _register(instance)
+    if instance == "web-3":  # a crash, not a clean exit: nothing is flushed or closed
+        loop.call_later(CRASH_AFTER_SECONDS, os._exit, 1)
+    print(f"demo target {instance} ({app_name}) listening on {HOST}:{port}, pid {os.getpid()}", flush=True)
+    await stop.wait()
+    result = cleanup()
+    if asyncio.iscoroutine(result):
+        await result
+
+
 async def serve() -> None:
     runners = []
     for port, handler in ((18081, _steady), (18082, _flapping), (18083, _sometimes_slow())):
@@ -72,4 +131,7 @@ async def serve() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(serve())
+    if len(sys.argv) == 3 and sys.argv[1] == "--target":
+        asyncio.run(serve_one(sys.argv[2]))
+    else:
+        asyncio.run(serve())

@@ -11,5 +11,6 @@ SERVICES: dict[str, str] = {
     "prober": "autoserve_prober.main",
     "detector": "autoserve_detector.main",
     "breaker": "autoserve_breaker.main",
+    "recovery": "autoserve_recovery.main",
     "reporter": "autoserve_reporter.main",
 }

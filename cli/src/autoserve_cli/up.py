@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -50,6 +51,17 @@ def _stop(children: list[Child]) -> None:
         stop_child(child.process)
 
 
+def _stop_registered(directory: Path, kill: bool = True) -> None:
+    """Demo targets the recovery service restarted are not our children: stop them too."""
+    import json
+
+    for record in directory.glob("*/*.json"):
+        if kill:
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                os.kill(int(json.loads(record.read_text())["pid"]), signal.SIGTERM)
+        record.unlink(missing_ok=True)
+
+
 def _port_free(port: int) -> bool:
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as nats-server binds
@@ -79,7 +91,8 @@ async def _watch(nats_url: str, children: list[Child], show_status: bool, consol
 
     async def supervise() -> None:
         while not stop.is_set():
-            failed.extend(c for c in children if c.process.poll() is not None)
+            # Demo targets may exit: the recovery service restarts them (its process runtime).
+            failed.extend(c for c in children if c.process.poll() is not None and not c.name.startswith("demo-"))
             if failed:
                 stop.set()
             await asyncio.sleep(0.5)
@@ -119,8 +132,12 @@ def up(config: Config | None, args: argparse.Namespace) -> int:
             console.print(f"embedded nats-server at [bold]{nats_url}[/] (JetStream data in {data_dir / 'nats'})")
         console.print(f"config: {asyncio.run(_prepare(nats_url, config))}")
         env = {**os.environ, "AUTOSERVE_NATS_URL": nats_url, "AUTOSERVE_DATA_DIR": str(data_dir)}
-        if args.demo:
-            children.append(_spawn("demo-targets", ["-m", "autoserve_cli.demo"], logs, env))
+        if args.demo:  # one process per target, so the recovery service can restart each
+            from .demo import TARGETS
+
+            _stop_registered(data_dir / "processes", kill=False)  # records of an earlier run
+            for target in TARGETS:
+                children.append(_spawn(f"demo-{target}", ["-m", "autoserve_cli.demo", "--target", target], logs, env))
         for name in SERVICES:
             command = ["-m", "autoserve_cli.main", "run", name]
             if name == "prober":
@@ -133,6 +150,7 @@ def up(config: Config | None, args: argparse.Namespace) -> int:
     finally:
         console.print("stopping…")
         _stop(children)
+        _stop_registered(data_dir / "processes")
         if server is not None:
             server.stop()
         console.print("stopped")

@@ -9,6 +9,7 @@ from .model import (
     DockerDiscovery,
     HealthCheckConfig,
     Instance,
+    RecoveryConfig,
     ScalingConfig,
 )
 from .validate import ConfigError, is_valid_host, parse_app_spec, parse_config
@@ -22,6 +23,7 @@ __all__ = [
     "DockerDiscovery",
     "HealthCheckConfig",
     "Instance",
+    "RecoveryConfig",
     "ScalingConfig",
     "decode_app_spec",
     "encode_app_spec",

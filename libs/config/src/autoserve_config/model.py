@@ -70,14 +70,38 @@ class BreakerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     allow_unknown_instances: bool = True
 
 
+class RecoveryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The recovery service's rules for one app. Every bound is on by default."""
+
+    enabled: bool = True
+    # failure_type -> strategies in order; replaces the seed's default list for that type.
+    strategies: dict[str, list[str]] = {}
+    # After the listed remediations, continue up restart -> recreate -> replace -> scale_out.
+    escalate: bool = True
+    # The seed's "no more than 3 restarts in 5 minutes", per instance.
+    max_restarts: int = 3
+    restart_window_seconds: float = 300
+    # Kubernetes' crash-loop backoff: 10 s doubling to 300 s, reset after 10 min healthy.
+    backoff_initial_seconds: float = 10
+    backoff_max_seconds: float = 300
+    backoff_reset_seconds: float = 600
+    # Envoy's max_ejection_percent: at most this share of instances out of the LB (at least
+    # one, never the last healthy one); above panic_threshold_percent unhealthy, stop ejecting.
+    max_ejection_percent: float = 50
+    panic_threshold_percent: float = 50
+    # How long one action may take (replace waits for the new instance to be healthy).
+    action_timeout_seconds: float = 60
+    # Seconds an instance stays in the LB marked down before DRAIN_INSTANCE stops it.
+    drain_seconds: float = 5
+
+
 class AppSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """One app's spec: the value stored under the app's name in the ``autoserve-apps`` bucket."""
 
     health_check: HealthCheckConfig = msgspec.field(default_factory=HealthCheckConfig)
     instances: list[Instance] = []
     docker: DockerDiscovery | None = None
-    # Owned by the recovery service; kept opaque here until that service defines it.
-    recovery: dict[str, object] = {}
+    recovery: RecoveryConfig = msgspec.field(default_factory=RecoveryConfig)
     scaling: ScalingConfig = msgspec.field(default_factory=ScalingConfig)
     breaker: BreakerConfig = msgspec.field(default_factory=BreakerConfig)
 

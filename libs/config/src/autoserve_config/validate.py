@@ -28,6 +28,7 @@ from .model import (
     DockerDiscovery,
     HealthCheckConfig,
     Instance,
+    RecoveryConfig,
     ScalingConfig,
 )
 
@@ -288,6 +289,52 @@ def _detector(detector: DetectorConfig, path: str) -> list[str]:
     return problems
 
 
+# The seed's RecoveryStrategy values the recovery service can run, by kind.
+TRAFFIC_STRATEGIES = ("remove_from_lb", "drain_instance")
+REMEDIATION_STRATEGIES = ("restart_container", "recreate_container", "replace_instance", "scale_out", "rolling_restart")
+FAILURE_TYPES = (
+    "health_check_failed", "health_check_timeout", "health_check_error", "high_response_time", "high_error_rate",
+    "high_resource_usage", "container_stopped", "container_restart_loop", "container_oom_killed",
+    "network_unreachable", "port_not_listening", "dns_resolution_failed", "application_startup_failed",
+    "application_deadlock", "application_memory_leak",
+)  # fmt: skip
+
+
+def _recovery(recovery: RecoveryConfig, path: str) -> list[str]:
+    problems: list[str] = []
+    known = TRAFFIC_STRATEGIES + REMEDIATION_STRATEGIES
+    for failure_type, strategies in recovery.strategies.items():
+        where = f"{path}.strategies.{failure_type}"
+        if failure_type not in FAILURE_TYPES:
+            hint = difflib.get_close_matches(failure_type, FAILURE_TYPES, n=1)
+            problems.append(
+                f"{where}: unknown failure type {failure_type!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            )
+        for index, strategy in enumerate(strategies):
+            if strategy not in known:
+                problems.append(f"{where}[{index}]: unknown strategy {strategy!r}; one of {', '.join(known)}")
+        if len(set(strategies)) != len(strategies):
+            problems.append(f"{where}: lists a strategy twice: {strategies}")
+    for name in ("max_restarts",):
+        if getattr(recovery, name) < 1:
+            problems.append(f"{path}.{name}: must be at least 1, got {getattr(recovery, name)}")
+    for name in ("restart_window_seconds", "backoff_max_seconds", "action_timeout_seconds"):
+        if getattr(recovery, name) <= 0:
+            problems.append(f"{path}.{name}: must be positive, got {getattr(recovery, name):g}")
+    for name in ("backoff_initial_seconds", "backoff_reset_seconds", "drain_seconds"):
+        if getattr(recovery, name) < 0:
+            problems.append(f"{path}.{name}: must be at least 0, got {getattr(recovery, name):g}")
+    if recovery.backoff_max_seconds < recovery.backoff_initial_seconds:
+        problems.append(
+            f"{path}.backoff_max_seconds: must be at least backoff_initial_seconds "
+            f"({recovery.backoff_initial_seconds:g}), got {recovery.backoff_max_seconds:g}"
+        )
+    for name in ("max_ejection_percent", "panic_threshold_percent"):
+        if not 0 <= getattr(recovery, name) <= 100:
+            problems.append(f"{path}.{name}: must be a percentage in [0, 100], got {getattr(recovery, name):g}")
+    return problems
+
+
 _RULES: dict[type, Callable[[Any, str], list[str]]] = {
     HealthCheckConfig: _health_check,
     Instance: _instance,
@@ -296,6 +343,7 @@ _RULES: dict[type, Callable[[Any, str], list[str]]] = {
     ScalingConfig: _scaling,
     BreakerConfig: _breaker,
     DetectorConfig: _detector,
+    RecoveryConfig: _recovery,
 }
 
 

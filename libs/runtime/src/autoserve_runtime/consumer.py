@@ -216,7 +216,9 @@ class EventConsumer:
         config.opt_start_seq = floor + 1
         await self._js.delete_consumer(self._spec.stream, self._spec.durable)
         await self._js.add_consumer(self._spec.stream, config)
-        log.info("resuming after the ack floor", durable=self._spec.durable, seq=floor + 1, unacked=info.num_ack_pending)
+        log.info(
+            "resuming after the ack floor", durable=self._spec.durable, seq=floor + 1, unacked=info.num_ack_pending
+        )
 
     async def _ensure_consumer(self) -> ConsumerInfo:
         try:

@@ -1,0 +1,1 @@
+"""AutoServe Health recovery service."""

@@ -1,0 +1,1 @@
+"""Thin adapters: Docker, local processes, nginx, KV claims."""

@@ -1,0 +1,141 @@
+"""Local processes, for a machine without a Docker engine (the ``make run`` demo).
+
+A process that may be restarted registers itself in ``<dir>/<app>/<instance>.json``:
+``{"argv": [...], "pid": N, "port": P, "cwd": "...", "log": "..."}``. A restart stops
+the process (SIGTERM, then SIGKILL after the timeout; the exit is awaited on a pidfd,
+not polled), starts the same command again in its own session, writes the new pid, and
+waits until the port accepts connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from .runtime import AwaitHealthy, Member, Outcome, RecoveryError
+
+
+def register(
+    directory: Path, app_name: str, instance_id: str, argv: list[str], port: int, log: Path | None = None
+) -> None:
+    """Called by a process that wants to be restartable (see ``autoserve_cli.demo``)."""
+    path = directory / app_name / f"{instance_id}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"argv": argv, "pid": os.getpid(), "port": port, "cwd": os.getcwd(), "log": str(log) if log else None}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, path)
+
+
+async def _exited(pid: int, timeout: float) -> bool:
+    """Wait for ``pid`` to exit, on a pidfd: the kernel tells us, no polling."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    loop.add_reader(fd, lambda: done.done() or done.set_result(None))
+    try:
+        await asyncio.wait_for(done, timeout)
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
+async def _accepting(port: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 1.0)
+            writer.close()
+            return True
+        await asyncio.sleep(0.05)  # a new process needs a moment to bind; bounded by the deadline
+    return False
+
+
+def _spawn(record: dict) -> subprocess.Popen[bytes]:
+    """The same command again, in its own session so it outlives a restart of ours."""
+    log = open(record["log"], "ab") if record.get("log") else subprocess.DEVNULL  # noqa: SIM115
+    try:
+        return subprocess.Popen(record["argv"], cwd=record.get("cwd"), stdout=log, stderr=log, start_new_session=True)
+    finally:
+        if log is not subprocess.DEVNULL:
+            log.close()
+
+
+class ProcessRuntime:
+    name = "process"
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.children: list[subprocess.Popen[bytes]] = []
+
+    def _path(self, app_name: str, instance_id: str) -> Path:
+        return self.directory / app_name / f"{instance_id}.json"
+
+    def owns(self, app_name: str, instance_id: str) -> bool:
+        return self._path(app_name, instance_id).exists()
+
+    def _record(self, app_name: str, instance_id: str) -> dict:
+        try:
+            return json.loads(self._path(app_name, instance_id).read_text())
+        except (OSError, ValueError) as exc:
+            raise RecoveryError(f"no process record for {app_name}/{instance_id}: {exc}") from None
+
+    async def _terminate(self, pid: int, timeout: float) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+            if not await _exited(pid, timeout):
+                os.kill(pid, signal.SIGKILL)
+                await _exited(pid, 5)
+        for child in list(self.children):  # reap what we started ourselves
+            if child.poll() is not None:
+                self.children.remove(child)
+
+    async def restart(self, app_name: str, instance_id: str, timeout: float) -> Outcome:
+        record = self._record(app_name, instance_id)
+        await self._terminate(int(record["pid"]), min(timeout, 10))
+        spawned_at = time.time()
+        try:
+            child = await asyncio.to_thread(_spawn, record)
+        except OSError as exc:
+            raise RecoveryError(f"cannot start {record['argv'][0]}: {exc}") from None
+        self.children.append(child)
+        record["pid"] = child.pid
+        path = self._path(app_name, instance_id)
+        path.with_suffix(".tmp").write_text(json.dumps(record))
+        os.replace(path.with_suffix(".tmp"), path)
+        if not await _accepting(int(record["port"]), timeout):
+            raise RecoveryError(f"restarted {instance_id} (pid {child.pid}) but port {record['port']} does not accept")
+        return Outcome({"pid": child.pid, "effective_at": spawned_at})
+
+    async def recreate(self, app_name: str, instance_id: str, timeout: float) -> Outcome:
+        return await self.restart(app_name, instance_id, timeout)  # a fresh process is a fresh instance
+
+    async def replace(
+        self, app_name: str, instance_id: str, timeout: float, healthy: AwaitHealthy, cause: str = ""
+    ) -> Outcome:
+        raise RecoveryError("replace_instance needs a container runtime; local processes keep their port")
+
+    async def scale_out(self, app_name: str, instance_id: str, max_replicas: int, timeout: float) -> Outcome:
+        raise RecoveryError("scale_out needs a container runtime; local processes keep their port")
+
+    async def stop(self, app_name: str, instance_id: str, timeout: float) -> Outcome:
+        await self._terminate(int(self._record(app_name, instance_id)["pid"]), timeout)
+        return Outcome()
+
+    async def instances(self, app_name: str) -> list[str]:
+        return sorted(p.stem for p in (self.directory / app_name).glob("*.json"))
+
+    async def members(self, app_name: str) -> list[Member]:
+        return [Member(i, "127.0.0.1", int(self._record(app_name, i)["port"])) for i in await self.instances(app_name)]

@@ -1,0 +1,25 @@
+"""The recovery service's pure core: strategy choice, escalation, budgets, backoff, the
+ejection cap and panic mode, as a fold over events plus decisions. No I/O, time passed in."""
+
+from .decide import AppPolicy, Limits, Plan, backoff_delay, decide, panic, panic_announcement, record, restore_plan
+from .state import InstanceState, RecoveryState
+from .strategies import DEFAULT_STRATEGY_MAP, LADDER, remediation_ladder, strategy_map, traffic_steps
+
+__all__ = [
+    "DEFAULT_STRATEGY_MAP",
+    "LADDER",
+    "AppPolicy",
+    "InstanceState",
+    "Limits",
+    "Plan",
+    "RecoveryState",
+    "backoff_delay",
+    "decide",
+    "panic",
+    "panic_announcement",
+    "record",
+    "remediation_ladder",
+    "restore_plan",
+    "strategy_map",
+    "traffic_steps",
+]

@@ -1,0 +1,497 @@
+"""The recovery service's composition root: config from KV, the state feed (replayed,
+then live), the shared work feed, claims, runtimes and the load balancer.
+
+Per input on the work feed: wait until the fold has reached it, decide (pure core), take
+the instance lease, catch up with what other replicas did to that instance, decide again,
+then run each action under its own at-most-once claim and publish ``RecoveryExecuted``
+(stored before the input is acknowledged). A deferred remediation (backoff, rate limit)
+is a negative acknowledgement with that delay: JetStream keeps the incident, not memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nats.errors
+import structlog
+from nats.aio.msg import Msg
+from nats.js.errors import NotFoundError
+
+from autoserve_config import AppSpec
+from autoserve_events import (
+    APPS_BUCKET,
+    EVENTS_STREAM,
+    Event,
+    FailureDetected,
+    HealthChanged,
+    MalformedEvent,
+    RecoveryExecuted,
+    RecoveryStrategy,
+    deadletter,
+    decode,
+    subject,
+)
+from autoserve_runtime import EventPublisher, cancel_all, close_nats, connect, follow_apps, provision
+
+from .adapters.claims import Claims, claims_bucket
+from .adapters.docker import DockerRuntime, docker_socket_available
+from .adapters.nginx import NginxSettings, NginxUpstreams
+from .adapters.process import ProcessRuntime
+from .adapters.runtime import Member, Outcome, RecoveryError, Runtime
+from .core import AppPolicy, Limits, RecoveryState, decide, panic_announcement, record, restore_plan
+from .core.strategies import DEFAULT_STRATEGY_MAP, LADDER, TRAFFIC
+from .feeds import follow_state, work_subscription
+
+log = structlog.get_logger("autoserve.recovery")
+S = RecoveryStrategy
+
+
+@dataclass(frozen=True)
+class RecoverySettings:
+    """Service-wide settings: host-local paths and global bounds (env or flags)."""
+
+    replica: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    docker: bool | None = None  # None: use Docker if its socket is there
+    docker_url: str | None = None
+    nginx: NginxSettings | None = None
+    process_dir: Path | None = None
+    limits: Limits = field(default_factory=Limits)
+    lease_seconds: float = 15.0
+    history_seconds: float = 3600.0
+    concurrency: int = 64
+
+    @classmethod
+    def from_env(cls) -> RecoverySettings:
+        env = os.environ
+        nginx = None
+        if env.get("AUTOSERVE_NGINX_UPSTREAM_DIR"):
+            reload = tuple(env.get("AUTOSERVE_NGINX_RELOAD", "nginx -s reload").split())
+            nginx = NginxSettings(Path(env["AUTOSERVE_NGINX_UPSTREAM_DIR"]), reload)
+        data_dir = Path(env.get("AUTOSERVE_DATA_DIR", ".autoserve"))
+        docker = {"1": True, "true": True, "0": False, "false": False}.get(env.get("AUTOSERVE_RECOVERY_DOCKER", ""))
+        return cls(
+            replica=env.get("AUTOSERVE_RECOVERY_REPLICA") or f"{socket.gethostname()}-{os.getpid()}",
+            docker=docker,
+            nginx=nginx,
+            process_dir=data_dir / "processes",
+            limits=Limits(max_actions_per_minute=int(env.get("AUTOSERVE_RECOVERY_MAX_ACTIONS_PER_MINUTE", "30"))),
+            lease_seconds=float(env.get("AUTOSERVE_RECOVERY_LEASE_SECONDS", "15")),
+        )
+
+
+def policy_for(spec: AppSpec) -> AppPolicy:
+    return AppPolicy(spec.recovery, spec.health_check.failure_threshold, spec.scaling.max_replicas)
+
+
+class RecoveryService:
+    def __init__(self, nats_url: str, settings: RecoverySettings | None = None) -> None:
+        self.nats_url = nats_url
+        self.settings = settings or RecoverySettings()
+        self.state = RecoveryState()
+        self.apps: dict[str, AppSpec] = {}
+        self.ready = asyncio.Event()
+        self.live = False
+        self.state_seq = 0
+        self.executed: list[RecoveryExecuted] = []  # what this replica did (tests, logs)
+        self.docker: DockerRuntime | None = None
+        self.process = ProcessRuntime(self.settings.process_dir) if self.settings.process_dir else None
+        self.lb = NginxUpstreams(self.settings.nginx) if self.settings.nginx else None
+        self._apps_loaded = asyncio.Event()
+        self._advanced = asyncio.Event()
+        self._healthy_waiters: dict[tuple[str, str], list[asyncio.Future[None]]] = defaultdict(list)
+        self._locks: dict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._slots = asyncio.Semaphore(self.settings.concurrency)
+        self._handlers: set[asyncio.Task[None]] = set()
+
+    # -- configuration -------------------------------------------------------------------
+
+    def _on_apps(self, apps: dict[str, AppSpec], _written_at: float | None) -> None:
+        self.apps = apps
+        if self.docker is not None:
+            self.docker.selectors = {name: s.docker.label for name, s in apps.items() if s.docker}
+            self.docker.ports = {
+                name: (s.docker.port if s.docker and s.docker.port else s.health_check.port) for name, s in apps.items()
+            }
+        self._apps_loaded.set()
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        nc = await connect(self.nats_url, f"autoserve-recovery-{self.settings.replica}")
+        js = nc.jetstream()
+        await provision(js)
+        self._js = js
+        self.claims = Claims(await claims_bucket(js), self.settings.replica, self.settings.lease_seconds)
+        use_docker = self.settings.docker if self.settings.docker is not None else docker_socket_available()
+        if use_docker:
+            self.docker = await DockerRuntime(url=self.settings.docker_url).start()
+        watcher = asyncio.create_task(follow_apps(await js.key_value(APPS_BUCKET), self._on_apps))
+        await self._apps_loaded.wait()
+        self.publisher = EventPublisher(js).start()
+        started = time.monotonic()
+        state_sub = await follow_state(js, time.time() - self.settings.history_seconds, self._on_state)
+        await self._replayed(state_sub)
+        self.live = True
+        log.info("state rebuilt", seq=self.state_seq, seconds=round(time.monotonic() - started, 3),
+                 instances=len(self.state.instances), replica=self.settings.replica)  # fmt: skip
+        work = await work_subscription(js, self.settings.lease_seconds)
+        worker = asyncio.create_task(self._work(work))
+        self.ready.set()
+        try:
+            await stop.wait()
+        finally:
+            log.info("recovery stopping", replica=self.settings.replica)
+            await cancel_all([worker, watcher, *self._handlers])
+            # Every step is bounded: NATS may be going away at the same moment (``up`` stops
+            # everything at once), and a drain against a dead server waits for its timeout.
+            for sub in (work, state_sub):
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(sub.unsubscribe(), 2)  # type: ignore[attr-defined]
+            await self.publisher.close()
+            if self.docker is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.docker.close(), 5)
+            try:
+                await asyncio.wait_for(close_nats(nc), 5)
+            except TimeoutError:
+                await nc.close()
+            log.info("recovery stopped", executed=len(self.executed))
+
+    async def _replayed(self, sub: object, timeout: float = 120.0) -> None:
+        """Until the state feed has folded everything stored when it started."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = await sub.consumer_info()  # type: ignore[attr-defined]
+            if info.num_pending == 0 and self._folded >= info.delivered.consumer_seq:
+                return
+            await asyncio.sleep(0.02)
+        log.warning("replay did not finish in time; continuing", seq=self.state_seq)
+
+    _folded = 0
+
+    # -- the state feed ------------------------------------------------------------------
+
+    async def _on_state(self, msg: Msg) -> None:
+        self._folded += 1
+        seq = msg.metadata.sequence.stream
+        try:
+            event = decode(msg.data)
+        except MalformedEvent:
+            event = None
+        if event is not None:
+            self.state.apply(event)
+            if isinstance(event, HealthChanged):
+                self._on_health_folded(event)
+        self.state_seq = max(self.state_seq, seq)
+        self._advanced.set()
+        self._advanced = asyncio.Event()
+
+    def _on_health_folded(self, event: HealthChanged) -> None:
+        if event.healthy:
+            for future in self._healthy_waiters.pop((event.app_name, event.instance_id), []):
+                if not future.done():
+                    future.set_result(None)
+        spec = self.apps.get(event.app_name)
+        if not self.live or spec is None:
+            return  # replayed announcements were published the first time
+        announcement = panic_announcement(self.state, event, policy_for(spec))
+        if announcement is not None:
+            self.state.panic_announced[event.app_name] = bool(announcement.details["panic"])
+            log.warning("panic mode", app=event.app_name, **announcement.details)
+            self.publisher.submit(announcement)
+
+    async def _caught_up(self, seq: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.state_seq < seq:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._advanced.wait(), left)
+        return True
+
+    async def _last_recovery_seq(self, app_name: str, *instance_ids: str) -> int:
+        seqs = [0]
+        for instance_id in dict.fromkeys(instance_ids):
+            with contextlib.suppress(NotFoundError):
+                seqs.append(
+                    (await self._js.get_last_msg(EVENTS_STREAM, subject(RecoveryExecuted, app_name, instance_id))).seq
+                )
+        return max(seqs)
+
+    async def _await_healthy(self, app_name: str, instance_id: str, timeout: float) -> bool:
+        if self.state.health.get(app_name, {}).get(instance_id):
+            return True
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._healthy_waiters[(app_name, instance_id)].append(future)
+        try:
+            await asyncio.wait_for(future, timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    # -- the work feed -------------------------------------------------------------------
+
+    async def _work(self, sub: object) -> None:
+        while True:
+            try:
+                msgs = await sub.fetch(batch=32, timeout=1.0)  # type: ignore[attr-defined]
+            except (nats.errors.TimeoutError, TimeoutError):
+                if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                    raise asyncio.CancelledError from None  # nats-py turns a cancelled fetch into a timeout
+                continue
+            except nats.errors.Error as exc:
+                log.warning("work fetch failed", error=str(exc) or type(exc).__name__)
+                await asyncio.sleep(0.5)  # disconnected: nats-py reconnects by itself
+                continue
+            for msg in msgs:
+                await self._slots.acquire()
+                task = asyncio.create_task(self._handle(msg))
+                self._handlers.add(task)
+                task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._handlers.discard(task)
+        self._slots.release()
+
+    async def _handle(self, msg: Msg) -> None:
+        try:
+            event = decode(msg.data)
+        except MalformedEvent as exc:
+            await self._dead_letter(msg, str(exc))
+            return
+        try:
+            if not await self._caught_up(msg.metadata.sequence.stream, 10):
+                await msg.nak(delay=1.0)
+                return
+            if isinstance(event, FailureDetected):
+                delay = await self._on_failure(event, msg)
+            elif isinstance(event, HealthChanged):
+                delay = await self._on_health(event, msg)
+            else:
+                delay = None
+            await (msg.nak(delay=delay) if delay is not None else msg.ack())
+        except Exception as exc:  # a bug or an outage must not kill the worker: try later
+            log.exception("recovery handler failed; will retry", error=str(exc))
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=self.settings.lease_seconds)
+
+    async def _dead_letter(self, msg: Msg, reason: str) -> None:
+        log.warning("message dead-lettered", subject=msg.subject, reason=reason[:200])
+        headers = {"Nats-Msg-Id": f"dl-recovery-{msg.metadata.sequence.stream}", "Autoserve-Reason": reason[:1000],
+                   "Autoserve-Subject": msg.subject}  # fmt: skip
+        with contextlib.suppress(Exception):
+            await self._js.publish(deadletter("recovery"), msg.data[:65536], headers=headers)
+        await msg.ack()
+
+    async def _publish(self, event: Event) -> None:
+        stored = await self.publisher.submit(event, track=True)  # type: ignore[misc]
+        if not stored:
+            raise RecoveryError(f"could not store {type(event).__name__} {event.event_id}")
+
+    # -- decisions and actions -----------------------------------------------------------
+
+    async def _on_failure(self, failure: FailureDetected, msg: Msg | None = None) -> float | None:
+        if failure.details.get("panic") is not None:
+            return None
+        spec = self.apps.get(failure.app_name)
+        if spec is None:
+            await self._unknown_app(failure)
+            return None
+        policy = policy_for(spec)
+        if spec.docker is not None and self.docker is not None:
+            # A container recovery created belongs to the slot it replaced, even before the
+            # action that created it is recorded (a replacement that crashes while awaited).
+            lineage = await self.docker.lineage(failure.instance_id)
+            if lineage and lineage != failure.instance_id:
+                self.state.aliases.setdefault((failure.app_name, failure.instance_id), lineage)
+        plan = decide(self.state, failure, policy, self.settings.limits, time.time())
+        if plan.empty:
+            if plan.notes:
+                log.debug("no action", app=failure.app_name, instance=failure.instance_id, notes=plan.notes)
+            return None
+        lineage = self.state.instance(failure.app_name, failure.instance_id).lineage
+        async with self._locks[(failure.app_name, lineage)]:
+            key = f"i.{failure.app_name}.{lineage}"
+            lease = await self.claims.acquire(key, failure.event_id, reusable=True)
+            if lease is None:
+                return 0.25  # another replica is acting on this instance: look again shortly
+            try:
+                seen = await self._last_recovery_seq(failure.app_name, failure.instance_id, lineage)
+                await self._caught_up(seen, 5)
+                plan = decide(self.state, failure, policy, self.settings.limits, time.time())
+                for note in plan.notes:
+                    log.debug("recovery bounded", app=failure.app_name, instance=failure.instance_id, note=note)
+                traffic = plan.traffic if self.lb is not None else ()
+                async with self._renewing(key, lease[0], failure.event_id, msg):
+                    for strategy in traffic:
+                        await self._act(failure, strategy, policy, spec)
+                    if plan.remediation is not None:
+                        await self._act(failure, plan.remediation, policy, spec)
+            finally:
+                await self.claims.finish(key, lease[0], failure.event_id)
+        return max(0.05, plan.retry_at - time.time()) if plan.retry_at is not None else None
+
+    async def _on_health(self, event: HealthChanged, msg: Msg | None = None) -> float | None:
+        spec = self.apps.get(event.app_name)
+        if spec is None or self.lb is None or not restore_plan(self.state, event):
+            return None
+        lineage = self.state.instance(event.app_name, event.instance_id).lineage
+        async with self._locks[(event.app_name, lineage)]:
+            key = f"i.{event.app_name}.{lineage}"
+            lease = await self.claims.acquire(key, event.event_id, reusable=True)
+            if lease is None:
+                return 0.25
+            try:
+                await self._caught_up(await self._last_recovery_seq(event.app_name, event.instance_id, lineage), 5)
+                if restore_plan(self.state, event):
+                    async with self._renewing(key, lease[0], event.event_id, msg):
+                        await self._act(event, S.REMOVE_FROM_LB, policy_for(spec), spec, operation="restore")
+            finally:
+                await self.claims.finish(key, lease[0], event.event_id)
+        return None
+
+    async def _unknown_app(self, failure: FailureDetected) -> None:
+        if self.state.handled(failure.event_id):
+            return
+        listed = DEFAULT_STRATEGY_MAP.get(failure.failure_type, (S.RESTART_CONTAINER,))
+        strategy = next((s for s in listed if s not in TRAFFIC), listed[0])
+        error = f"unknown app {failure.app_name!r}: not in the {APPS_BUCKET} bucket; nothing to act on"
+        event = record(self.state, AppPolicy(), failure, strategy, success=False, started_at=time.time(),
+                       duration_ms=0.0, error=error)  # fmt: skip
+        log.warning("recovery failed", app=failure.app_name, instance=failure.instance_id, error=error)
+        await self._publish(event)
+        self.state.apply(event)
+
+    @contextlib.asynccontextmanager
+    async def _renewing(self, key: str, revision: int, cause: str, msg: Msg | None):  # type: ignore[no-untyped-def]
+        """Keep the instance lease and the input's ack deadline alive while actions run;
+        a crash lets both expire, and another replica takes the incident over."""
+
+        async def renew() -> None:
+            nonlocal revision
+            while True:
+                await asyncio.sleep(self.settings.lease_seconds / 3)
+                with contextlib.suppress(Exception):
+                    revision = await self.claims.renew(key, revision, cause)
+                if msg is not None:
+                    with contextlib.suppress(Exception):
+                        await msg.in_progress()
+
+        task = asyncio.create_task(renew())
+        try:
+            yield
+        finally:
+            await cancel_all([task])
+
+    async def _act(
+        self,
+        cause: FailureDetected | HealthChanged,
+        strategy: RecoveryStrategy,
+        policy: AppPolicy,
+        spec: AppSpec,
+        operation: str | None = None,
+    ) -> RecoveryExecuted | None:
+        """One action under its own claim ``f.<cause event_id>.<action>``: at most once."""
+        op = operation or str(strategy)
+        if self.state.is_done(cause.event_id, op):
+            return None
+        key = f"f.{cause.event_id}.{op}"
+        claim = await self.claims.acquire(key, cause.event_id)
+        if claim is None:
+            return None  # done, or in progress elsewhere
+        started, t0 = time.time(), time.monotonic()
+        details: dict[str, object] = {"replica": self.settings.replica}
+        error = None
+        try:
+            outcome = await asyncio.wait_for(
+                self._execute(cause, strategy, policy, spec, operation), policy.recovery.action_timeout_seconds
+            )
+            details |= outcome.details
+        except RecoveryError as exc:
+            error = str(exc)
+        except TimeoutError:
+            error = f"{op} did not finish within action_timeout_seconds ({policy.recovery.action_timeout_seconds:g}s)"
+        except Exception as exc:  # an adapter's surprise is a failed action, not a dead service
+            error = f"{type(exc).__name__}: {exc}"
+        event = record(self.state, policy, cause, strategy, success=error is None, started_at=started,
+                       duration_ms=(time.monotonic() - t0) * 1000, error=error, details=details,
+                       operation=operation)  # fmt: skip
+        await self._publish(event)
+        self.state.apply(event)
+        self.executed.append(event)
+        await self.claims.finish(key, claim[0], cause.event_id)
+        log.info("recovery executed", app=cause.app_name, instance=cause.instance_id, strategy=op,
+                 success=event.success, ms=event.duration_ms, error=error)  # fmt: skip
+        return event
+
+    def _runtime(self, app_name: str, instance_id: str, spec: AppSpec) -> Runtime:
+        if spec.docker is not None:
+            if self.docker is None:
+                raise RecoveryError(
+                    "docker engine unavailable: this recovery service runs without Docker "
+                    f"(no socket; DOCKER_HOST={os.environ.get('DOCKER_HOST', 'unix:///var/run/docker.sock')})"
+                )
+            return self.docker
+        if self.process is not None and self.process.owns(app_name, instance_id):
+            return self.process
+        if instance_id not in {i.id for i in spec.instances}:
+            raise RecoveryError(f"unknown instance {instance_id!r} of app {app_name!r}: not in its instances")
+        raise RecoveryError(
+            f"instance {instance_id!r} of {app_name!r} has no runtime: not a container (no docker.label) "
+            "and no local process record"
+        )
+
+    async def _members(self, app_name: str, spec: AppSpec) -> list[Member]:
+        members = [Member(i.id, i.host, i.port or spec.health_check.port) for i in spec.instances]
+        if spec.docker is not None and self.docker is not None:
+            members += await self.docker.members(app_name)
+        return members
+
+    async def _execute(
+        self,
+        cause: FailureDetected | HealthChanged,
+        strategy: RecoveryStrategy,
+        policy: AppPolicy,
+        spec: AppSpec,
+        operation: str | None,
+    ) -> Outcome:
+        app, instance = cause.app_name, cause.instance_id
+        timeout = policy.recovery.action_timeout_seconds
+        if strategy in TRAFFIC:
+            if self.lb is None:
+                raise RecoveryError("no load balancer configured (AUTOSERVE_NGINX_UPSTREAM_DIR)")
+            details = await self.lb.set_down(app, await self._members(app, spec), instance, operation != "restore")
+            if strategy is S.DRAIN_INSTANCE:
+                await asyncio.sleep(policy.recovery.drain_seconds)  # in-flight requests finish
+                stopped = await self._runtime(app, instance, spec).stop(app, instance, timeout)
+                details |= stopped.details
+            return Outcome(details)
+        runtime = self._runtime(app, instance, spec)
+        if strategy is S.RESTART_CONTAINER:
+            return await runtime.restart(app, instance, timeout)
+        if strategy is S.RECREATE_CONTAINER:
+            return await runtime.recreate(app, instance, timeout)
+        if strategy is S.REPLACE_INSTANCE:
+            return await runtime.replace(app, instance, timeout, self._await_healthy, cause.event_id)
+        if strategy is S.SCALE_OUT:
+            return await runtime.scale_out(app, instance, policy.max_replicas, timeout)
+        if strategy is S.ROLLING_RESTART:
+            restarted = []
+            for other in await runtime.instances(app):  # one at a time: the rest keep serving
+                await runtime.restart(app, other, timeout)
+                if not await self._await_healthy(app, other, timeout):
+                    raise RecoveryError(f"rolling_restart: {other} not healthy within {timeout:g}s; stopped there")
+                restarted.append(other)
+            return Outcome({"restarted": restarted})
+        raise RecoveryError(f"strategy {strategy} is not implemented by the recovery service")
+
+
+__all__ = ["LADDER", "RecoveryService", "RecoverySettings"]

@@ -1,0 +1,184 @@
+# ruff: noqa: F811  (pytest fixtures imported from test_recovery_docker are used as parameters)
+"""At most once with several replicas, and budgets that survive a crash of the service.
+Failures are published directly (as the detector would), so the counts are exact."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+import pytest
+from nats.aio.client import Client
+
+from autoserve_events import (
+    EVENTS_STREAM,
+    FailureDetected,
+    FailureType,
+    RecoveryStrategy,
+    encode,
+    new_event_id,
+    subject_for,
+)
+from autoserve_recovery.adapters.claims import CLAIMS_BUCKET, Lease
+from autoserve_recovery.feeds import WORK_DURABLE
+from autoserve_runtime import EmbeddedNatsServer, free_port
+
+from .conftest import Outputs, apply_yaml, wait_for
+from .test_recovery_docker import DockerEvents, app, app_config, docker_events, executed, recoveries, run_box  # noqa: F401
+
+S = RecoveryStrategy
+
+
+def stopped(app_name: str, container: str, at: float | None = None) -> FailureDetected:
+    return FailureDetected(
+        event_id=new_event_id(), failure_type=FailureType.CONTAINER_STOPPED, instance_id=container[:12],
+        app_name=app_name, severity="critical", message="test: container stopped", timestamp=at or time.time(),
+        details={"container_id": container}, is_critical=True,
+    )  # fmt: skip
+
+
+async def publish_copies(nc: Client, event: FailureDetected, copies: int) -> None:
+    """Stored ``copies`` times: no Nats-Msg-Id, so JetStream's duplicate window lets them all in."""
+    js = nc.jetstream()
+    for _ in range(copies):
+        await js.publish(subject_for(event), encode(event))
+
+
+async def work_settled(nc: Client) -> bool:
+    info = await nc.jetstream().consumer_info(EVENTS_STREAM, WORK_DURABLE)
+    return info.num_pending == 0 and info.num_ack_pending == 0
+
+
+async def until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not await condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def test_three_replicas_and_duplicated_failures_give_one_docker_restart_per_failure(
+    app: str, nc: Client, recoveries, outputs: Outputs, busybox_image: str, docker_events: DockerEvents
+) -> None:
+    await apply_yaml(nc, app_config(app))
+    containers = [await asyncio.to_thread(run_box, busybox_image, app, port=free_port()) for _ in range(3)]
+    for replica in ("r1", "r2", "r3"):
+        await recoveries(replica)
+    failures = [stopped(app, c) for c in containers]
+    await asyncio.gather(*(publish_copies(nc, f, 6) for f in failures))
+    await wait_for(lambda: len(executed(outputs)) >= 3, timeout=30, what="three restarts")
+    await until(lambda: work_settled(nc), 30, "every copy handled")
+    await wait_for(lambda: all(docker_events.count("restart", c) >= 1 for c in containers), what="docker restarts")
+    assert [docker_events.count("restart", c) for c in containers] == [1, 1, 1]
+    done = executed(outputs)
+    assert len(done) == 3 and {e.failure_event_id for e in done} == {f.event_id for f in failures}
+    assert all(e.strategy is S.RESTART_CONTAINER and e.success for e in done)
+    # Each action's claim is recorded as done, keyed by the failure's event_id.
+    kv = await nc.jetstream().key_value(CLAIMS_BUCKET)
+    for failure in failures:
+        lease = msgspec.json.decode((await kv.get(f"f.{failure.event_id}.restart_container")).value, type=Lease)
+        assert lease.done and lease.owner in {"r1", "r2", "r3"}
+
+
+def spawn_recovery(nats_url: str, replica: str, data_dir: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "AUTOSERVE_RECOVERY_REPLICA": replica, "AUTOSERVE_RECOVERY_LEASE_SECONDS": "2",
+           "AUTOSERVE_RECOVERY_DOCKER": "1", "AUTOSERVE_DATA_DIR": str(data_dir), "AUTOSERVE_LOG_FORMAT": "json"}  # fmt: skip
+    log = open(data_dir / f"{replica}.log", "ab")  # noqa: SIM115
+    return subprocess.Popen([sys.executable, "-m", "autoserve_cli.main", "run", "recovery", "--nats-url", nats_url],
+                            env=env, stdout=log, stderr=log)  # fmt: skip
+
+
+async def consumer_bound(nc: Client) -> bool:
+    try:
+        await nc.jetstream().consumer_info(EVENTS_STREAM, WORK_DURABLE)
+        return True
+    except Exception:
+        return False
+
+
+async def test_a_killed_recovery_service_keeps_its_budgets_and_backoff_after_restart(
+    app: str, nats_server: EmbeddedNatsServer, nc: Client, outputs: Outputs, busybox_image: str, tmp_path: Path
+) -> None:
+    await apply_yaml(nc, app_config(app, max_restarts=2, backoff_initial_seconds=3, backoff_max_seconds=30))
+    container = await asyncio.to_thread(run_box, busybox_image, app, port=free_port())
+    process = spawn_recovery(nats_server.url, "p1", tmp_path)
+    try:
+        await until(lambda: consumer_bound(nc), 30, "recovery consuming")
+        await publish_copies(nc, stopped(app, container), 1)
+        await wait_for(lambda: len(executed(outputs)) == 1, timeout=30, what="first restart")
+        process.send_signal(signal.SIGKILL)  # mid-incident: no clean shutdown
+        await asyncio.to_thread(process.wait, 10)
+        await publish_copies(nc, stopped(app, container), 1)  # it fails again while recovery is down
+        process = spawn_recovery(nats_server.url, "p2", tmp_path)
+        await wait_for(lambda: len(executed(outputs)) == 2, timeout=30, what="second restart after the crash")
+        await publish_copies(nc, stopped(app, container), 1)
+        await wait_for(lambda: len(executed(outputs)) == 3, timeout=30, what="third action")
+    finally:
+        process.terminate()
+        await asyncio.to_thread(process.wait, 15)
+    first, second, third = executed(outputs)
+    # The restarted service knew the first restart: its backoff (3 s) held, then doubled.
+    assert second.timestamp >= first.details["next_allowed_at"] - 0.01
+    assert third.timestamp >= second.details["next_allowed_at"] - 0.01
+    assert second.details["next_allowed_at"] - (second.timestamp + second.duration_ms / 1000) == pytest.approx(
+        6.0, abs=0.01
+    )
+    assert [e.details["backoff_level"] for e in (first, second, third)] == [1, 2, 3]
+    # And its budget: max_restarts 2 in the window, so the third action escalates.
+    assert [e.strategy for e in (first, second, third)] == [
+        S.RESTART_CONTAINER,
+        S.RESTART_CONTAINER,
+        S.RECREATE_CONTAINER,
+    ]
+    assert (first.details["replica"], second.details["replica"]) == ("p1", "p2")
+
+
+async def lease_holder(nc: Client, key: str) -> Lease | None:
+    kv = await nc.jetstream().key_value(CLAIMS_BUCKET)
+    try:
+        return msgspec.json.decode((await kv.get(key)).value, type=Lease)
+    except Exception:
+        return None
+
+
+async def test_a_replica_that_crashes_mid_action_loses_nothing_another_takes_over_after_the_lease(
+    app: str, nats_server: EmbeddedNatsServer, nc: Client, outputs: Outputs, busybox_image: str, tmp_path: Path
+) -> None:
+    # A replace waits for the replacement to be healthy (no detector runs here: it never
+    # is), so the action is still running when its replica is killed.
+    rules = {"strategies": {"container_stopped": ["replace_instance"]}, "action_timeout_seconds": 5}
+    await apply_yaml(nc, app_config(app, **rules))
+    container = await asyncio.to_thread(run_box, busybox_image, app, port=free_port())
+    processes = {name: spawn_recovery(nats_server.url, name, tmp_path) for name in ("p1", "p2")}
+    try:
+        await until(lambda: consumer_bound(nc), 30, "recovery consuming")
+        failure = stopped(app, container)
+        await publish_copies(nc, failure, 1)
+        key = f"f.{failure.event_id}.replace_instance"
+        await until(lambda: lease_holder(nc, key), 30, "an action in progress")
+        owner = (await lease_holder(nc, key)).owner
+        processes[owner].send_signal(signal.SIGKILL)
+        await asyncio.to_thread(processes[owner].wait, 10)
+        survivor = "p2" if owner == "p1" else "p1"
+        await wait_for(lambda: executed(outputs), timeout=30, what="the incident finished by the survivor")
+        await until(lambda: work_settled(nc), 30, "the failure acknowledged")
+    finally:
+        for process in processes.values():
+            process.terminate()
+            await asyncio.to_thread(process.wait, 15)
+    (event,) = executed(outputs)
+    assert event.details["replica"] == survivor and event.strategy is S.REPLACE_INSTANCE
+    assert not event.success and "not healthy within 4s" in event.error
+    assert (await lease_holder(nc, key)).owner == survivor
+    # The crashed replica's half-made replacement was cleaned up; only the original is left.
+    left = await asyncio.to_thread(
+        subprocess.run, ["docker", "ps", "-aq", "--no-trunc", "--filter", f"label=autoserve.app={app}"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert left.stdout.split() == [container]
