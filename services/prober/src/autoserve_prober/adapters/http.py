@@ -1,6 +1,7 @@
-"""HTTP probes on aiohttp: the measured winner for the probe hot path (bench/RESULTS.md).
+"""HTTP probes. Plain-HTTP GET checks take the lean path in ``http11`` (measured in
+bench/RESULTS.md); https, bodies, other methods and redirects to follow use aiohttp.
 
-One shared session and connection pool. Every field of the seed's ``HealthCheckConfig``
+One shared session and connection pool each. Every field of the seed's ``HealthCheckConfig``
 is honoured, ``verify_ssl`` and ``follow_redirects`` included. Redirects are followed by
 hand so that they never leave the configured target, and at most ``READ_LIMIT`` bytes of
 a body are ever read; a connection left with unread body is closed, not drained.
@@ -9,6 +10,7 @@ a body are ever read; a connection left with unread body is closed, not drained.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from urllib.parse import urljoin
 
@@ -29,8 +31,10 @@ from ..core.outcome import (
 )
 from ..core.targets import Target
 from .attempt import Attempt
+from .http11 import Http11Pool, ProtocolError, ServerClosed
 
 USER_AGENT = "AutoServe-HealthChecker/1.0"
+BASE_HEADERS = {"User-Agent": USER_AGENT, "Accept": "application/json, text/plain, */*"}
 
 
 def target_url(target: Target) -> str:
@@ -39,7 +43,15 @@ def target_url(target: Target) -> str:
 
 
 def classify_exception(exc: BaseException, timeout: float) -> Verdict:
-    """Map what aiohttp raised to an error kind. Order matters: subclasses first."""
+    """Map what a probe raised to an error kind. Order matters: subclasses first."""
+    if isinstance(exc, ProtocolError):
+        return failure(ErrorKind.PROTOCOL_ERROR, str(exc))
+    if isinstance(exc, ServerClosed):
+        return failure(ErrorKind.CONNECTION_ERROR, str(exc))
+    if isinstance(exc, ConnectionRefusedError):
+        return failure(ErrorKind.CONNECTION_REFUSED)
+    if isinstance(exc, socket.gaierror):
+        return failure(ErrorKind.DNS, exc.strerror or str(exc))
     if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
         return failure(ErrorKind.TIMEOUT, f"no response within {timeout:g}s")
     if isinstance(exc, aiohttp.ClientConnectorDNSError):
@@ -65,6 +77,7 @@ class HttpProbe:
     def __init__(self, *, pool_size: int = 1024) -> None:
         self._pool_size = pool_size
         self._session: aiohttp.ClientSession | None = None
+        self._lean = Http11Pool()
 
     async def start(self) -> HttpProbe:
         connector = aiohttp.TCPConnector(
@@ -75,17 +88,27 @@ class HttpProbe:
             cookie_jar=aiohttp.DummyCookieJar(),
             auto_decompress=False,
             skip_auto_headers=("Accept-Encoding",),
-            headers={"User-Agent": USER_AGENT, "Accept": "application/json, text/plain, */*"},
+            headers=BASE_HEADERS,
         )
         return self
 
     async def close(self) -> None:
+        self._lean.close()
         if self._session is not None:
             await self._session.close()
 
     async def attempt(self, target: Target) -> Attempt:
         assert self._session is not None, "start() first"
         check = target.check
+        if Http11Pool.handles(target):
+            try:
+                async with asyncio.timeout(check.timeout_seconds):
+                    status, headers, raw = await self._lean.get(target, BASE_HEADERS)
+            except (Exception, TimeoutError) as exc:  # every failure is a verdict, never a crash
+                return Attempt(classify_exception(exc, check.timeout_seconds))
+            return Attempt(
+                status_verdict(status, check.expected_status_codes), status, body_text(raw), public_headers(headers)
+            )
         headers = dict(check.headers or {})
         headers.update(
             {"X-Health-Check": "true", "X-Instance-ID": target.instance_id[:12], "X-App-Name": target.app_name}
