@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import shutil
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,13 +125,69 @@ def total_rss(pids: Sequence[int]) -> int:
     return sum(rss_bytes(pid) for pid in pids)
 
 
+def machine_busy() -> float:
+    """CPU seconds the whole machine spent busy (all CPUs, /proc/stat), to spot other load."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / CLK_TCK  # guest time is already in user
+
+
+def own_cpu() -> float:
+    """This process and its waited-for children (wrk, the transport subprocesses)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+class CpuWindow:
+    """CPU seconds of named process groups over one window, and of everything else on the
+    machine ("other": load that is none of ours, e.g. another test run on the same box)."""
+
+    def __init__(self, groups: dict[str, Sequence[int]]) -> None:
+        self.groups = groups
+        self.start_values = self._snapshot()
+        self.started = time.monotonic()
+
+    def _snapshot(self) -> dict[str, float]:
+        values = {name: total_cpu(pids) for name, pids in self.groups.items()}
+        values["_own"], values["_machine"] = own_cpu(), machine_busy()
+        return values
+
+    def stop(self) -> dict[str, float]:
+        end = self._snapshot()
+        used = {name: end[name] - self.start_values[name] for name in end}
+        used["other"] = max(0.0, used.pop("_machine") - sum(used.values()))
+        used.pop("_own")
+        used["wall"] = time.monotonic() - self.started
+        return used
+
+
+_quiet_budget_s = [90.0]  # for the whole run: waiting for a quiet machine never costs more
+
+
+async def wait_quiet(groups: dict[str, Sequence[int]], *, limit: float = 0.25, max_wait: float = 20.0) -> float:
+    """Before a measured window, wait (bounded, per window and per run) until load from
+    outside the benchmark is under ``limit`` of one core, so windows are measured on a
+    quiet machine when possible. Returns the seconds waited; "other load" is always
+    reported, so a window measured on a busy machine shows it."""
+    waited = 0.0
+    deadline = time.monotonic() + min(max_wait, _quiet_budget_s[0])
+    while True:
+        window = CpuWindow(groups)
+        await asyncio.sleep(1.0)
+        used = window.stop()
+        waited += used["wall"]
+        if used["other"] / used["wall"] < limit or time.monotonic() >= deadline:
+            _quiet_budget_s[0] = max(0.0, _quiet_budget_s[0] - max(0.0, waited - 1.0))
+            return waited
+
+
 def machine() -> tuple[int, str]:
     model = "unknown"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
             model = line.split(":", 1)[1].strip()
             break
-    return os.cpu_count() or 0, model
+    return len(os.sched_getaffinity(0)), model  # what nproc prints
 
 
 # ---------------------------------------------------------------------------- processes
@@ -194,9 +252,13 @@ class Nginx:
         (WORK_DIR / "nginx-tmp").mkdir(parents=True, exist_ok=True)
         conf = WORK_DIR / "nginx.conf"
         conf.write_text(NGINX_CONF.format(work=WORK_DIR, port=self.port))
-        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        # Started through a link named bench-nginx: `pkill -x nginx` (scripts/ensure-system.sh,
+        # run by `make system` and the test suite) must not take the benchmark's target down.
+        link = WORK_DIR / "bench-nginx"
+        link.unlink(missing_ok=True)
+        link.symlink_to(shutil.which("nginx") or "/usr/sbin/nginx")
         with (LOG_DIR / "nginx.out").open("ab") as out:
-            self.process = spawn_child([nginx, "-p", str(WORK_DIR), "-c", str(conf)], stdout=out, stderr=out)
+            self.process = spawn_child([str(link), "-p", str(WORK_DIR), "-c", str(conf)], stdout=out, stderr=out)
         wait_for_port(self.port, self.process, "nginx")
         return self
 
@@ -205,10 +267,11 @@ class Nginx:
             stop_child(self.process, 5.0)
 
 
-def start_nats() -> EmbeddedNatsServer:
+def nats_server() -> EmbeddedNatsServer:
+    """A fresh nats-server (not started yet) with its data under bench/.work/nats."""
     data = WORK_DIR / "nats"
     shutil.rmtree(data, ignore_errors=True)
-    return EmbeddedNatsServer(data, log_file=LOG_DIR / "nats-server.log").start()
+    return EmbeddedNatsServer(data, log_file=LOG_DIR / "nats-server.log")
 
 
 def autoserve(*args: str, timeout: float = 120.0) -> str:
@@ -275,6 +338,7 @@ class ProberProcess:
         command = [str(VENV_BIN / "autoserve"), "run", "prober", "--nats-url", self.nats_url, "--no-docker"]
         command += ["--workers", str(self.workers)]
         env = {**os.environ, "AUTOSERVE_LOG_LEVEL": "warning"}
+        env.pop("AUTOSERVE_BENCH_PATCHES", None)
         with (LOG_DIR / f"{self.label}.log").open("ab") as log:
             self.process = spawn_child(command, stdout=log, stderr=log, env=env)
         return self
@@ -292,6 +356,19 @@ class ProberProcess:
 
 
 # ---------------------------------------------------------------------------- NATS
+
+
+async def environment(stack: AsyncExitStack) -> tuple[Nginx, EmbeddedNatsServer, Bus]:
+    """nginx, nats-server and the benchmark's NATS connection, each stopped by ``stack``."""
+    nginx = Nginx()
+    stack.callback(nginx.stop)
+    nginx.start()
+    nats = nats_server()
+    stack.callback(nats.stop)
+    nats.start()
+    bus = await Bus.open(nats.url)
+    stack.push_async_callback(bus.close)
+    return nginx, nats, bus
 
 
 class Bus:

@@ -1,7 +1,7 @@
 """Why the prober's HTTP client is aiohttp: 64 concurrent GETs to one nginx, requests per
 CPU-second of the client process, for each candidate client.
 
-``run_transports`` runs every variant in its own subprocess (``python bench/transports.py
+``run_variant`` runs one variant in a subprocess of its own (``python bench/transports.py
 VARIANT URL SECONDS``), so no two share a loop, a pool or warm caches. Each subprocess
 prints one JSON line. Everything runs on uvloop, as the prober does.
 """
@@ -18,7 +18,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 
 CONCURRENCY = 64
-MAX_REQUESTS = 200_000  # per variant: a bound on top of the time budget
+MAX_REQUESTS = 200_000  # per worker: a count bound on top of the time bound
 
 # variant -> what it is, for the table
 VARIANTS: dict[str, str] = {
