@@ -183,3 +183,24 @@ def test_up_killed_outright_leaves_no_orphans(tmp_path: Path) -> None:
     finally:
         server.terminate()
         server.wait()
+
+
+@pytest.mark.parametrize(
+    ("service", "signals"),
+    [("detector", 1), *((name, 2) for name in ("prober", "detector", "breaker", "recovery", "reporter"))],
+)
+def test_a_service_still_waiting_for_nats_stops_on_sigterm(tmp_path: Path, service: str, signals: int) -> None:
+    """One SIGTERM: stop after the drain grace; a second one: stop at once. Exit status 0."""
+    dead = f"nats://127.0.0.1:{free_port()}"
+    env = {**os.environ, "AUTOSERVE_DATA_DIR": str(tmp_path), "AUTOSERVE_REPORTER_LISTEN": f"127.0.0.1:{free_port()}"}
+    log = tmp_path / "service.log"
+    with log.open("w") as out:
+        process = subprocess.Popen([AUTOSERVE, "run", service, "--nats-url", dead], env=env, stdout=out, stderr=out)
+    try:
+        wait_until(lambda: "nats error" in log.read_text(), 30, f"{service} to be retrying its connection")
+        for _ in range(signals):
+            process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0, log.read_text()[-2000:]
+    finally:
+        if process.poll() is None:
+            process.kill()

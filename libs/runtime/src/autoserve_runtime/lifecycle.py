@@ -14,16 +14,28 @@ from nats.aio.client import Client
 from .logs import configure_logging
 
 
-def serve(name: str, run: Callable[[asyncio.Event], Awaitable[None]]) -> int:
-    """Run ``run(stop)`` on uvloop until SIGTERM or SIGINT sets ``stop``; exit status 0."""
+def serve(name: str, run: Callable[[asyncio.Event], Awaitable[None]], *, grace_seconds: float = 10.0) -> int:
+    """Run ``run(stop)`` on uvloop. SIGTERM or SIGINT sets ``stop`` for an orderly drain; a
+    service that has not finished ``grace_seconds`` later (still waiting for NATS, say), or a
+    second signal, cancels it. Exit status 0 either way: stopping was asked for."""
     configure_logging(name)
 
     async def main() -> None:
         stop = asyncio.Event()
+        task = asyncio.ensure_future(run(stop))
         loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            if stop.is_set():
+                task.cancel()
+                return
+            stop.set()
+            loop.call_later(grace_seconds, task.cancel)
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await run(stop)
+            loop.add_signal_handler(sig, on_signal)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
     uvloop.run(main())
     return 0
