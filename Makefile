@@ -3,9 +3,9 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-PACKAGES := libs/events libs/config libs/runtime services/prober services/breaker services/detector services/recovery services/reporter cli
+PACKAGES := libs/events libs/config libs/runtime services/prober services/breaker services/detector services/recovery services/reporter services/alerter cli
 
-.PHONY: setup system run test unit integration lint bench clean
+.PHONY: setup system run test unit integration lint bench clean docs deploy-config
 
 setup: $(STAMP)
 
@@ -41,3 +41,10 @@ bench: setup system
 
 clean:
 	rm -rf $(VENV) .autoserve .pytest_cache .hypothesis bench/.work
+
+# Generated from the code and committed; tests fail when they are stale.
+docs: setup
+	$(BIN)/python scripts/gen_asyncapi.py
+
+deploy-config: setup
+	$(BIN)/python scripts/gen_nats_conf.py

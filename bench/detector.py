@@ -29,10 +29,11 @@ INSTANCES = 2000
 
 
 def probe(n: int, instances: int, now: float) -> ProbeCompleted:
-    """Probe number ``n``: round-robin over instances; every tenth round fails three in a row,
-    so health crosses the threshold both ways all the time."""
+    """Probe number ``n``: round-robin over instances; three rounds in ten fail in a row, so
+    health crosses the threshold both ways all the time. Instances are out of phase, as real
+    failures are, so the crossings spread over every round instead of all landing in one."""
     round_, instance = divmod(n, instances)
-    healthy = round_ % 10 not in (3, 4, 5)
+    healthy = (round_ + instance) % 10 not in (3, 4, 5)
     failed = (
         {}
         if healthy

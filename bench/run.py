@@ -25,6 +25,7 @@ if __package__ in (None, ""):  # run as a script (`python bench/run.py`): make `
 
 from rich.console import Console
 
+from bench.alerter import alerter_tables
 from bench.breaker_rpc import run_bench as breaker_tables
 from bench.common import BENCH_DIR, LOG_DIR, WORK_DIR, Table, apply_config, environment, fmt, write_config
 from bench.detector import detector_tables
@@ -120,6 +121,7 @@ async def run(args: argparse.Namespace) -> list[Table]:
         await section("breaker", 60, breaker)
         await section("reporter", 90, reporter_tables)
         await section("recovery", 90, recovery_tables)
+        await section("alerter", 60, alerter_tables)
     return tables
 
 
@@ -127,7 +129,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--sections",
-        default="transports,cost,scale,detector,breaker,reporter,recovery",
+        default="transports,cost,scale,detector,breaker,reporter,recovery,alerter",
         type=lambda s: s.split(","),
     )
     parser.add_argument("--transport-seconds", type=float, default=4.0)

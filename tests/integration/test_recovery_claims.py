@@ -5,10 +5,12 @@ Failures are published directly (as the detector would), so the counts are exact
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,11 +28,21 @@ from autoserve_events import (
     subject_for,
 )
 from autoserve_recovery.adapters.claims import CLAIMS_BUCKET, Lease
+from autoserve_recovery.adapters.docker import docker_time
 from autoserve_recovery.feeds import WORK_DURABLE
 from autoserve_runtime import EmbeddedNatsServer, free_port
 
 from .conftest import Outputs, apply_yaml, wait_for
-from .test_recovery_docker import DockerEvents, app, app_config, docker_events, executed, recoveries, run_box  # noqa: F401
+from .test_recovery_docker import (  # noqa: F401
+    DockerEvents,
+    app,
+    app_config,
+    docker,
+    docker_events,
+    executed,
+    recoveries,
+    run_box,
+)
 
 S = RecoveryStrategy
 
@@ -182,3 +194,64 @@ async def test_a_replica_that_crashes_mid_action_loses_nothing_another_takes_ove
         capture_output=True, text=True,
     )  # fmt: skip
     assert left.stdout.split() == [container]
+
+
+def kill_on_docker_event(container: str, action: str, process: subprocess.Popen[bytes]) -> threading.Thread:
+    """SIGKILL ``process`` the moment Docker reports ``action`` on ``container``: a thread
+    reading ``docker events`` directly, so nothing stands between the event and the kill
+    (``--since`` now: an event before the subscription is ready is still delivered)."""
+    watcher = subprocess.Popen(["docker", "events", "--format", "{{.Action}} {{.Actor.ID}}", "--filter",
+                                f"container={container}", "--since", f"{time.time():.3f}"],
+                               stdout=subprocess.PIPE, text=True)  # fmt: skip
+
+    def watch() -> None:
+        assert watcher.stdout is not None
+        deadline = time.monotonic() + 60
+        for line in watcher.stdout:
+            if line.split()[:1] == [action]:
+                process.kill()
+                break
+            if time.monotonic() > deadline:
+                break
+        watcher.terminate()
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+async def test_a_replica_killed_after_the_docker_call_is_not_followed_by_a_second_restart(
+    app: str, nats_server: EmbeddedNatsServer, nc: Client, outputs: Outputs, busybox_image: str, tmp_path: Path,
+    docker_events: DockerEvents,
+) -> None:  # fmt: skip
+    await apply_yaml(nc, app_config(app))
+    container = await asyncio.to_thread(run_box, busybox_image, app, port=free_port())
+    first = spawn_recovery(nats_server.url, "p1", tmp_path)
+    second = None
+    try:
+        await until(lambda: consumer_bound(nc), 30, "recovery consuming")
+        watcher = kill_on_docker_event(container, "kill", first)  # restart -t 0 begins with a kill
+        failure = stopped(app, container)
+        await publish_copies(nc, failure, 1)
+        await asyncio.to_thread(watcher.join, 60)
+        await asyncio.to_thread(first.wait, 10)
+        assert first.returncode == -signal.SIGKILL
+        claim = await lease_holder(nc, f"f.{failure.event_id}.restart_container")
+        assert claim is not None and claim.owner == "p1" and claim.action == "restart_container" and not claim.done
+        assert executed(outputs) == []  # killed between the Docker call and its record
+        second = spawn_recovery(nats_server.url, "p2", tmp_path)
+        await wait_for(lambda: executed(outputs), timeout=30, what="the incident finished by p2")
+        await until(lambda: work_settled(nc), 30, "the failure acknowledged")
+    finally:
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                process.terminate()
+                await asyncio.to_thread(process.wait, 15)
+    (event,) = executed(outputs)
+    assert event.success and event.details["replica"] == "p2" and event.details["taken_over_from"] == "p1"
+    assert event.details["already_done"] is True
+    started_at = json.loads(docker("inspect", container))[0]["State"]["StartedAt"]
+    assert event.details["effective_at"] == pytest.approx(docker_time(started_at), abs=1e-6)
+    assert event.details["effective_at"] > claim.since
+    await wait_for(lambda: docker_events.count("restart", container) >= 1, what="docker's restart event")
+    assert docker_events.count("restart", container) == 1 and docker_events.count("start", container) == 2

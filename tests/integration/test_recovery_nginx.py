@@ -154,24 +154,40 @@ async def test_with_three_of_four_failing_the_ejection_cap_holds_and_panic_is_an
         await wait_for(
             lambda n=count: len(executed(outputs, S.REMOVE_FROM_LB)) == n, timeout=30, what=f"ejection {count}"
         )
+    assert nginx.down(app) == {failing[0][:12], failing[1][:12]}  # the cap: 2 of 4
     await asyncio.to_thread(health_fails, failing[2])
 
-    def panic() -> list[FailureDetected]:
-        return [e for e in outputs.events(FailureDetected) if e.details.get("panic") is True]
+    def panic(value: bool = True) -> list[FailureDetected]:
+        return [e for e in outputs.events(FailureDetected) if e.details.get("panic") is value]
+
+    def restores() -> list:
+        return [e for e in executed(outputs, S.REMOVE_FROM_LB) if e.details.get("operation") == "restore"]
 
     await wait_for(lambda: panic(), timeout=30, what="panic announced")
     announcement = panic()[0]
     assert announcement.severity == "critical" and announcement.is_critical
     assert "panic mode: 3 of 4 instances unhealthy" in announcement.message
     assert (announcement.details["unhealthy"], announcement.details["instances"]) == (3, 4)
-    # More failures of the third come and are not acted on: still two out, as the cap says.
+    # Panic routes to every instance (Envoy): the two ejected ones go back in, recorded.
+    await wait_for(lambda: len(restores()) == 2, timeout=30, what="the ejected instances restored")
+    assert {e.instance_id for e in restores()} == {failing[0][:12], failing[1][:12]}
+    assert all(e.success and e.details["panic"] is True for e in restores())
+    assert all(e.failure_event_id == announcement.cause_event_id for e in restores())
+    assert nginx.down(app) == set()
+    await wait_for(lambda: nginx.spread(24) == {"box0", "box1", "box2", "box3"}, timeout=10, what="all four routed")
+    # More failures come and nothing is ejected while the panic lasts.
     third = failing[2][:12]
     await wait_for(lambda: sum(1 for e in outputs.events(FailureDetected) if e.instance_id == third) >= 4, timeout=30,
                    what="more failures of the third")  # fmt: skip
-    assert len(executed(outputs, S.REMOVE_FROM_LB)) == 2
-    assert nginx.down(app) == {failing[0][:12], failing[1][:12]}
-    assert nginx.spread() <= {"box0", "box3"}  # the third failing one still gets traffic: panic routes to all left
+    assert len(executed(outputs, S.REMOVE_FROM_LB)) == 4 and nginx.down(app) == set()
     assert len(panic()) == 1
+    # Two come back: the panic ends, and the one still failing is taken out by its next failure.
+    for container in failing[:2]:
+        await asyncio.to_thread(health_returns, container)
+    await wait_for(lambda: panic(False), timeout=30, what="panic left")
+    await wait_for(lambda: nginx.down(app) == {third}, timeout=30, what="the still failing one ejected again")
+    await wait_for(lambda: nginx.spread() == {"box0", "box1", "box2"}, timeout=10, what="routing around it")
+    assert len(panic()) == 1 and len(panic(False)) == 1
 
 
 async def test_a_failed_reload_puts_the_previous_upstream_file_back(tmp_path: Path) -> None:

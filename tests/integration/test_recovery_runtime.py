@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from autoserve_recovery.adapters.docker import LINEAGE_LABEL, DockerRuntime
+from autoserve_recovery.adapters.docker import LINEAGE_LABEL, DockerRuntime, PortPolicy
 from autoserve_recovery.adapters.runtime import RecoveryError
 from autoserve_runtime import free_port
 
@@ -52,5 +52,33 @@ async def test_recreate_creates_the_same_spec_again_and_scale_out_stops_at_max_r
         await runtime.stop(app, str(added.details["new_instance_id"]), timeout=1)
         assert await runtime.instances(app) == [new_id[:12]]
         assert [m.port for m in await runtime.members(app)] == [port]
+    finally:
+        await runtime.close()
+
+
+async def test_a_copy_on_host_networking_gets_a_free_port_unless_docker_port_pins_one(
+    app: str, busybox_image: str
+) -> None:
+    port = free_port()
+    container = await asyncio.to_thread(
+        docker, "run", "-d", "--network", "host", "--label", f"autoserve.app={app}", "--label",
+        f"autoserve.port={port}", "-e", f"PORT={port}", "-e", "OTHER=1", busybox_image, "/bin/busybox", "sleep", "3600",
+    )  # fmt: skip
+    runtime = await DockerRuntime({app: f"autoserve.app={app}"}).start()
+    try:
+        runtime.ports[app] = PortPolicy(fixed=port)
+        with pytest.raises(RecoveryError, match=rf"docker.port {port} puts every container on one port"):
+            await runtime.scale_out(app, container[:12], max_replicas=3, timeout=20)
+        assert await runtime.instances(app) == [container[:12]]  # nothing was started
+        low = free_port()
+        runtime.ports[app] = PortPolicy(replica_range=(low, low + 5))
+        added = await runtime.scale_out(app, container[:12], max_replicas=3, timeout=20, cause="c1")
+        copy = await asyncio.to_thread(inspect, str(added.details["new_instance_id"]))
+        chosen = int(added.details["port"])
+        assert low <= chosen <= low + 5 and copy["Config"]["Labels"]["autoserve.port"] == str(chosen)
+        env = copy["Config"]["Env"]
+        assert f"PORT={chosen}" in env and f"PORT={port}" not in env and "OTHER=1" in env  # PORT replaced
+        assert copy["Config"]["Labels"]["autoserve.recovery.cause"] == "c1"
+        assert sorted(m.port for m in await runtime.members(app)) == sorted([port, chosen])
     finally:
         await runtime.close()

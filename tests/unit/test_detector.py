@@ -9,6 +9,8 @@ import pytest
 from autoserve_detector.core.classify import classify_probe_failure, is_critical, severity_of
 from autoserve_detector.core.detector import AppThresholds, Detector
 from autoserve_detector.core.window import BucketWindow
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from autoserve_config import DetectorConfig
 from autoserve_events import ContainerObserved, ErrorKind, FailureDetected, FailureType, HealthChanged, ProbeCompleted
@@ -240,3 +242,48 @@ def test_bucket_window_counts_and_forgets() -> None:
     assert window.count(75, "x") == 8  # buckets before [20, 30) have left
     assert window.first_at(75) == 20
     assert window.count(500, "x") == 0 and window.first_at(500) is None
+
+
+class _NaiveWindow:
+    """The oracle: every add kept until the newest time seen moves a whole window past it."""
+
+    def __init__(self, width: float, buckets: int) -> None:
+        self.width, self.buckets, self.newest, self.adds = width, buckets, -1, []
+
+    def _advance(self, at: float) -> int:
+        index = int(at // self.width)
+        self.newest = max(self.newest, index)
+        self.adds = [(i, t, k) for i, t, k in self.adds if i > self.newest - self.buckets]
+        return index
+
+    def add(self, at: float, key: str) -> None:
+        index = self._advance(at)
+        if index > self.newest - self.buckets:
+            self.adds.append((index, at, key))
+
+    def live(self, now: float) -> list[tuple[int, float, str]]:
+        index = self._advance(now)
+        return [a for a in self.adds if index - self.buckets < a[0] <= index]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["add", "count", "first"]), st.floats(-8, 15), st.sampled_from(["ok", "failed"])),
+        max_size=80,
+    )
+)
+def test_bucket_window_matches_naive_oracle(ops: list[tuple[str, float, str]]) -> None:
+    """Time mostly moves forward with late arrivals; running totals must equal a recount."""
+    window, oracle = BucketWindow(60, buckets=6), _NaiveWindow(10, 6)
+    now = 0.0
+    for op, step, key in ops:
+        now = max(0.0, now + step)
+        if op == "add":
+            window.add(now, key)
+            oracle.add(now, key)
+        elif op == "count":
+            assert window.count(now, key) == sum(1 for a in oracle.live(now) if a[2] == key)
+        else:
+            times = [a[1] for a in oracle.live(now)]
+            assert window.first_at(now) == (min(times) if times else None)

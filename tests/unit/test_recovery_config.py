@@ -63,3 +63,29 @@ def test_the_upstream_file_marks_down_and_reads_back() -> None:
     )
     assert parse_down(text) == {"web-2"} and upstream_name("my-web") == "autoserve_my_web"
     assert "server 127.0.0.1:9 down;" in render("empty", [], set())  # nginx refuses an empty upstream
+
+
+@pytest.mark.parametrize(
+    ("ports", "expected"),
+    [
+        ([20000], "apps.web.docker.replica_ports: must be [low, high] with 1 <= low <= high <= 65535, got [20000]"),
+        ([20010, 20000], "apps.web.docker.replica_ports: must be [low, high] with 1 <= low <= high <= 65535, got [20010, 20000]"),
+        ([0, 10], "apps.web.docker.replica_ports: must be [low, high] with 1 <= low <= high <= 65535, got [0, 10]"),
+    ],
+)  # fmt: skip
+def test_a_bad_replica_port_range_names_the_field(ports: list[int], expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"apps": {"web": {"docker": {"label": "app=web", "replica_ports": ports}}}})
+    assert expected in caught.value.problems
+
+
+def test_copies_get_the_probers_port_rule_and_docker_times_keep_their_fraction() -> None:
+    from autoserve_recovery.adapters.docker import PortPolicy, docker_time
+
+    assert PortPolicy(None, 8000).port_of({"autoserve.port": "18081"}) == 18081
+    assert PortPolicy(None, 8000).port_of({}) == 8000
+    assert PortPolicy(9000, 8000).port_of({"autoserve.port": "18081"}) == 9000  # docker.port wins, as in the prober
+    assert docker_time("2024-05-01T12:00:00.123456789Z") == pytest.approx(1714564800.123456789, abs=1e-6)
+    assert docker_time("2024-05-01T12:00:00Z") == 1714564800.0
+    spec = parse_config({"apps": {"web": {"docker": {"label": "app=web", "replica_ports": [20000, 20009]}}}})
+    assert spec.apps["web"].docker.replica_ports == [20000, 20009]

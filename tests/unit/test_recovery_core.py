@@ -18,9 +18,11 @@ from autoserve_recovery.core import (
     backoff_delay,
     decide,
     panic_announcement,
+    panic_restores,
     record,
     remediation_ladder,
     restore_plan,
+    rolling_member,
     strategy_map,
     traffic_steps,
 )
@@ -315,3 +317,53 @@ def test_duplicate_failures_are_acted_on_once() -> None:
     _, first = run(state, event, pol, 0)
     _, again = run(state, event, pol, 50)
     assert len(first) == 1 and again == []
+
+
+# -- panic restores, rolling restarts ---------------------------------------------------
+
+
+def test_entering_panic_puts_the_ejected_instances_back_and_a_later_failure_ejects_again() -> None:
+    state, pol = RecoveryState(), policy(max_ejection_percent=50)
+    four_instances(state)
+    for t, name in ((1, "b"), (2, "c")):
+        state.apply(health(t, False, instance=name))
+        run(state, failure(t, F.HEALTH_CHECK_FAILED, instance=name, consecutive=2), pol, t)
+    assert sorted(s.lineage for s in state.ejected("web")) == ["b", "c"]
+    calm = health(2.5, True, instance="a")  # not in panic: nothing to restore
+    state.apply(calm)
+    assert panic_restores(state, calm, pol) == ()
+    third = health(3, False, instance="d")
+    state.apply(third)
+    assert panic_restores(state, third, pol) == ("b", "c")
+    for target in ("b", "c"):
+        state.apply(record(state, pol, third, S.REMOVE_FROM_LB, success=True, started_at=3, duration_ms=1,
+                           operation="restore", instance_id=target, details={"panic": True}))  # fmt: skip
+    assert state.ejected("web") == [] and panic_restores(state, third, pol) == ()
+    # Out of panic (c is healthy again), b's next failure takes it out again.
+    state.apply(health(4, True, instance="c"))
+    plan = decide(state, failure(5, F.HEALTH_CHECK_FAILED, instance="b", consecutive=5), pol, Limits(), 5)
+    assert plan.traffic == (S.REMOVE_FROM_LB,)
+
+
+def test_a_restore_for_another_instance_has_its_own_id_and_done_key() -> None:
+    state, pol = RecoveryState(), policy()
+    cause = health(1, False, instance="d")
+    one = record(state, pol, cause, S.REMOVE_FROM_LB, success=True, started_at=1, duration_ms=1,
+                 operation="restore", instance_id="b")  # fmt: skip
+    two = record(state, pol, cause, S.REMOVE_FROM_LB, success=True, started_at=1, duration_ms=1,
+                 operation="restore", instance_id="c")  # fmt: skip
+    assert one.event_id != two.event_id and (one.instance_id, two.instance_id) == ("b", "c")
+    state.apply(one)
+    assert state.is_done(cause.event_id, "restore", "b") and not state.is_done(cause.event_id, "restore", "c")
+
+
+def test_a_rolling_restart_member_makes_its_own_death_stale_without_spending_its_budget() -> None:
+    state, pol = RecoveryState(), policy()
+    cause = failure(10, F.HEALTH_CHECK_FAILED, instance="a", consecutive=2)
+    member = rolling_member(cause, "b", started_at=11, duration_ms=300, details={"effective_at": 11.2})
+    state.apply(member)
+    b = state.instance("web", "b")
+    assert (b.last_remediation_end, b.level, b.backoff_level, len(b.attempts)) == (11.2, 0, 0, 0)
+    assert decide(state, failure(11.1, instance="b"), pol, Limits(), 12).empty  # the die of the rolling restart
+    assert decide(state, failure(13, instance="b"), pol, Limits(), 13).remediation is S.RESTART_CONTAINER
+    assert state.is_done(cause.event_id, S.ROLLING_RESTART, "b")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import msgspec
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, NoKeysError
 
@@ -52,6 +53,7 @@ async def store_config(js: JetStreamContext, config: Config) -> ApplySummary:
         summary.removed.append(name)
     settings = await js.key_value(SETTINGS_BUCKET)
     await settings.put("detector", encode_detector(config.detector))
+    await settings.put("alerting", msgspec.json.encode(config.alerting))  # the alerter follows it
     return summary
 
 

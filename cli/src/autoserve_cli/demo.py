@@ -66,7 +66,12 @@ TARGETS: dict[str, tuple[str, int]] = {
     "api-1": ("slow-api", 18083),
     "web-3": ("web", 18084),
     "cache-1": ("cache", 18091),
+    # Not an app: the local webhook the demo's alerting config notifies. It prints each
+    # notification (see .autoserve/logs/demo-alert-receiver.log) and checks the HMAC.
+    "alert-receiver": ("alerts", 18095),
 }
+ALERT_RECEIVER = "alert-receiver"
+DEMO_HMAC_SECRET = "autoserve-demo-secret"  # public on purpose: examples/demo-webhook.secret
 CRASH_AFTER_SECONDS = 45.0
 
 
@@ -82,6 +87,27 @@ def _register(instance: str) -> None:
     os.replace(path.with_suffix(".tmp"), path)
 
 
+async def _print_notification(request: web.Request) -> web.Response:
+    """Alerting in the demo: print what arrives, as an operator's chat would show it."""
+    from autoserve_alerter.adapters.receivers import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
+
+    body = await request.read()
+    signed = verify(DEMO_HMAC_SECRET.encode(), request.headers.get(TIMESTAMP_HEADER, ""), body,
+                    request.headers.get(SIGNATURE_HEADER, ""))  # fmt: skip
+    payload = json.loads(body)
+    stamp = time.strftime("%H:%M:%S")
+    tier = f" escalation tier {payload['tier']}" if payload.get("tier") else ""
+    print(f"{stamp} ALERT {payload['status'].upper()}{tier} to {payload['receiver']} "
+          f"({payload['groupKey']}; HMAC {'ok' if signed else 'not verified'})", flush=True)  # fmt: skip
+    for alert in payload["alerts"]:
+        labels = alert["labels"]
+        print(f"    {alert['ackStatus']:<12} {alert['alertId']} {labels['app']}/{labels['instance']} "
+              f"{labels['alertname']} ({labels['severity']}): {alert['annotations']['description']}", flush=True)  # fmt: skip
+    for alert in payload.get("suppressedDependents", []):
+        print(f"    held back   {alert['alertId']} {alert['labels']['app']}: {alert['reason']}", flush=True)
+    return web.Response(text="ok")
+
+
 async def serve_one(instance: str) -> None:
     app_name, port = TARGETS[instance]
     stop = asyncio.Event()
@@ -91,6 +117,13 @@ async def serve_one(instance: str) -> None:
     if instance == "cache-1":
         server = await asyncio.start_server(_pong, HOST, port)
         cleanup = server.close
+    elif instance == ALERT_RECEIVER:
+        app = web.Application()
+        app.router.add_post("/alerts", _print_notification)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, HOST, port).start()
+        cleanup = runner.cleanup
     else:
         handler = {"web-1": _steady, "web-2": _flapping, "api-1": _sometimes_slow(), "web-3": _steady}[instance]
         app = web.Application()
@@ -99,7 +132,8 @@ async def serve_one(instance: str) -> None:
         await runner.setup()
         await web.TCPSite(runner, HOST, port).start()
         cleanup = runner.cleanup
-    _register(instance)
+    if instance != ALERT_RECEIVER:  # not an app: nothing for the recovery service to restart
+        _register(instance)
     if instance == "web-3":  # a crash, not a clean exit: nothing is flushed or closed
         loop.call_later(CRASH_AFTER_SECONDS, os._exit, 1)
     print(f"demo target {instance} ({app_name}) listening on {HOST}:{port}, pid {os.getpid()}", flush=True)

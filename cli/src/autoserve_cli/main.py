@@ -11,10 +11,20 @@ from pathlib import Path
 
 from autoserve_config import ConfigError, load_config
 from autoserve_runtime import DEFAULT_NATS_URL, NatsUnavailable, configure_logging
+from autoserve_runtime.bus import NatsAuth, NatsConfigError, absorb_url_credentials
 
 from .services import SERVICES
 
 EXIT_CONFIG = 2
+NATS_AUTH_FLAGS = (
+    ("--nats-user", "AUTOSERVE_NATS_USER", "NATS user; its password from AUTOSERVE_NATS_PASSWORD(_FILE)"),
+    ("--nats-password-file", "AUTOSERVE_NATS_PASSWORD_FILE", "file holding the NATS user's password"),
+    ("--nats-token-file", "AUTOSERVE_NATS_TOKEN_FILE", "file holding a NATS token"),
+    ("--nats-creds", "AUTOSERVE_NATS_CREDS", "NATS .creds file (JWT + nkey seed; needs the nkeys package)"),
+    ("--nats-tls-ca", "AUTOSERVE_NATS_TLS_CA", "CA bundle to verify the NATS server"),
+    ("--nats-tls-cert", "AUTOSERVE_NATS_TLS_CERT", "client certificate for NATS (mutual TLS)"),
+    ("--nats-tls-key", "AUTOSERVE_NATS_TLS_KEY", "client key for NATS (mutual TLS)"),
+)
 
 
 def _env(name: str, default: str) -> str:
@@ -40,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
             default=os.environ.get("AUTOSERVE_NATS_URL") or default,
             help=f"NATS server URL (env AUTOSERVE_NATS_URL; default {default or 'an embedded nats-server'})",
         )
+        # Credentials and TLS: files or names, never a secret on the command line (ps shows it).
+        for flag, var, text in NATS_AUTH_FLAGS:
+            p.add_argument(flag, dest=var.lower(), metavar="VALUE" if var.endswith("USER") else "FILE",
+                           help=f"{text} (env {var})")  # fmt: skip
 
     up = commands.add_parser("up", help="run the whole system on this machine, with live status")
     up.add_argument("-c", "--config", type=Path, help="config file to apply")
@@ -71,9 +85,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--metrics-retention-days", help="reporter: env AUTOSERVE_METRICS_RETENTION_DAYS (default 30)")
     run.add_argument("--events-retention-days", help="reporter: env AUTOSERVE_EVENTS_RETENTION_DAYS (default 90)")
+    run.add_argument(
+        "--metrics-port",
+        type=int,
+        help="/healthz, /readyz, /metrics port (env AUTOSERVE_METRICS_PORT; default: the service's own, "
+        "prober 9461, detector 9462, breaker 9463, recovery 9464, reporter 9465, alerter 9466; 0 turns it off)",
+    )
+    run.add_argument("--metrics-host", help="address they listen on (env AUTOSERVE_METRICS_HOST; default 127.0.0.1)")
     docker = run.add_mutually_exclusive_group()
     docker.add_argument("--docker", dest="docker", action="store_true", default=None, help="require Docker discovery")
     docker.add_argument("--no-docker", dest="docker", action="store_false", help="turn Docker discovery off")
+    # env AUTOSERVE_DOCKER=true|false; unset: use Docker if its socket is there
+    run.set_defaults(docker={"true": True, "1": True, "false": False, "0": False}.get(_env("AUTOSERVE_DOCKER", "")))
 
     for name, text in (
         ("check", "validate a config file"),
@@ -84,10 +107,27 @@ def _parser() -> argparse.ArgumentParser:
         if name == "apply":
             nats_option(p)
 
-    status = commands.add_parser("status", help="instances and their last probe")
+    status = commands.add_parser("status", help="instances: health, breaker, last probe, failure and recovery")
     nats_option(status)
     status.add_argument("--once", action="store_true", help="print once instead of refreshing")
     status.add_argument("--json", action="store_true", help="print JSON once")
+    status.add_argument("--app", help="only this app's instances")
+
+    events = commands.add_parser("events", help="read or follow the event log")
+    nats_option(events)
+    events.add_argument("-f", "--follow", action="store_true", help="keep printing new events until Ctrl-C")
+    events.add_argument(
+        "--type",
+        action="append",
+        metavar="TYPE",
+        help="HealthChanged, FailureDetected, RecoveryExecuted, BreakerStateChanged, BreakerTrialAdmitted, "
+        "ProbeCompleted, ContainerObserved or DeadLetter (or health, failure, ...); repeat or comma-separate; "
+        "default: the audit trail (the first five)",
+    )
+    events.add_argument("--app", help="only this app")
+    events.add_argument("--instance", help="only this instance")
+    events.add_argument("--since", help="only events stored in the last 30s, 10m, 2h, 1d (default: all)")
+    events.add_argument("--json", action="store_true", help="one JSON event per line")
 
     report = commands.add_parser("report", help="the seed's health report for an app, computed in ClickHouse")
     report.add_argument("app")
@@ -102,6 +142,24 @@ def _parser() -> argparse.ArgumentParser:
     breaker.add_argument("app")
     breaker.add_argument("instance")
     nats_option(breaker)
+    alerts = commands.add_parser("alerts", help="alerts and silences: list, ack, silence")
+    alert_commands = alerts.add_subparsers(dest="alerts_command", required=True, metavar="ACTION")
+    listing = alert_commands.add_parser("list", help="active alerts (from the event log)")
+    listing.add_argument("--all", action="store_true", help="resolved ones too")
+    acking = alert_commands.add_parser("ack", help="acknowledge an alert: no more repeats or escalation")
+    acking.add_argument("id", help="the alert id (a unique prefix is enough)")
+    acking.add_argument("--by", help="who acknowledges (default user@host)")
+    acking.add_argument("--comment", default="")
+    silencing = alert_commands.add_parser("silence", help="hold back an app's notifications for a while")
+    silencing.add_argument("--app", required=True)
+    silencing.add_argument("--instance", default="", help="only this instance")
+    silencing.add_argument("--for", dest="duration", required=True, help="how long: 30m, 2h, 1d")
+    silencing.add_argument("--reason", required=True)
+    silencing.add_argument("--by", help="who silences (default user@host)")
+    silencing.add_argument("--maintenance", action="store_true", help="a maintenance: reports may leave it out")
+    alert_commands.add_parser("silences", help="active and pending silences")
+    for p in (listing, acking, silencing, alert_commands.choices["silences"]):
+        nats_option(p)
     return parser
 
 
@@ -117,6 +175,18 @@ def _load_or_exit(path: Path):
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if hasattr(args, "nats_url"):
+        # Flags become the environment, so `up` and prober shards pass them to children; a
+        # URL's user:password@ is moved out of it before anything can log it.
+        for _flag, var, _text in NATS_AUTH_FLAGS:
+            if getattr(args, var.lower(), None):
+                os.environ[var] = getattr(args, var.lower())
+        args.nats_url = absorb_url_credentials(args.nats_url)
+        try:
+            NatsAuth.from_env()
+        except NatsConfigError as exc:
+            print(f"autoserve {args.command}: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
     if args.command != "run":  # a service configures its own logs; commands keep stdout for output
         configure_logging("cli", level=os.environ.get("AUTOSERVE_LOG_LEVEL", "warning"), json=False)
     try:
@@ -138,11 +208,21 @@ def _dispatch(args: argparse.Namespace) -> int:
         config = _load_or_exit(args.config)
         return asyncio.run(apply_config(config, args.nats_url))
     if args.command == "run":
+        from autoserve_runtime import request_endpoint
+
+        request_endpoint(args.metrics_host, args.metrics_port)
         return importlib.import_module(SERVICES[args.service]).run_service(args)
     if args.command == "status":
         from .status import show_status
 
-        return asyncio.run(show_status(args.nats_url, once=args.once or args.json, as_json=args.json))
+        return asyncio.run(show_status(args.nats_url, once=args.once or args.json, as_json=args.json, app=args.app))
+    if args.command == "events":
+        from .events import show_events
+
+        return asyncio.run(
+            show_events(args.nats_url, follow=args.follow, types=args.type, app=args.app, instance=args.instance,
+                        since=args.since, as_json=args.json)
+        )  # fmt: skip
     if args.command == "report":
         from .report import show_report
 
@@ -151,6 +231,18 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .breaker import override
 
         return asyncio.run(override(args.nats_url, args.action, args.app, args.instance))
+    if args.command == "alerts":
+        from . import alerts
+
+        action = args.alerts_command
+        if action == "list":
+            return asyncio.run(alerts.list_alerts(args.nats_url, args.all))
+        if action == "ack":
+            return asyncio.run(alerts.ack(args.nats_url, args.id, args.by, args.comment))
+        if action == "silence":
+            return asyncio.run(alerts.silence(args.nats_url, args.app, args.duration, args.reason, args.instance,
+                                              args.by, args.maintenance))  # fmt: skip
+        return asyncio.run(alerts.list_silences(args.nats_url))
     if args.command == "up":
         from .up import up
 

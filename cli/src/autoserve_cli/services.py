@@ -13,4 +13,5 @@ SERVICES: dict[str, str] = {
     "breaker": "autoserve_breaker.main",
     "recovery": "autoserve_recovery.main",
     "reporter": "autoserve_reporter.main",
+    "alerter": "autoserve_alerter.main",
 }

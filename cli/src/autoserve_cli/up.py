@@ -22,11 +22,12 @@ from pathlib import Path
 from rich.console import Console
 
 from autoserve_config import Config
-from autoserve_runtime import EmbeddedNatsServer, connect, free_port, provision, spawn_child, stop_child
+from autoserve_runtime import EmbeddedNatsServer, connect, endpoint_for, free_port, provision, spawn_child, stop_child
+from autoserve_runtime.observability import PORT_ENV
 
 from .apply import store_config
 from .services import SERVICES
-from .status import LatestProbes, live_table
+from .status import LatestProbes, live_table, rows_that_fit
 
 
 @dataclass
@@ -60,6 +61,15 @@ def _stop_registered(directory: Path, kill: bool = True) -> None:
             with contextlib.suppress(OSError, ValueError, KeyError):
                 os.kill(int(json.loads(record.read_text())["pid"]), signal.SIGTERM)
         record.unlink(missing_ok=True)
+
+
+def _endpoints(env: dict[str, str]) -> str:
+    """Where each service serves /healthz, /readyz and /metrics (its fixed default port)."""
+    shown = []
+    for name in SERVICES:
+        endpoint = endpoint_for(name, env)
+        shown.append(f"{name} {endpoint.url}" if endpoint.port else f"{name} off")
+    return ", ".join(shown)
 
 
 def _port_free(port: int) -> bool:
@@ -100,7 +110,7 @@ async def _watch(nats_url: str, children: list[Child], show_status: bool, consol
     supervisor = asyncio.create_task(supervise())
     try:
         if show_status:
-            await live_table(lambda: view.table("AutoServe Health — Ctrl-C to stop"), stop)
+            await live_table(lambda: view.table("AutoServe Health — Ctrl-C to stop", max_rows=rows_that_fit()), stop)
         else:
             await stop.wait()
     finally:
@@ -132,6 +142,7 @@ def up(config: Config | None, args: argparse.Namespace) -> int:
             console.print(f"embedded nats-server at [bold]{nats_url}[/] (JetStream data in {data_dir / 'nats'})")
         console.print(f"config: {asyncio.run(_prepare(nats_url, config))}")
         env = {**os.environ, "AUTOSERVE_NATS_URL": nats_url, "AUTOSERVE_DATA_DIR": str(data_dir)}
+        env.pop(PORT_ENV, None)  # one port cannot serve every service: each takes its own default
         if args.demo:  # one process per target, so the recovery service can restart each
             from .demo import TARGETS
 
@@ -144,6 +155,7 @@ def up(config: Config | None, args: argparse.Namespace) -> int:
                 command += ["--workers", str(args.prober_workers)]
             children.append(_spawn(name, command, logs, env))
         console.print(f"started: {', '.join(c.name for c in children)} (logs in {logs})")
+        console.print(f"health and metrics: {_endpoints(env)}")
         return asyncio.run(_watch(nats_url, children, not args.no_status, console))
     except KeyboardInterrupt:
         return 0

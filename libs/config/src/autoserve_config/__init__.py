@@ -1,5 +1,14 @@
 """AutoServe Health configuration: the model, validation with paths, and loading."""
 
+from .alerting import (
+    AlertingConfig,
+    EscalationTier,
+    MaintenanceWindow,
+    ReceiverConfig,
+    RouteConfig,
+    parse_cron,
+    parse_duration,
+)
 from .load import decode_app_spec, encode_app_spec, encode_detector, load_config, load_config_text
 from .model import (
     AppSpec,
@@ -15,15 +24,20 @@ from .model import (
 from .validate import ConfigError, is_valid_host, parse_app_spec, parse_config
 
 __all__ = [
+    "AlertingConfig",
     "AppSpec",
     "BreakerConfig",
     "Config",
     "ConfigError",
     "DetectorConfig",
     "DockerDiscovery",
+    "EscalationTier",
     "HealthCheckConfig",
     "Instance",
+    "MaintenanceWindow",
+    "ReceiverConfig",
     "RecoveryConfig",
+    "RouteConfig",
     "ScalingConfig",
     "decode_app_spec",
     "encode_app_spec",
@@ -33,4 +47,6 @@ __all__ = [
     "load_config_text",
     "parse_app_spec",
     "parse_config",
+    "parse_cron",
+    "parse_duration",
 ]

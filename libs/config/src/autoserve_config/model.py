@@ -9,6 +9,8 @@ from typing import Literal
 
 import msgspec
 
+from .alerting import AlertingConfig
+
 
 class HealthCheckConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     protocol: Literal["HTTP", "TCP"] = "HTTP"
@@ -45,6 +47,10 @@ class Instance(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class DockerDiscovery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     label: str  # "key=value" a container must carry
     port: int | None = None  # else the container's autoserve.port label, else health_check.port
+    # Beyond the seed: where the recovery service finds a port for a copy it starts on host
+    # networking (replace_instance, scale_out): [low, high]; unset = a free port the kernel
+    # picks. The copy gets it as its autoserve.port label and its PORT environment variable.
+    replica_ports: list[int] | None = None
 
 
 class ScalingConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -104,6 +110,10 @@ class AppSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     recovery: RecoveryConfig = msgspec.field(default_factory=RecoveryConfig)
     scaling: ScalingConfig = msgspec.field(default_factory=ScalingConfig)
     breaker: BreakerConfig = msgspec.field(default_factory=BreakerConfig)
+    # Beyond the seed, for alerting: apps this one needs (while one of them fails, this
+    # app's alerts are held back and grouped under it) and labels that routes match on.
+    depends_on: list[str] = []
+    labels: dict[str, str] = {}
 
 
 class DetectorConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -123,3 +133,4 @@ class DetectorConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     apps: dict[str, AppSpec] = {}
     detector: DetectorConfig = msgspec.field(default_factory=DetectorConfig)
+    alerting: AlertingConfig = msgspec.field(default_factory=AlertingConfig)

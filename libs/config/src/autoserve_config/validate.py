@@ -20,6 +20,7 @@ import msgspec
 
 from autoserve_events import is_valid_name
 
+from .alerting import ALERTING_RULES, dependency_problems
 from .model import (
     AppSpec,
     BreakerConfig,
@@ -39,6 +40,7 @@ MAX_RETRIES = 10
 MAX_WINDOW_CALLS = 100_000  # a count window is a ring of this many outcomes at most
 MAX_WINDOW_SECONDS = 86_400  # a time window keeps one bucket per second at most
 _HOSTNAME_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+_LABEL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 
@@ -218,6 +220,9 @@ def _app(spec: AppSpec, path: str) -> list[str]:
         if instance.id in seen:
             problems.append(f"{path}.instances[{index}].id: duplicate instance id {instance.id!r}")
         seen.add(instance.id)
+    for name in spec.labels:
+        if not _LABEL_NAME.match(name):
+            problems.append(f"{path}.labels: {name!r} is not a label name ([A-Za-z_][A-Za-z0-9_]*)")
     return problems
 
 
@@ -228,6 +233,9 @@ def _docker(docker: DockerDiscovery, path: str) -> list[str]:
         problems.append(f"{path}.label: must be 'key=value', got {docker.label!r}")
     if docker.port is not None and not 1 <= docker.port <= 65535:
         problems.append(f"{path}.port: must be between 1 and 65535, got {docker.port}")
+    ports = docker.replica_ports
+    if ports is not None and (len(ports) != 2 or not 1 <= ports[0] <= ports[1] <= 65535):
+        problems.append(f"{path}.replica_ports: must be [low, high] with 1 <= low <= high <= 65535, got {ports}")
     return problems
 
 
@@ -345,6 +353,16 @@ _RULES: dict[type, Callable[[Any, str], list[str]]] = {
     DetectorConfig: _detector,
     RecoveryConfig: _recovery,
 }
+
+_RULES.update(ALERTING_RULES)
+
+
+def _config(config: Config, path: str) -> list[str]:
+    """Rules across apps: ``depends_on`` names known apps and has no cycle."""
+    return dependency_problems({name: spec.depends_on for name, spec in config.apps.items()}, _join(path, "apps"))
+
+
+_RULES[Config] = _config
 
 
 def is_valid_host(host: str) -> bool:

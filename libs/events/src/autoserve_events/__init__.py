@@ -18,6 +18,9 @@ from .breaker import (
 from .catalogue import (
     EVENT_TYPES,
     SCHEMA_VERSION,
+    AlertAcknowledged,
+    AlertChanged,
+    AlertStatus,
     AnyEvent,
     BreakerStateChanged,
     BreakerTrialAdmitted,
@@ -27,15 +30,19 @@ from .catalogue import (
     FailureDetected,
     FailureType,
     HealthChanged,
+    NotificationLogged,
     ProbeCompleted,
     RecoveryExecuted,
     RecoveryStrategy,
+    SilenceCreated,
     derived_event_id,
     new_event_id,
 )
 from .codec import MalformedEvent, decode, encode, headers_for, register_upcaster
 from .streams import APPS_BUCKET, EVENTS_STREAM, PROBES_STREAM, SETTINGS_BUCKET, StreamSpec, stream_specs
 from .subjects import (
+    ALERTING_WILDCARD,
+    ALERTS_WILDCARD,
     BREAKER_ALLOW_RPC,
     BREAKER_EVENTS_WILDCARD,
     BREAKER_OVERRIDE_RPC,
@@ -50,6 +57,8 @@ from .subjects import (
 )
 
 __all__ = [
+    "ALERTING_WILDCARD",
+    "ALERTS_WILDCARD",
     "APPS_BUCKET",
     "BREAKER_ALLOW_RPC",
     "BREAKER_EVENTS_WILDCARD",
@@ -61,6 +70,9 @@ __all__ = [
     "PROBES_STREAM",
     "SCHEMA_VERSION",
     "SETTINGS_BUCKET",
+    "AlertAcknowledged",
+    "AlertChanged",
+    "AlertStatus",
     "AllowReply",
     "AllowRequest",
     "AnyEvent",
@@ -75,12 +87,14 @@ __all__ = [
     "HealthChanged",
     "MalformedEvent",
     "MalformedMessage",
+    "NotificationLogged",
     "OverrideAction",
     "OverrideReply",
     "OverrideRequest",
     "ProbeCompleted",
     "RecoveryExecuted",
     "RecoveryStrategy",
+    "SilenceCreated",
     "StreamSpec",
     "breaker_report",
     "deadletter",

@@ -193,6 +193,86 @@ class BreakerTrialAdmitted(Event, frozen=True, kw_only=True):
     timestamp: float
 
 
+AlertStatus = Literal["firing", "acknowledged", "resolved"]
+NotificationOutcome = Literal["sent", "failed", "suppressed"]
+
+
+class AlertChanged(Event, frozen=True, kw_only=True):
+    """An alert's transition (the alerter): firing -> acknowledged -> resolved.
+
+    One alert is one episode of one ``failure_type`` on one instance (Alertmanager's alert:
+    ``labels``, ``starts_at``, ``ends_at``, ``fingerprint``); ``failure_type`` is the seed's
+    value, or ``circuit_breaker_open`` for a breaker. ``alert_id`` is what an operator acks.
+    """
+
+    alert_id: str
+    app_name: str
+    instance_id: str
+    status: AlertStatus
+    previous_status: AlertStatus | None
+    failure_type: str
+    severity: Severity
+    message: str
+    timestamp: float
+    starts_at: float
+    ends_at: float | None = None
+    labels: dict[str, str] = {}
+    fingerprint: str = ""
+    reason: str = ""
+    acknowledged_by: str | None = None
+    cause_event_id: str | None = None
+
+
+class AlertAcknowledged(Event, frozen=True, kw_only=True):
+    """``autoserve alerts ack ID``: an operator took an alert; it stops repeating and escalating."""
+
+    alert_id: str
+    app_name: str
+    acknowledged_by: str
+    timestamp: float
+    instance_id: str = ""
+    comment: str = ""
+
+
+class SilenceCreated(Event, frozen=True, kw_only=True):
+    """A silence (``autoserve alerts silence``) or a maintenance window that began: no
+    notification for the app (or one instance) from ``starts_at`` to ``ends_at``; the
+    suppressed ones are logged. ``maintenance`` windows may be left out of reports."""
+
+    silence_id: str
+    app_name: str
+    starts_at: float
+    ends_at: float
+    created_by: str
+    reason: str
+    timestamp: float
+    instance_id: str = ""  # "" = every instance of the app
+    maintenance: bool = False
+    window: str = ""  # the config's maintenance window, when it made this
+
+
+class NotificationLogged(Event, frozen=True, kw_only=True):
+    """An entry of the notification log (Alertmanager's nflog): a notification a receiver
+    got (``sent``), one given up after retries (``failed``), or alerts held back
+    (``suppressed``: silence, maintenance window, failing dependency). Its ``event_id`` is
+    the notification's id, derived from the group, receiver, tier and sequence number, so a
+    restarted alerter knows what was sent and sends nothing twice."""
+
+    receiver: str
+    group_key: str
+    outcome: NotificationOutcome
+    timestamp: float
+    app_name: str = ""  # the group's app; "" when the group spans apps
+    instance_id: str = ""
+    tier: int = 0  # 0: the route's receiver; n: escalation tier n
+    seq: int = 0
+    firing: list[str] = []
+    resolved: list[str] = []
+    suppressed: dict[str, str] = {}  # alert_id -> why
+    attempts: int = 0
+    error: str | None = None
+
+
 AnyEvent = (
     ProbeCompleted
     | ContainerObserved
@@ -201,6 +281,10 @@ AnyEvent = (
     | RecoveryExecuted
     | BreakerStateChanged
     | BreakerTrialAdmitted
+    | AlertChanged
+    | AlertAcknowledged
+    | SilenceCreated
+    | NotificationLogged
 )
 
 EVENT_TYPES: dict[str, type[Event]] = {
@@ -213,5 +297,9 @@ EVENT_TYPES: dict[str, type[Event]] = {
         RecoveryExecuted,
         BreakerStateChanged,
         BreakerTrialAdmitted,
+        AlertChanged,
+        AlertAcknowledged,
+        SilenceCreated,
+        NotificationLogged,
     )
 }

@@ -9,14 +9,18 @@ from __future__ import annotations
 import re
 
 from .catalogue import (
+    AlertAcknowledged,
+    AlertChanged,
     BreakerStateChanged,
     BreakerTrialAdmitted,
     ContainerObserved,
     Event,
     FailureDetected,
     HealthChanged,
+    NotificationLogged,
     ProbeCompleted,
     RecoveryExecuted,
+    SilenceCreated,
 )
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
@@ -43,6 +47,17 @@ _STEMS: dict[type[Event], str] = {
 }
 
 
+# Alerting events have one name token: ``autoserve.event.alert.<app>`` for AlertChanged, and
+# one more token for the alerter's records, so ``autoserve.event.alert.*`` is alerts only.
+_ONE_TOKEN: dict[type[Event], tuple[str, str]] = {
+    AlertChanged: ("event.alert", "app_name"),
+    AlertAcknowledged: ("event.alert.ack", "app_name"),
+    SilenceCreated: ("event.alert.silence", "app_name"),
+    NotificationLogged: ("event.alert.nflog", "receiver"),
+}
+ALERTS_WILDCARD = f"{PREFIX}.event.alert.*"
+ALERTING_WILDCARD = f"{PREFIX}.event.alert.>"
+
 # Every breaker event: states (5 tokens) and trials (6 tokens), in stream order.
 BREAKER_EVENTS_WILDCARD = f"{PREFIX}.event.breaker.>"
 
@@ -62,6 +77,10 @@ def subject(event_type: type[Event], app_name: str, instance_id: str) -> str:
 
 
 def subject_for(event: Event) -> str:
+    one = _ONE_TOKEN.get(type(event))
+    if one is not None:
+        stem, field = one
+        return f"{PREFIX}.{stem}.{_token(getattr(event, field), field)}"
     return subject(type(event), event.app_name, event.instance_id)  # type: ignore[attr-defined]
 
 

@@ -6,6 +6,18 @@ from .consumer import ConsumerSpec, EventConsumer, SeenIds
 from .lifecycle import cancel_all, close_nats, serve
 from .logs import configure_logging
 from .nats_server import EmbeddedNatsServer, NatsServerError, free_port, nats_server_binary
+from .observability import (
+    Endpoint,
+    add_check,
+    add_counter,
+    add_gauge,
+    count_published,
+    endpoint_for,
+    instrument,
+    request_endpoint,
+    watch_consumer,
+    watch_publisher,
+)
 from .process import spawn_child, stop_child
 from .publisher import EventPublisher, PublisherStats
 
@@ -13,22 +25,32 @@ __all__ = [
     "DEFAULT_NATS_URL",
     "ConsumerSpec",
     "EmbeddedNatsServer",
+    "Endpoint",
     "EventConsumer",
     "EventPublisher",
     "NatsServerError",
     "NatsUnavailable",
     "PublisherStats",
     "SeenIds",
+    "add_check",
+    "add_counter",
+    "add_gauge",
     "cancel_all",
     "close_nats",
     "configure_logging",
     "connect",
+    "count_published",
+    "endpoint_for",
     "follow_apps",
     "follow_detector_settings",
     "free_port",
+    "instrument",
     "nats_server_binary",
     "provision",
+    "request_endpoint",
     "serve",
     "spawn_child",
     "stop_child",
+    "watch_consumer",
+    "watch_publisher",
 ]

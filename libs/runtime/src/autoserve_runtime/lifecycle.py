@@ -1,4 +1,5 @@
-"""Running a service process: signals, the event loop, and an orderly shutdown."""
+"""Running a service process: signals, the event loop, health and metrics, and an orderly
+shutdown."""
 
 from __future__ import annotations
 
@@ -11,17 +12,45 @@ import nats.errors
 import uvloop
 from nats.aio.client import Client
 
+from . import observability
 from .logs import configure_logging
 
 
-def serve(name: str, run: Callable[[asyncio.Event], Awaitable[None]], *, grace_seconds: float = 10.0) -> int:
+def _ready_event_of(run: Callable[..., object]) -> asyncio.Event | None:
+    """A service object's ``ready`` event, when ``run`` is its bound ``run`` method: every
+    service sets it once replayed and consuming, so readiness needs no extra line."""
+    ready = getattr(getattr(run, "__self__", None), "ready", None)
+    return ready if isinstance(ready, asyncio.Event) else None
+
+
+def serve(
+    name: str,
+    run: Callable[[asyncio.Event], Awaitable[None]],
+    *,
+    grace_seconds: float = 10.0,
+    ready: asyncio.Event | None = None,
+    endpoint: observability.Endpoint | None = None,
+) -> int:
     """Run ``run(stop)`` on uvloop. SIGTERM or SIGINT sets ``stop`` for an orderly drain; a
     service that has not finished ``grace_seconds`` later (still waiting for NATS, say), or a
-    second signal, cancels it. Exit status 0 either way: stopping was asked for."""
+    second signal, cancels it. Exit status 0 either way: stopping was asked for.
+
+    ``/healthz``, ``/readyz`` and ``/metrics`` are served on ``endpoint`` (default: the
+    ``--metrics-port`` flag, ``AUTOSERVE_METRICS_PORT``, or the service's fixed port; see
+    ``observability.endpoint_for``) from the start until the drain is over. ``/readyz``
+    waits for ``ready`` (default: the ``ready`` event of the object ``run`` belongs to)."""
     configure_logging(name)
+    try:
+        where = endpoint or observability.endpoint_for(name)
+    except ValueError as exc:
+        raise SystemExit(f"autoserve run {name}: {exc}") from None
+    observability.begin(observability.base_service(name), ready or _ready_event_of(run))
 
     async def main() -> None:
         stop = asyncio.Event()
+        server = observability.HealthServer(where)
+        if where.port:
+            await server.start()
         task = asyncio.ensure_future(run(stop))
         loop = asyncio.get_running_loop()
 
@@ -29,13 +58,17 @@ def serve(name: str, run: Callable[[asyncio.Event], Awaitable[None]], *, grace_s
             if stop.is_set():
                 task.cancel()
                 return
+            observability.mark_stopping()
             stop.set()
             loop.call_later(grace_seconds, task.cancel)
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        try:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        finally:
+            await server.stop()
 
     uvloop.run(main())
     return 0

@@ -14,7 +14,7 @@ import time
 import structlog
 
 from autoserve_config import AppSpec, DetectorConfig
-from autoserve_events import APPS_BUCKET, PROBES_STREAM, SETTINGS_BUCKET, ContainerObserved, ProbeCompleted, wildcard
+from autoserve_events import APPS_BUCKET, PROBES_STREAM, SETTINGS_BUCKET
 from autoserve_events.subjects import PROBES_WILDCARD
 from autoserve_runtime import (
     ConsumerSpec,
@@ -26,6 +26,7 @@ from autoserve_runtime import (
     follow_apps,
     follow_detector_settings,
     provision,
+    watch_consumer,
 )
 
 from .core.detector import AppThresholds, Detector
@@ -35,7 +36,7 @@ log = structlog.get_logger("autoserve.detector")
 CONSUMER = ConsumerSpec(
     stream=PROBES_STREAM,
     durable="autoserve-detector",
-    filter_subjects=(wildcard(ProbeCompleted), wildcard(ContainerObserved)),
+    filter_subjects=(PROBES_WILDCARD,),
 )
 
 
@@ -81,6 +82,7 @@ class DetectorService:
         await self._apps_loaded.wait()
         self.publisher = EventPublisher(js, max_buffered=200_000).start()
         self.consumer = EventConsumer(js, self.publisher, CONSUMER, "detector", self.detector.apply)
+        watch_consumer("detector", self.consumer)  # /metrics and /readyz
         started = time.monotonic()
         floor = await self.consumer.ack_floor()
         since = time.time() - self.detector.window_seconds

@@ -7,7 +7,8 @@ import signal
 import subprocess
 import sys
 
-from autoserve_runtime import serve
+from autoserve_runtime import endpoint_for, serve
+from autoserve_runtime.observability import SHARD_PORT_STEP
 
 from .service import ProberService
 
@@ -32,7 +33,7 @@ def run_sharded(nats_url: str, workers: int, docker: bool | None = None) -> int:
     command = [sys.executable, "-m", "autoserve_cli.main", "run", "prober", "--nats-url", nats_url]
     if docker is not None:
         command.append("--docker" if docker else "--no-docker")
-    children = [subprocess.Popen([*command, "--shard", f"{i}/{workers}"]) for i in range(workers)]
+    children = [subprocess.Popen([*command, "--shard", f"{i}/{workers}", *_metrics_flags(i)]) for i in range(workers)]
 
     def forward(signum: int, _frame: object) -> None:
         for child in children:
@@ -43,3 +44,10 @@ def run_sharded(nats_url: str, workers: int, docker: bool | None = None) -> int:
     signal.signal(signal.SIGINT, forward)
     codes = [child.wait() for child in children]
     return max(codes, default=0)
+
+
+def _metrics_flags(shard: int) -> list[str]:
+    """Each shard serves /metrics on its own port: the prober's, plus 100 per shard."""
+    endpoint = endpoint_for("prober")
+    port = endpoint.port + SHARD_PORT_STEP * shard if endpoint.port else 0
+    return ["--metrics-host", endpoint.host, "--metrics-port", str(port)]

@@ -5,12 +5,24 @@ publisher, and stops them in order.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import structlog
 
 from autoserve_config import AppSpec
-from autoserve_events import APPS_BUCKET
-from autoserve_runtime import EventPublisher, cancel_all, close_nats, connect, follow_apps, provision
+from autoserve_events import APPS_BUCKET, Event
+from autoserve_runtime import (
+    EventPublisher,
+    add_counter,
+    add_gauge,
+    cancel_all,
+    close_nats,
+    connect,
+    count_published,
+    follow_apps,
+    provision,
+    watch_publisher,
+)
 
 from .adapters.docker_source import DockerSource, docker_available
 from .adapters.http import HttpProbe
@@ -50,12 +62,13 @@ class ProberService:
         await provision(js)
         kv = await js.key_value(APPS_BUCKET)
         self.publisher = EventPublisher(js).start()
+        submit = self._observe(self.publisher)
         http = await HttpProbe().start()
-        self.workers = ProbeWorkers(Prober(http).probe, self.publisher.submit)
+        self.workers = ProbeWorkers(Prober(http).probe, submit)
         tasks = [asyncio.create_task(follow_apps(kv, self._on_apps), name="follow-apps")]
         if self.use_docker:
             self._docker = DockerSource(
-                self._on_containers, self.publisher.submit, self._owns, stats_seconds=self.container_stats_seconds
+                self._on_containers, submit, self._owns, stats_seconds=self.container_stats_seconds
             )
             tasks.append(asyncio.create_task(self._docker.run(), name="docker-discovery"))
         else:
@@ -71,6 +84,16 @@ class ProberService:
             await http.close()
             await close_nats(nc)
             log.info("prober stopped", published=self.publisher.stats.acked, dropped=self.publisher.stats.dropped)
+
+    def _observe(self, publisher: EventPublisher) -> Callable[[Event], None]:
+        """/metrics: probes by result (rate() gives probes per second), targets, missed slots."""
+        watch_publisher("prober", publisher)
+        add_gauge("probe_targets", "Targets this prober (shard) probes", lambda: len(self.workers.targets))
+        add_counter("probe_missed_slots", "Probe slots skipped: the probe before overran", self._missed_slots)
+        return count_published("prober", publisher.submit)
+
+    def _missed_slots(self) -> int:
+        return self.workers.stats.missed_slots if self.workers else 0
 
     def _on_apps(self, apps: dict[str, AppSpec], written_at: float | None) -> None:
         self.apps = apps

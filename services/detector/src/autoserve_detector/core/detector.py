@@ -41,6 +41,9 @@ class AppThresholds:
     period_seconds: float = 30
 
 
+DEFAULT_THRESHOLDS = AppThresholds()
+
+
 @dataclass
 class InstanceState:
     window_seconds: float
@@ -96,7 +99,7 @@ class Detector:
     # -- probe results -----------------------------------------------------------------
 
     def _on_probe(self, probe: ProbeCompleted) -> list[Event]:
-        app = self.apps.get(probe.app_name, AppThresholds())
+        app = self.apps.get(probe.app_name, DEFAULT_THRESHOLDS)
         state = self._state(probe.app_name, probe.instance_id)
         now = probe.timestamp
         out: list[Event] = []
@@ -150,20 +153,18 @@ class Detector:
         )
 
     def _error_rate(self, state: InstanceState, probe: ProbeCompleted) -> list[Event]:
-        counts = state.results.totals(probe.timestamp)
-        total = counts["ok"] + counts["failed"]
-        rate = 100.0 * counts["failed"] / total if total else 0.0
+        failed = state.results.count(probe.timestamp, "failed")
+        total = failed + state.results.count(probe.timestamp, "ok")
+        rate = 100.0 * failed / total if total else 0.0
         high = total >= self.settings.min_probes_for_error_rate and rate > self.settings.max_error_rate_percent
         if not high or state.error_rate_high:
             state.error_rate_high = high
             return []
         state.error_rate_high = True  # report the crossing once; re-armed when the rate falls
         details = {"error_rate_percent": round(rate, 2), "threshold": self.settings.max_error_rate_percent,
-                   "failed": counts["failed"], "total": total}  # fmt: skip
+                   "failed": failed, "total": total}  # fmt: skip
         message = f"High error rate: {rate:.1f}% of {total} probes failed"
-        return [
-            self._failure(state, probe, FailureType.HIGH_ERROR_RATE, message, details, consecutive=counts["failed"])
-        ]
+        return [self._failure(state, probe, FailureType.HIGH_ERROR_RATE, message, details, consecutive=failed)]
 
     def _startup(self, state: InstanceState, probe: ProbeCompleted, app: AppThresholds) -> list[Event]:
         """Never healthy within ``failure_threshold`` periods of its first probe (which came

@@ -1,11 +1,14 @@
 """At-most-once claims in the KV bucket ``autoserve-recovery-claims``.
 
-``f.<failure event_id>``: created (create fails if the key exists) by the one replica
-that acts on a failure. ``i.<app>.<instance>``: a lease that serialises actions on one
-instance across replicas. Both carry an owner and a lease deadline; the owner renews
-while it works. A replica that finds an expired lease takes it over with a
+``f.<failure event_id>.<action>``: created (create fails if the key exists) by the one
+replica that runs that action for that failure, *before* it acts, with the action and
+the time it began (``since``). ``i.<app>.<instance>``: a lease that serialises actions
+on one instance across replicas. Both carry an owner and a lease deadline; the owner
+renews while it works. A replica that finds an expired lease takes it over with a
 compare-and-set on the revision it read, so of several candidates exactly one wins,
-and an incident whose owner crashed is picked up once the lease runs out.
+and an incident whose owner crashed is picked up once the lease runs out. The lease it
+replaced tells the successor what was begun and when, so it can check whether the
+action already happened before doing it again.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ class Lease(msgspec.Struct, frozen=True):
     until: float
     cause: str = ""
     done: bool = False
+    action: str = ""  # what the owner is about to do (an action claim)
+    since: float = 0.0  # when it was claimed: anything the action did is after this
 
 
 async def claims_bucket(js: JetStreamContext, max_age_seconds: float = 86_400) -> KeyValue:
@@ -49,16 +54,33 @@ class Claims:
         self.kv = kv
         self.owner = owner
         self.lease_seconds = lease_seconds
+        self._mine: dict[str, Lease] = {}  # key -> what this replica wrote (kept on renewal)
 
-    def _lease(self, cause: str, done: bool = False) -> bytes:
-        return msgspec.json.encode(Lease(self.owner, time.time() + self.lease_seconds, cause, done))
+    def _lease(self, key: str, cause: str, done: bool = False, action: str | None = None) -> Lease:
+        """A new lease (``action`` given: a fresh claim), or the held one renewed."""
+        now = time.time()
+        held = self._mine.get(key)
+        if action is not None or held is None:
+            held = Lease(self.owner, 0.0, cause, action=action or "", since=now)
+        return Lease(self.owner, now + self.lease_seconds, cause, done, held.action, held.since)
 
-    async def acquire(self, key: str, cause: str, *, reusable: bool = False) -> tuple[int, Lease | None] | None:
+    async def _write(self, key: str, lease: Lease, last: int | None) -> int:
+        value = msgspec.json.encode(lease)
+        revision = await (self.kv.create(key, value) if last is None else self.kv.update(key, value, last=last))
+        if lease.done:
+            self._mine.pop(key, None)
+        else:
+            self._mine[key] = lease
+        return revision
+
+    async def acquire(
+        self, key: str, cause: str, *, reusable: bool = False, action: str = ""
+    ) -> tuple[int, Lease | None] | None:
         """Take ``key``: (revision, the lease it replaced or None), or None if someone holds
         it. A finished claim is taken again only if ``reusable`` (an instance lease); a
         finished action claim never is: that action was done."""
         try:
-            return await self.kv.create(key, self._lease(cause)), None
+            return await self._write(key, self._lease(key, cause, action=action), None), None
         except KeyWrongLastSequenceError:
             pass
         try:
@@ -71,7 +93,7 @@ class Claims:
         if not held.done and held.until > time.time() and held.owner != self.owner:
             return None
         try:
-            return await self.kv.update(key, self._lease(cause), last=entry.revision), held
+            return await self._write(key, self._lease(key, cause, action=action), entry.revision), held
         except KeyWrongLastSequenceError:
             return None  # another replica took it first
 
@@ -83,9 +105,10 @@ class Claims:
         return msgspec.json.decode(entry.value or b"{}", type=Lease)
 
     async def renew(self, key: str, revision: int, cause: str) -> int:
-        return await self.kv.update(key, self._lease(cause), last=revision)
+        return await self._write(key, self._lease(key, cause), revision)
 
     async def finish(self, key: str, revision: int, cause: str) -> None:
         """Mark done: the work is recorded in the stream, nobody takes it over."""
         with contextlib.suppress(KeyWrongLastSequenceError):
-            await self.kv.update(key, self._lease(cause, done=True), last=revision)
+            await self._write(key, self._lease(key, cause, done=True), revision)
+        self._mine.pop(key, None)

@@ -4,16 +4,24 @@ Completion is a Docker event (``start``, ``destroy``), never a sleep loop (the s
 every 3 s). Recreated and added containers copy the old one's spec (image, env, labels,
 command, limits, host config) and carry ``autoserve.recovery.lineage`` so the budgets of
 the slot follow the new container.
+
+On host networking a copy that runs next to the original (replace, scale out) cannot use
+its port: it gets a free 127.0.0.1 port (from ``docker.replica_ports``, else one the
+kernel picks), as its ``autoserve.port`` label (where discovery probes it and nginx sends
+traffic) and as its ``PORT`` environment variable (where the app must listen).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import json
 import os
+import socket
 from collections import defaultdict
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import aiodocker
@@ -26,9 +34,46 @@ log = structlog.get_logger("autoserve.recovery.docker")
 LINEAGE_LABEL = "autoserve.recovery.lineage"
 CAUSE_LABEL = "autoserve.recovery.cause"  # the failure a replacement was started for
 PORT_LABEL = "autoserve.port"
+PORT_ENV = "PORT"  # a copy on host networking listens where this says
 # Container config keys that make up "the same spec" when a container is created again.
 SPEC_KEYS = ("Image", "Env", "Labels", "Cmd", "Entrypoint", "WorkingDir", "User", "ExposedPorts", "StopSignal",
              "Healthcheck", "Tty", "OpenStdin")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PortPolicy:
+    """Where an app's containers listen: the prober's rule (``docker.port``, else the
+    ``autoserve.port`` label, else ``health_check.port``), and where copies may go."""
+
+    fixed: int | None = None  # docker.port: every container of the app on this port
+    default: int = 8000  # health_check.port
+    replica_range: tuple[int, int] | None = None  # docker.replica_ports
+
+    def port_of(self, labels: Mapping[str, str]) -> int:
+        label = labels.get(PORT_LABEL, "")
+        return self.fixed or (int(label) if label.isdigit() else self.default)
+
+
+def docker_time(text: str) -> float:
+    """Docker's RFC 3339 times carry nanoseconds; Python takes microseconds."""
+    head, _, frac = text.rstrip("Z").partition(".")
+    stamp = datetime.datetime.fromisoformat(head).replace(tzinfo=datetime.UTC).timestamp()
+    return stamp + (float(f"0.{frac}") if frac.isdigit() else 0.0)
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def _kernel_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def docker_socket_available() -> bool:
@@ -45,7 +90,8 @@ class DockerRuntime:
         self._waiters: dict[tuple[str, str], list[asyncio.Future[float]]] = defaultdict(list)
         self._follower: asyncio.Task[None] | None = None
         self.selectors: dict[str, str] = dict(selectors or {})  # app -> "key=value"
-        self.ports: dict[str, int] = {}  # app -> default port (docker.port or health_check.port)
+        self.ports: dict[str, PortPolicy] = {}  # app -> where its containers listen
+        self._copying: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)  # one port choice at a time
 
     def owns(self, app_name: str, instance_id: str) -> bool:
         return app_name in self.selectors
@@ -145,14 +191,34 @@ class DockerRuntime:
         return [c["Id"][:12] for c in await self._app_containers(app_name)]
 
     async def members(self, app_name: str) -> list[Member]:
-        members = []
-        for summary in await self._app_containers(app_name):
-            labels = summary.get("Labels") or {}
-            port = labels.get(PORT_LABEL)
-            port_number = int(port) if port and port.isdigit() else self.ports.get(app_name)
-            if port_number:
-                members.append(Member(summary["Id"][:12], "127.0.0.1", port_number))
-        return members
+        policy = self.ports.get(app_name, PortPolicy())
+        return [
+            Member(summary["Id"][:12], "127.0.0.1", policy.port_of(summary.get("Labels") or {}))
+            for summary in await self._app_containers(app_name)
+        ]
+
+    async def _copy_port(self, app_name: str, info: Mapping[str, Any]) -> int | None:
+        """A free 127.0.0.1 port for a copy of ``info`` that runs beside it, or None when
+        the copy needs none (not host networking: each container has its own address)."""
+        if (info.get("HostConfig") or {}).get("NetworkMode") != "host":
+            return None
+        policy = self.ports.get(app_name, PortPolicy())
+        if policy.fixed:
+            raise RecoveryError(
+                f"{app_name}: docker.port {policy.fixed} puts every container on one port; on host networking a "
+                "copy cannot run beside the original. Use the autoserve.port label instead of docker.port"
+            )
+        taken = {policy.port_of(summary.get("Labels") or {}) for summary in await self._app_containers(app_name, False)}
+        if policy.replica_range is None:
+            for _ in range(20):  # the kernel's pick is free now; skip one a stopped container owns
+                if (port := _kernel_port()) not in taken:
+                    return port
+            raise RecoveryError(f"{app_name}: no free 127.0.0.1 port found for a copy")
+        low, high = policy.replica_range
+        for port in range(low, high + 1):  # the lowest free one: the same choice on every replica
+            if port not in taken and _bindable(port):
+                return port
+        raise RecoveryError(f"{app_name}: no free port left in docker.replica_ports [{low}, {high}]")
 
     # -- actions -------------------------------------------------------------------------
 
@@ -170,12 +236,16 @@ class DockerRuntime:
         return Outcome({"container_id": cid, "effective_at": at})
 
     async def _create_like(
-        self, info: Mapping[str, Any], name: str | None, lineage: str, cause: str = ""
+        self, info: Mapping[str, Any], name: str | None, lineage: str, cause: str = "", port: int | None = None
     ) -> tuple[str, float]:
         config = {key: info["Config"][key] for key in SPEC_KEYS if info["Config"].get(key) is not None}
         labels = {**(config.get("Labels") or {}), LINEAGE_LABEL: lineage}
         labels.pop(CAUSE_LABEL, None)
         config["Labels"] = labels | ({CAUSE_LABEL: cause} if cause else {})
+        if port is not None:
+            config["Labels"][PORT_LABEL] = str(port)
+            env = [e for e in config.get("Env") or [] if not e.startswith(f"{PORT_ENV}=")]
+            config["Env"] = [*env, f"{PORT_ENV}={port}"]
         config["HostConfig"] = info["HostConfig"]  # limits, network mode, mounts, restart policy
         container = await self.docker.containers.create(config, name=name)
         started = self._expect(container.id, "start")
@@ -217,22 +287,32 @@ class DockerRuntime:
         info = await self._inspect(instance_id)
         lineage = (info["Config"].get("Labels") or {}).get(LINEAGE_LABEL) or instance_id
         if cause:  # a replica that crashed mid-replace left its replacement behind
-            for leftover in await self.docker.containers.list(
-                all=True, filters=json.dumps({"label": [f"{CAUSE_LABEL}={cause}"]})
-            ):
-                await self._remove(leftover.id, timeout)
-        try:
-            new_id, _ = await self._create_like(info, None, lineage, cause)
-        except aiodocker.DockerError as exc:
-            raise RecoveryError(f"docker create: {exc.message}") from None
+            for leftover in await self._caused_by(cause):
+                await self._remove(leftover["Id"], timeout)
+        async with self._copying[app_name]:
+            port = await self._copy_port(app_name, info)
+            try:
+                new_id, _ = await self._create_like(info, None, lineage, cause, port)
+            except aiodocker.DockerError as exc:
+                raise RecoveryError(f"docker create: {exc.message}") from None
         wait = timeout * 0.8  # leaves time to clean up within the action's timeout
         if not await healthy(app_name, new_id[:12], wait):
             await self._remove(new_id, timeout)
             raise RecoveryError(f"replacement {new_id[:12]} not healthy within {wait:g}s; kept {instance_id}")
         await self._remove(info["Id"], timeout)  # the old one's death is ours: effective at the end
-        return Outcome({"removed_instance_id": instance_id, "new_instance_id": new_id[:12], "container_id": new_id})
+        return Outcome(
+            {"removed_instance_id": instance_id, "new_instance_id": new_id[:12], "container_id": new_id}
+            | ({"port": port} if port is not None else {})
+        )
 
-    async def scale_out(self, app_name: str, instance_id: str, max_replicas: int, timeout: float) -> Outcome:
+    async def _caused_by(self, cause: str) -> list[dict[str, Any]]:
+        """Containers recovery started for one failure (replace, scale out)."""
+        found = await self.docker.containers.list(all=True, filters=json.dumps({"label": [f"{CAUSE_LABEL}={cause}"]}))
+        return [container._container for container in found]
+
+    async def scale_out(
+        self, app_name: str, instance_id: str, max_replicas: int, timeout: float, cause: str = ""
+    ) -> Outcome:
         running = await self._app_containers(app_name)
         if len(running) >= max_replicas:
             raise RecoveryError(
@@ -244,16 +324,62 @@ class DockerRuntime:
             if not running:
                 raise RecoveryError(f"scale_out: no container of {app_name} to copy") from None
             template = await self._inspect(running[0]["Id"])
+        async with self._copying[app_name]:
+            port = await self._copy_port(app_name, template)
+            try:
+                new_id, _ = await self._create_like(template, None, "", cause, port)
+            except aiodocker.DockerError as exc:
+                raise RecoveryError(f"docker create: {exc.message}") from None
+        return Outcome(
+            {"new_instance_id": new_id[:12], "replicas": len(running) + 1}
+            | ({"port": port} if port is not None else {})
+        )
+
+    async def took_effect(
+        self, app_name: str, instance_id: str, lineage: str, strategy: str, since: float, cause: str
+    ) -> Outcome | None:
+        """After a takeover: did the crashed replica's ``strategy``, begun at ``since``,
+        already happen? Docker's state says so (a restart: the container started after
+        ``since``; a replace or scale out: the copy labelled with the cause exists and, for
+        a replace, the original is gone). None: not done, or cannot tell."""
         try:
-            new_id, _ = await self._create_like(template, None, "")
-        except aiodocker.DockerError as exc:
-            raise RecoveryError(f"docker create: {exc.message}") from None
-        return Outcome({"new_instance_id": new_id[:12], "replicas": len(running) + 1})
+            info: dict[str, Any] | None = await self._inspect(instance_id)
+        except RecoveryError:
+            info = None  # gone: removed by a replace or recreate, or never there
+        if strategy == "restart_container":
+            if info is None or not info["State"].get("Running"):
+                return None
+            started = docker_time(info["State"]["StartedAt"])
+            return Outcome({"container_id": info["Id"], "effective_at": started}) if started > since else None
+        if strategy == "recreate_container":
+            if info is not None:
+                return None
+            for summary in await self._app_containers(app_name, running_only=False):
+                slot = (summary.get("Labels") or {}).get(LINEAGE_LABEL)
+                if slot in (instance_id, lineage) and int(summary.get("Created") or 0) >= int(since):
+                    new = await self._inspect(summary["Id"])
+                    effective = docker_time(new["State"]["StartedAt"])
+                    return Outcome({"removed_instance_id": instance_id, "new_instance_id": new["Id"][:12],
+                                    "container_id": new["Id"], "effective_at": effective})  # fmt: skip
+            return None
+        if strategy in ("replace_instance", "scale_out"):
+            copies = await self._caused_by(cause)
+            if not copies or (strategy == "replace_instance" and info is not None):
+                return None  # a half-made replacement is removed and the replace done again
+            new_id = copies[0]["Id"]
+            details: dict[str, object] = {"new_instance_id": new_id[:12], "container_id": new_id}
+            if strategy == "replace_instance":
+                details["removed_instance_id"] = instance_id
+            return Outcome(details)
+        return None
 
     async def stop(self, app_name: str, instance_id: str, timeout: float) -> Outcome:
+        """``docker stop``: the stop signal, then SIGKILL after the container's own
+        ``StopTimeout`` (Docker's 10 s when unset), within half the action's time."""
         info = await self._inspect(instance_id)
+        grace = min(info["Config"].get("StopTimeout") or 10, timeout / 2)
         try:
-            await self.docker.containers.container(info["Id"]).stop(t=int(timeout), timeout=timeout + 5)
+            await self.docker.containers.container(info["Id"]).stop(t=max(0, int(grace)), timeout=timeout)
         except aiodocker.DockerError as exc:
             raise RecoveryError(f"docker stop {instance_id}: {exc.message}") from None
-        return Outcome({"container_id": info["Id"]})
+        return Outcome({"container_id": info["Id"], "stop_grace_seconds": int(grace)})

@@ -57,6 +57,16 @@ class NginxUpstreams:
     def path(self, app_name: str) -> Path:
         return self.settings.upstream_dir / f"{app_name}.conf"
 
+    def manages(self, app_name: str) -> bool:
+        """The app is behind this nginx: its upstream file exists."""
+        return self.path(app_name).exists()
+
+    def is_down(self, app_name: str, instance_id: str) -> bool:
+        try:
+            return instance_id in parse_down(self.path(app_name).read_text())
+        except OSError:
+            return False
+
     async def set_down(
         self, app_name: str, members: list[Member], instance_id: str | None, down: bool
     ) -> dict[str, object]:

@@ -112,6 +112,7 @@ class ProcessRuntime:
             raise RecoveryError(f"cannot start {record['argv'][0]}: {exc}") from None
         self.children.append(child)
         record["pid"] = child.pid
+        record["started_at"] = spawned_at
         path = self._path(app_name, instance_id)
         path.with_suffix(".tmp").write_text(json.dumps(record))
         os.replace(path.with_suffix(".tmp"), path)
@@ -127,8 +128,27 @@ class ProcessRuntime:
     ) -> Outcome:
         raise RecoveryError("replace_instance needs a container runtime; local processes keep their port")
 
-    async def scale_out(self, app_name: str, instance_id: str, max_replicas: int, timeout: float) -> Outcome:
+    async def scale_out(
+        self, app_name: str, instance_id: str, max_replicas: int, timeout: float, cause: str = ""
+    ) -> Outcome:
         raise RecoveryError("scale_out needs a container runtime; local processes keep their port")
+
+    async def took_effect(
+        self, app_name: str, instance_id: str, lineage: str, strategy: str, since: float, cause: str
+    ) -> Outcome | None:
+        """A restart (or recreate) a crashed replica began: the record names a process
+        started after ``since`` that is still alive."""
+        if strategy not in ("restart_container", "recreate_container"):
+            return None
+        record = self._record(app_name, instance_id)
+        started = float(record.get("started_at") or 0)
+        try:
+            os.kill(int(record["pid"]), 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass  # alive, someone else's
+        return Outcome({"pid": record["pid"], "effective_at": started}) if started > since else None
 
     async def stop(self, app_name: str, instance_id: str, timeout: float) -> Outcome:
         await self._terminate(int(self._record(app_name, instance_id)["pid"]), timeout)

@@ -41,7 +41,14 @@ class Runtime(Protocol):
         self, app_name: str, instance_id: str, timeout: float, healthy: AwaitHealthy, cause: str = ""
     ) -> Outcome: ...
 
-    async def scale_out(self, app_name: str, instance_id: str, max_replicas: int, timeout: float) -> Outcome: ...
+    async def scale_out(
+        self, app_name: str, instance_id: str, max_replicas: int, timeout: float, cause: str = ""
+    ) -> Outcome: ...
+
+    async def took_effect(
+        self, app_name: str, instance_id: str, lineage: str, strategy: str, since: float, cause: str
+    ) -> Outcome | None:
+        """Whether an action a crashed replica began at ``since`` already happened."""
 
     async def stop(self, app_name: str, instance_id: str, timeout: float) -> Outcome: ...
 

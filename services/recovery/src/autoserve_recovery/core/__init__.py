@@ -1,7 +1,19 @@
 """The recovery service's pure core: strategy choice, escalation, budgets, backoff, the
 ejection cap and panic mode, as a fold over events plus decisions. No I/O, time passed in."""
 
-from .decide import AppPolicy, Limits, Plan, backoff_delay, decide, panic, panic_announcement, record, restore_plan
+from .decide import (
+    AppPolicy,
+    Limits,
+    Plan,
+    backoff_delay,
+    decide,
+    panic,
+    panic_announcement,
+    panic_restores,
+    record,
+    restore_plan,
+    rolling_member,
+)
 from .state import InstanceState, RecoveryState
 from .strategies import DEFAULT_STRATEGY_MAP, LADDER, remediation_ladder, strategy_map, traffic_steps
 
@@ -17,9 +29,11 @@ __all__ = [
     "decide",
     "panic",
     "panic_announcement",
+    "panic_restores",
     "record",
     "remediation_ladder",
     "restore_plan",
+    "rolling_member",
     "strategy_map",
     "traffic_steps",
 ]

@@ -142,13 +142,13 @@ def _budget(
 
 
 def _remediation(
-    state: RecoveryState, inst: InstanceState, failure: FailureDetected, policy: AppPolicy, now: float
+    inst: InstanceState, failure: FailureDetected, policy: AppPolicy, now: float
 ) -> tuple[RecoveryStrategy | None, list[str]]:
     listed = policy.strategies.get(failure.failure_type, ())
     ladder = remediation_ladder(listed, policy.recovery.escalate)
     level = 0 if _backoff_reset(inst, policy, now) else inst.level
     notes: list[str] = []
-    explicit = {s for s in listed}
+    explicit = set(listed)
     ordered = [s for s in ladder if rank(s) >= level] + [s for s in ladder if rank(s) < level]  # wrap when all used
     for strategy in ordered:
         why = _budget(inst, strategy, failure, policy, now, strategy not in explicit)
@@ -177,16 +177,16 @@ def decide(state: RecoveryState, failure: FailureDetected, policy: AppPolicy, li
     traffic: list[RecoveryStrategy] = []
     if not inst.ejected:
         for strategy in traffic_steps(listed):
-            if state.is_done(failure.event_id, strategy):
+            if state.is_done(failure.event_id, strategy, failure.instance_id):
                 continue
             why = ejection_allowed(state, failure, policy)
             if why is None:
                 traffic.append(strategy)
                 break  # one way out of the LB is enough
             notes.append(why)
-    remediation, why_not = _remediation(state, inst, failure, policy, now)
+    remediation, why_not = _remediation(inst, failure, policy, now)
     notes += why_not
-    if remediation is None or (state.handled(failure.event_id) and state.is_done(failure.event_id, remediation)):
+    if remediation is None or state.is_done(failure.event_id, remediation, failure.instance_id):
         return Plan(tuple(traffic), None, None, tuple(notes))
     due = 0.0 if _backoff_reset(inst, policy, now) else inst.next_allowed_at
     recent = [t for t in state.actions if t > now - RATE_WINDOW_SECONDS]
@@ -218,9 +218,13 @@ def record(
     error: str | None = None,
     details: Mapping[str, object] | None = None,
     operation: str | None = None,
+    instance_id: str | None = None,
 ) -> RecoveryExecuted:
     """The event for one action tried. For a remediation, ``details`` also carries the
-    escalation level and backoff it leaves behind, so the fold replays them exactly."""
+    escalation level and backoff it leaves behind, so the fold replays them exactly.
+    ``instance_id``: a traffic action on another instance than the cause's (a panic
+    restores every ejected instance on one health change)."""
+    target = instance_id or cause.instance_id
     extra: dict[str, object] = dict(details or {})
     if operation:
         extra["operation"] = operation
@@ -239,11 +243,12 @@ def record(
             "lineage": inst.lineage,
         }
     failure_type = cause.failure_type if isinstance(cause, FailureDetected) else None
+    parts = (cause.event_id, operation or strategy) + ((target,) if target != cause.instance_id else ())
     return RecoveryExecuted(
-        event_id=derived_event_id(cause.event_id, operation or strategy),
+        event_id=derived_event_id(*parts),
         strategy=strategy,
         failure_type=failure_type,
-        instance_id=cause.instance_id,
+        instance_id=target,
         app_name=cause.app_name,
         success=success,
         timestamp=started_at,
@@ -263,9 +268,44 @@ def _budget_after(inst: InstanceState, strategy: RecoveryStrategy, policy: AppPo
 
 def restore_plan(state: RecoveryState, event: HealthChanged) -> bool:
     """A healthy instance that is out of the LB goes back in (the seed never did this)."""
-    if not event.healthy or state.is_done(event.event_id, "restore"):
+    if not event.healthy or state.is_done(event.event_id, "restore", event.instance_id):
         return False
     return state.instance(event.app_name, event.instance_id).ejected
+
+
+def panic_restores(state: RecoveryState, event: HealthChanged, policy: AppPolicy) -> tuple[str, ...]:
+    """In panic mode the instances already out of the LB go back in: with most of the app
+    failing, the few left would take all the load, and a health signal that fails almost
+    everywhere is more likely wrong than the instances (Envoy's panic routing sends to all
+    hosts). Returns the instance ids to restore; an instance still failing after the panic
+    is ejected again by its next failure."""
+    if not panic(state, event.app_name, policy):
+        return ()
+    return tuple(
+        inst.current_id or inst.lineage
+        for inst in state.ejected(event.app_name)
+        if not state.is_done(event.event_id, "restore", inst.current_id or inst.lineage)
+    )
+
+
+def rolling_member(
+    cause: FailureDetected, instance_id: str, *, started_at: float, duration_ms: float, details: Mapping[str, object]
+) -> RecoveryExecuted:
+    """One instance restarted by a rolling restart that another instance's failure caused:
+    recorded (and stored) before its instance lease is released, so a failure reported
+    for it during the restart (its own death) is seen as handled, not restarted again."""
+    return RecoveryExecuted(
+        event_id=derived_event_id(cause.event_id, S.ROLLING_RESTART, instance_id),
+        strategy=S.ROLLING_RESTART,
+        failure_type=cause.failure_type,
+        instance_id=instance_id,
+        app_name=cause.app_name,
+        success=True,
+        timestamp=started_at,
+        duration_ms=round(duration_ms, 3),
+        details={**details, "member_of": cause.instance_id},
+        failure_event_id=cause.event_id,
+    )
 
 
 def panic_announcement(state: RecoveryState, event: HealthChanged, policy: AppPolicy) -> Event | None:

@@ -31,6 +31,7 @@ class Attempt:
 class InstanceState:
     app_name: str
     lineage: str  # the first instance id of this slot; recreated containers inherit it
+    current_id: str = ""  # the slot's instance id now (a recreated container's id); "" = lineage
     healthy: bool | None = None
     healthy_since: float | None = None
     ejected: bool = False
@@ -60,15 +61,17 @@ class RecoveryState:
             self.instances[key] = InstanceState(app_name, lineage)
         return self.instances[key]
 
-    def is_done(self, cause_event_id: str, strategy: RecoveryStrategy | str) -> bool:
-        return f"{cause_event_id}/{strategy}" in self.done
+    def is_done(self, cause_event_id: str, strategy: RecoveryStrategy | str, instance_id: str) -> bool:
+        """Whether ``strategy`` (or an operation: "restore") was recorded for this cause
+        on this instance (one cause can touch several: a panic restores every ejected one)."""
+        return f"{cause_event_id}/{strategy}/{instance_id}" in self.done
 
     def handled(self, cause_event_id: str) -> bool:
         """Any action recorded for this cause (a failure or a health change)."""
         return cause_event_id in self.causes
 
-    def _mark_done(self, cause: str, operation: str) -> None:
-        for seen, key in ((self.done, f"{cause}/{operation}"), (self.causes, cause)):
+    def _mark_done(self, cause: str, operation: str, instance_id: str) -> None:
+        for seen, key in ((self.done, f"{cause}/{operation}/{instance_id}"), (self.causes, cause)):
             seen[key] = None
             if len(seen) > DONE_CAPACITY:
                 seen.popitem(last=False)
@@ -92,6 +95,7 @@ class RecoveryState:
     def _health(self, event: HealthChanged) -> None:
         state = self.instance(event.app_name, event.instance_id)
         self.health.setdefault(event.app_name, {})[event.instance_id] = event.healthy
+        state.current_id = event.instance_id
         if event.healthy and not state.healthy:
             state.healthy_since = event.timestamp
         elif not event.healthy:
@@ -99,8 +103,16 @@ class RecoveryState:
         state.healthy = event.healthy
 
     def _recovery(self, event: RecoveryExecuted) -> None:
-        self._mark_done(event.failure_event_id or event.event_id, str(event.details.get("operation", event.strategy)))
+        operation = str(event.details.get("operation", event.strategy))
+        self._mark_done(event.failure_event_id or event.event_id, operation, event.instance_id)
         state = self.instance(event.app_name, event.instance_id)
+        state.current_id = event.instance_id
+        if event.details.get("member_of") is not None:
+            # One member of a rolling restart (caused by another instance's failure): its
+            # own death during the restart is handled, its budgets are not spent.
+            effective = float(event.details.get("effective_at") or event.timestamp)
+            state.last_remediation_end = max(state.last_remediation_end, effective)
+            return
         if event.strategy in TRAFFIC:
             if event.success:
                 state.ejected = event.details.get("operation") != "restore"
@@ -129,6 +141,7 @@ class RecoveryState:
         if new and event.strategy is not RecoveryStrategy.SCALE_OUT:
             # The slot lives on in a new container: same budgets, and the old member is gone.
             self.aliases[(event.app_name, str(new))] = state.lineage
+            state.current_id = str(new)
             state.ejected = False
 
     # -- app-wide views ------------------------------------------------------------------

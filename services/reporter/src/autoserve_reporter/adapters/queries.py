@@ -75,6 +75,24 @@ SELECT count() FROM (
 )
 """
 
+# Maintenance windows the alerter recorded (SilenceCreated with maintenance = true) that
+# overlap the period; a report that excludes maintenance leaves their rows out.
+MAINTENANCE = f"""
+SELECT JSONExtractFloat(payload, 'starts_at') AS starts_at, JSONExtractFloat(payload, 'ends_at') AS ends_at
+FROM {EVENTS_TABLE} FINAL
+WHERE app_name = {{app:String}} AND type = 'SilenceCreated' AND JSONExtractBool(payload, 'maintenance')
+    AND starts_at < {{until_s:Float64}} AND ends_at > {{since_s:Float64}}
+"""
+OUTSIDE_MAINTENANCE = (
+    " AND NOT arrayExists((s, e) -> toUnixTimestamp64Milli(timestamp) >= s AND toUnixTimestamp64Milli(timestamp) < e,"
+    " {ms_starts:Array(Int64)}, {ms_ends:Array(Int64)})"
+)
+
+
+def _outside_maintenance(sql: str) -> str:
+    return sql.replace(WINDOW, WINDOW + OUTSIDE_MAINTENANCE)
+
+
 APPS = f"SELECT DISTINCT app_name FROM {METRICS_TABLE} UNION DISTINCT SELECT DISTINCT app_name FROM {EVENTS_TABLE}"
 
 
@@ -92,17 +110,32 @@ class Reports:
     async def apps(self) -> list[str]:
         return sorted(row[0] for row in await self.store.query(APPS))
 
-    async def health_report(self, app: str, hours: float, now: float) -> core.HealthReport:
+    async def maintenance(self, app: str, w: core.Window) -> list[tuple[float, float]]:
+        rows = await self.store.query(MAINTENANCE, {"app": app, "since_s": w.since, "until_s": w.until})
+        return core.maintenance_intervals(((float(a), float(b)) for a, b in rows), w)
+
+    async def health_report(
+        self, app: str, hours: float, now: float, exclude_maintenance: bool = False
+    ) -> core.HealthReport:
         w = core.window(hours, now)
         params = _params(app, w)
-        status = {row[0]: row[1:] for row in await self.store.query(STATUS, params)}
-        times = {row[0]: row[1:] for row in await self.store.query(RESPONSE_TIME, params)}
-        errors = await self.store.query(ERRORS, params)
+        status_sql, times_sql, errors_sql = STATUS, RESPONSE_TIME, ERRORS
+        excluded = 0.0
+        if exclude_maintenance and (intervals := await self.maintenance(app, w)):
+            params |= {
+                "ms_starts": [int(a * 1000) for a, _ in intervals],
+                "ms_ends": [int(b * 1000) for _, b in intervals],
+            }
+            status_sql, times_sql, errors_sql = (_outside_maintenance(q) for q in (STATUS, RESPONSE_TIME, ERRORS))
+            excluded = sum(b - a for a, b in intervals)
+        status = {row[0]: row[1:] for row in await self.store.query(status_sql, params)}
+        times = {row[0]: row[1:] for row in await self.store.query(times_sql, params)}
+        errors = await self.store.query(errors_sql, params)
 
         def checks(instance: str) -> core.Checks:
             return core.checks(*status.get(instance, (0, 0, 0)), *times.get(instance, (None, None)))
 
-        return core.health_report(
+        report = core.health_report(
             app,
             w,
             checks(""),
@@ -111,6 +144,8 @@ class Reports:
             errors,
             now,
         )
+        report.excluded_maintenance_seconds = excluded
+        return report
 
     async def timeline(self, app: str, hours: float, now: float, bucket: int | str | None = None) -> core.Timeline:
         w = core.window(hours, now)

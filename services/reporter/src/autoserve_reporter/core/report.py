@@ -117,6 +117,9 @@ class HealthReport(msgspec.Struct):
     period_end: float
     p95_definition: str
     instances: list[InstanceReport]
+    # Beyond the seed: with maintenance excluded, the seconds of the period left out (the
+    # alerter's maintenance windows and silences marked maintenance), else 0.
+    excluded_maintenance_seconds: float = 0.0
 
 
 def _number(value: float | None) -> float | None:
@@ -238,3 +241,21 @@ def timeline(app: str, w: Window, size: int, rows: Iterable[tuple[float, int, in
             )
         )
     return Timeline(app_name=app, report_period_hours=w.hours, bucket_seconds=size, buckets=buckets)
+
+
+# -- maintenance time ------------------------------------------------------------------
+
+
+def maintenance_intervals(rows: Iterable[tuple[float, float]], w: Window) -> list[tuple[float, float]]:
+    """Maintenance windows clipped to the report's window and merged where they overlap:
+    the time a report can leave out (``SilenceCreated`` events with ``maintenance``)."""
+    clipped = sorted(
+        (max(start, w.since), min(end, w.until)) for start, end in rows if end > w.since and start < w.until
+    )
+    merged: list[tuple[float, float]] = []
+    for start, end in clipped:
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        elif end > start:
+            merged.append((start, end))
+    return merged

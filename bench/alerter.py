@@ -1,0 +1,174 @@
+"""Alerter benchmarks: notification latency and an alert storm.
+
+- Latency: ``FailureDetected`` published to JetStream -> the webhook receiver has the
+  notification, with ``group_wait: 0`` and one group per instance, one failure at a time.
+- Storm: 10,000 failures across 1,000 instances (10 apps) in 10 s, grouped by app; the
+  notifications the webhook gets, and the CPU time of the alerter process.
+
+The alerter runs as the real ``autoserve run alerter`` process against its own nats-server;
+the webhook receiver is an aiohttp server in this process. All on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+
+import yaml
+from aiohttp import web
+
+from autoserve_cli.apply import store_config
+from autoserve_config import load_config_text
+from autoserve_events import FailureDetected, FailureType, encode, headers_for, subject_for
+from autoserve_runtime import EmbeddedNatsServer, connect, free_port, provision, spawn_child, stop_child
+from bench.common import LOG_DIR, VENV_BIN, WORK_DIR, Table, cpu_seconds, fmt
+
+SAMPLES = 200
+STORM_EVENTS, STORM_INSTANCES, STORM_APPS, STORM_SECONDS = 10_000, 1_000, 10, 10.0
+
+
+def _config(port: int, group_by: list[str], group_wait: str) -> str:
+    apps = {f"app{i}": {"instances": []} for i in range(STORM_APPS)}
+    alerting = {
+        "receivers": {"hook": {"type": "webhook", "url": f"http://127.0.0.1:{port}/hook"}},
+        "route": {"receiver": "hook", "group_by": group_by, "group_wait": group_wait, "group_interval": "10s",
+                  "repeat_interval": "4h"},
+        "resolve_timeout": "1h",
+    }  # fmt: skip
+    return yaml.safe_dump({"apps": apps, "alerting": alerting})
+
+
+def _failure(app: str, instance: str) -> FailureDetected:
+    return FailureDetected(failure_type=FailureType.CONTAINER_STOPPED, instance_id=instance, app_name=app,
+                           severity="critical", message="exit code 137", timestamp=time.time(), is_critical=True)  # fmt: skip
+
+
+async def _scenario(group_by: list[str], group_wait: str, body) -> dict:  # type: ignore[no-untyped-def]
+    received: list[tuple[float, dict]] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append((time.perf_counter(), await request.json()))
+        return web.Response(text="ok")
+
+    port = free_port()
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    WORK_DIR.mkdir(parents=True, exist_ok=True)
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    server = EmbeddedNatsServer(WORK_DIR / f"alerter-nats-{port}").start()
+    process = None
+    try:
+        nc = await connect(server.url, "bench-alerter", timeout=10)
+        js = nc.jetstream()
+        await provision(js)
+        await store_config(js, load_config_text(_config(port, group_by, group_wait)))
+        with (LOG_DIR / "alerter.log").open("ab") as log:
+            process = spawn_child([str(VENV_BIN / "autoserve"), "run", "alerter", "--nats-url", server.url],
+                                  stdout=log, stderr=log)  # fmt: skip
+        await asyncio.sleep(0.2)
+        # ready once a probe failure is notified
+        warmup = _failure("app0", "warmup")
+        await js.publish(subject_for(warmup), encode(warmup), headers=headers_for(warmup))
+        deadline = time.monotonic() + 60
+        while not received:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the alerter never notified the warm-up failure")
+            await asyncio.sleep(0.02)
+        received.clear()
+        result = await body(js, received, process.pid)
+        await nc.close()
+        return result
+    finally:
+        if process is not None:
+            process.terminate()
+            stop_child(process)
+        server.stop()
+        await runner.cleanup()
+
+
+async def latency() -> list[float]:
+    async def body(js, received, _pid):  # type: ignore[no-untyped-def]
+        samples = []
+        for i in range(SAMPLES):
+            event = _failure("app1", f"lat-{i}")
+            started = time.perf_counter()
+            await js.publish(subject_for(event), encode(event), headers=headers_for(event))
+            deadline = time.monotonic() + 5
+            while len(received) <= i and time.monotonic() < deadline:
+                await asyncio.sleep(0.0005)
+            if len(received) > i:
+                samples.append((received[i][0] - started) * 1000)
+            await asyncio.sleep(0.01)
+        return {"samples": samples}
+
+    return (await _scenario(["app", "instance"], "0s", body))["samples"]
+
+
+async def storm() -> dict:
+    async def body(js, received, pid):  # type: ignore[no-untyped-def]
+        cpu0 = cpu_seconds(pid)
+        started = time.monotonic()
+        per_batch = STORM_EVENTS // 100
+        for batch in range(100):  # 100 batches over STORM_SECONDS
+            futures = []
+            for k in range(per_batch):
+                n = batch * per_batch + k
+                instance = n % STORM_INSTANCES
+                event = _failure(f"app{instance % STORM_APPS}", f"i-{instance}")
+                futures.append(js.publish(subject_for(event), encode(event), headers=headers_for(event)))
+            await asyncio.gather(*futures)
+            await asyncio.sleep(max(0.0, started + (batch + 1) * STORM_SECONDS / 100 - time.monotonic()))
+        published_in = time.monotonic() - started
+        # group_wait 5 s, group_interval 10 s: wait until every alert was announced
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:
+            announced = {a["alertId"] for _, p in received for a in p["alerts"]}
+            if len(announced) >= STORM_INSTANCES:
+                break
+            await asyncio.sleep(0.2)
+        announced = {a["alertId"] for _, p in received for a in p["alerts"]}
+        return {"published_in": published_in, "notifications": len(received), "alerts": len(announced),
+                "cpu": cpu_seconds(pid) - cpu0, "until_all": time.monotonic() - started}  # fmt: skip
+
+    return await _scenario(["app"], "5s", body)
+
+
+async def alerter_tables() -> list[Table]:
+    samples = await latency()
+    table = Table(
+        "Alerter: notification latency, FailureDetected published -> webhook received (group_wait 0)",
+        ["samples", "p50 ms", "p90 ms", "p99 ms", "max ms", "goal"],
+    )
+    ordered = sorted(samples)
+    q = statistics.quantiles(ordered, n=100) if len(ordered) > 1 else [ordered[0]] * 99
+    table.add(fmt(len(samples)), fmt(q[49], 1), fmt(q[89], 1), fmt(q[98], 1), fmt(ordered[-1], 1),
+              "p99 < 100 ms: " + ("met" if q[98] < 100 else "NOT met"))  # fmt: skip
+    table.notes.append(
+        f"{SAMPLES} failures one at a time, each a new group (grouped by app and instance); the alerter is the "
+        "real `autoserve run alerter` process; the webhook is aiohttp in the benchmark process."
+    )
+    result = await storm()
+    storm_table = Table(
+        f"Alerter: alert storm, {STORM_EVENTS:,} failures across {STORM_INSTANCES:,} instances "
+        f"({STORM_APPS} apps) in {STORM_SECONDS:g} s",
+        ["published in s", "alerts announced", "notifications", "alerter CPU s", "all announced by s"],
+    )
+    storm_table.add(fmt(result["published_in"], 1), fmt(result["alerts"]), fmt(result["notifications"]),
+                    fmt(result["cpu"], 2), fmt(result["until_all"], 1))  # fmt: skip
+    storm_table.notes.append(
+        "grouped by app, group_wait 5s, group_interval 10s: the first notification per app after 5 s, the rest "
+        "batched into one per app per interval. CPU is utime+stime of the alerter process over the storm and "
+        "the flushes after it (AlertChanged and NotificationLogged publishing included)."
+    )
+    return [table, storm_table]
+
+
+if __name__ == "__main__":
+    from rich.console import Console
+
+    for t in asyncio.run(alerter_tables()):
+        Console().print(t.rich())

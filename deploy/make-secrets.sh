@@ -1,0 +1,23 @@
+#!/bin/sh
+# Creates deploy/secrets/: one random password per NATS user and ClickHouse user (files,
+# mode 0600), and nats.env, the server's view of them (AUTOSERVE_<USER>_PASSWORD=...).
+# Idempotent: an existing password is kept. Never commit deploy/secrets/.
+set -eu
+dir="$(dirname "$0")/secrets"
+mkdir -p "$dir"
+chmod 700 "$dir"
+umask 077
+: > "$dir/nats.env.tmp"
+for user in prober detector breaker recovery reporter alerter admin operator client clickhouse-reporter clickhouse-reader; do
+  file="$dir/$user.password"
+  [ -s "$file" ] || head -c 24 /dev/urandom | base64 | tr -d '/+=\n' > "$file"
+  case "$user" in
+    clickhouse-*) ;;
+    *) printf 'AUTOSERVE_%s_PASSWORD=%s\n' "$(echo "$user" | tr a-z A-Z)" "$(cat "$file")" >> "$dir/nats.env.tmp" ;;
+  esac
+done
+mv "$dir/nats.env.tmp" "$dir/nats.env"
+# The reporter's ClickHouse URL carries its password (the reporter logs it redacted).
+printf 'AUTOSERVE_CLICKHOUSE_URL=http://reporter:%s@clickhouse:8123/autoserve\n' \
+  "$(cat "$dir/clickhouse-reporter.password")" > "$dir/reporter-clickhouse.env"
+echo "secrets in $dir"

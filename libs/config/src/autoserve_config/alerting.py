@@ -1,0 +1,354 @@
+"""The ``alerting:`` section: a routing tree in the style of Alertmanager, receivers,
+escalation tiers and maintenance windows; durations and a small cron, and their rules.
+
+Durations are seconds or text such as ``30s``, ``5m``, ``2h``, ``1d`` (Alertmanager's
+style). Maintenance schedules are five-field cron expressions in UTC.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+import msgspec
+
+from autoserve_events import is_valid_name
+
+Duration = float | str
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0, None: 1.0}
+MATCH_KEYS_BUILTIN = ("app", "instance", "severity", "failure_type", "alertname")
+SEVERITIES = ("low", "medium", "high", "critical")
+
+
+def parse_duration(value: Duration) -> float:
+    """Seconds from ``30``, ``30s``, ``5m``, ``2h``, ``1d``; ``ValueError`` names the value."""
+    if isinstance(value, bool):
+        raise ValueError(f"must be a duration such as 30s, 5m or 2h, got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(value)
+        if not match:
+            raise ValueError(f"must be a duration such as 30s, 5m or 2h, got {value!r}")
+        seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    if seconds < 0 or seconds != seconds or seconds == float("inf"):
+        raise ValueError(f"must be a duration >= 0, got {value!r}")
+    return seconds
+
+
+# -- cron: minute hour day-of-month month day-of-week, UTC -----------------------------
+
+_FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31), ("month", 1, 12), ("day of week", 0, 7))
+
+
+@dataclass(frozen=True)
+class Cron:
+    minutes: frozenset[int]
+    hours: frozenset[int]
+    days: frozenset[int]
+    months: frozenset[int]
+    weekdays: frozenset[int]  # 0 = Sunday (7 is accepted for Sunday too)
+    any_day: bool  # day of month is "*"
+    any_weekday: bool
+
+    def matches(self, t: datetime) -> bool:
+        if t.minute not in self.minutes or t.hour not in self.hours or t.month not in self.months:
+            return False
+        day_ok = t.day in self.days
+        weekday_ok = (t.isoweekday() % 7) in self.weekdays
+        # Vixie cron: when both day fields are restricted, either one matching is enough.
+        if self.any_day or self.any_weekday:
+            return day_ok and weekday_ok
+        return day_ok or weekday_ok
+
+    def last_start(self, now: float, within: float) -> float | None:
+        """The latest matching minute at or before ``now``, no more than ``within`` seconds
+        back; None if there is none. Walks back an hour at a time where the hour cannot
+        match, so a day-long window costs at most a few thousand checks."""
+        t = datetime.fromtimestamp(now, UTC).replace(second=0, microsecond=0)
+        earliest = datetime.fromtimestamp(now - within, UTC)
+        while t >= earliest:
+            if t.hour not in self.hours or t.month not in self.months:
+                t = t.replace(minute=0) - timedelta(minutes=1)
+                continue
+            if self.matches(t):
+                return t.timestamp()
+            t -= timedelta(minutes=1)
+        return None
+
+
+def parse_cron(text: str) -> Cron:
+    parts = text.split()
+    if len(parts) != 5:
+        raise ValueError(f"must be a cron expression of 5 fields (minute hour day month weekday), got {text!r}")
+    sets = [_cron_field(part, name, low, high) for part, (name, low, high) in zip(parts, _FIELDS, strict=True)]
+    weekdays = frozenset(d % 7 for d in sets[4])
+    return Cron(sets[0], sets[1], sets[2], sets[3], weekdays, parts[2] == "*", parts[4] == "*")
+
+
+def _cron_field(text: str, name: str, low: int, high: int) -> frozenset[int]:
+    values: set[int] = set()
+    for item in text.split(","):
+        base, _, step_text = item.partition("/")
+        try:
+            step = int(step_text) if step_text else 1
+            if base == "*":
+                start, end = low, high
+            elif "-" in base:
+                start, end = (int(x) for x in base.split("-", 1))
+            else:
+                start = int(base)
+                end = high if step_text else start
+        except ValueError:
+            raise ValueError(f"{name} field {text!r} is not a number, range, list or step") from None
+        if step < 1 or not low <= start <= end <= high:
+            raise ValueError(f"{name} field {text!r} must stay within {low}-{high}")
+        values.update(range(start, end + 1, step))
+    return frozenset(values)
+
+
+# -- the model ---------------------------------------------------------------------------
+
+
+class ReceiverConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One receiver. ``type`` says which fields apply:
+
+    - ``webhook``: ``url``; ``hmac_secret_env`` or ``hmac_secret_file`` signs the body;
+    - ``slack``: ``url`` (an incoming webhook), optional ``channel``;
+    - ``email``: ``smarthost`` (host:port), ``from``, ``to``; optional ``starttls``,
+      ``username`` with ``password_env`` or ``password_file``;
+    - ``alertmanager``: ``url`` of a Prometheus Alertmanager (its v2 API).
+
+    Secrets are read from the named variable or file by the alerter, never stored here.
+    """
+
+    type: Literal["webhook", "slack", "email", "alertmanager"]
+    url: str | None = None
+    hmac_secret_env: str | None = None
+    hmac_secret_file: str | None = None
+    headers: dict[str, str] | None = None
+    channel: str | None = None
+    smarthost: str | None = None
+    from_: str | None = msgspec.field(default=None, name="from")
+    to: list[str] = []
+    starttls: bool = False
+    username: str | None = None
+    password_env: str | None = None
+    password_file: str | None = None
+    send_resolved: bool = True
+    timeout: Duration = "10s"
+    # Retries with backoff (0.5 s doubling to 30 s) for this long, then it is logged failed.
+    retry_for: Duration = "10m"
+
+
+class EscalationTier(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """An alert neither acknowledged nor resolved ``escalate_after`` its start goes to these."""
+
+    escalate_after: Duration
+    receivers: list[str]
+
+
+class RouteConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A node of the routing tree; unset options are inherited from the parent."""
+
+    receiver: str | None = None
+    # label -> value or list of values (any of them); labels: app, instance, severity,
+    # failure_type (alias alertname) and each app's own ``labels``.
+    match: dict[str, str | list[str]] = {}
+    match_re: dict[str, str] = {}  # label -> regular expression matching the whole value
+    continue_: bool = msgspec.field(default=False, name="continue")
+    group_by: list[str] | None = None
+    group_wait: Duration | None = None
+    group_interval: Duration | None = None
+    repeat_interval: Duration | None = None
+    escalation: list[EscalationTier] | None = None
+    routes: list[RouteConfig] = []
+
+
+class MaintenanceWindow(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    name: str
+    schedule: str  # cron, UTC: "0 2 * * 0" is Sundays 02:00
+    duration: Duration
+    apps: list[str] = []  # empty: every app
+    reason: str = ""
+
+
+class AlertingConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    enabled: bool = True
+    route: RouteConfig = msgspec.field(default_factory=RouteConfig)
+    receivers: dict[str, ReceiverConfig] = {}
+    maintenance_windows: list[MaintenanceWindow] = []
+    # An alert no failure has re-reported for this long resolves (Alertmanager's default).
+    resolve_timeout: Duration = "5m"
+    # How far back a restarted alerter replays events to rebuild alerts and timers.
+    history: Duration = "24h"
+    timezone: Literal["UTC"] = "UTC"
+
+
+ROOT_DEFAULTS = {"group_by": ["app"], "group_wait": "30s", "group_interval": "5m", "repeat_interval": "4h"}
+MAX_WINDOW_SECONDS = 7 * 86400.0
+
+
+# -- rules ---------------------------------------------------------------------------------
+
+
+def _duration_problem(path: str, value: Duration | None, minimum: float = 0.0) -> list[str]:
+    if value is None:
+        return []
+    try:
+        seconds = parse_duration(value)
+    except ValueError as exc:
+        return [f"{path}: {exc}"]
+    return [] if seconds >= minimum else [f"{path}: must be at least {minimum:g}s, got {value!r}"]
+
+
+def _receiver(receiver: ReceiverConfig, path: str) -> list[str]:
+    problems = _duration_problem(f"{path}.timeout", receiver.timeout, 0.001)
+    problems += _duration_problem(f"{path}.retry_for", receiver.retry_for)
+    needs = {
+        "webhook": ("url",),
+        "slack": ("url",),
+        "alertmanager": ("url",),
+        "email": ("smarthost", "from_", "to"),
+    }[receiver.type]
+    for name in needs:
+        if not getattr(receiver, name):
+            problems.append(f"{path}.{name.rstrip('_')}: required for a {receiver.type} receiver")
+    if receiver.url is not None and not re.match(r"^https?://[^\s/]+", receiver.url):
+        problems.append(f"{path}.url: must be an http:// or https:// URL, got {receiver.url!r}")
+    if receiver.smarthost is not None:
+        host, sep, port = receiver.smarthost.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            problems.append(f"{path}.smarthost: must be host:port, got {receiver.smarthost!r}")
+    for field in ("hmac_secret", "password"):
+        env, file = getattr(receiver, f"{field}_env"), getattr(receiver, f"{field}_file")
+        if env and file:
+            problems.append(f"{path}.{field}_env: give {field}_env or {field}_file, not both")
+        if env is not None and not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", env):
+            problems.append(f"{path}.{field}_env: must be an environment variable name, got {env!r}")
+    if (receiver.hmac_secret_env or receiver.hmac_secret_file) and receiver.type != "webhook":
+        problems.append(f"{path}.hmac_secret_env: only a webhook receiver signs its body")
+    for name, value in (receiver.headers or {}).items():
+        if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
+            problems.append(f"{path}.headers.{name}: must not contain line breaks")  # value never echoed
+    return problems
+
+
+def _route(route: RouteConfig, path: str) -> list[str]:
+    problems: list[str] = []
+    for name in ("group_wait", "group_interval", "repeat_interval"):
+        problems += _duration_problem(f"{path}.{name}", getattr(route, name))
+    if route.group_interval is not None and not problems and parse_duration(route.group_interval) <= 0:
+        problems.append(f"{path}.group_interval: must be more than 0s, got {route.group_interval!r}")
+    for key, pattern in route.match_re.items():
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            problems.append(f"{path}.match_re.{key}: not a regular expression: {exc}")
+    for key, value in route.match.items():
+        if key == "severity":
+            for item in [value] if isinstance(value, str) else value:
+                if item not in SEVERITIES:
+                    problems.append(f"{path}.match.severity: must be one of {', '.join(SEVERITIES)}, got {item!r}")
+    previous = -1.0
+    for index, tier in enumerate(route.escalation or []):
+        where = f"{path}.escalation[{index}]"
+        found = _duration_problem(f"{where}.escalate_after", tier.escalate_after, 0.001)
+        problems += found
+        if not tier.receivers:
+            problems.append(f"{where}.receivers: must list at least one receiver")
+        if not found:
+            after = parse_duration(tier.escalate_after)
+            if after <= previous:
+                problems.append(
+                    f"{where}.escalate_after: must be later than the tier before, got {tier.escalate_after!r}"
+                )
+            previous = after
+    return problems
+
+
+def _window(window: MaintenanceWindow, path: str) -> list[str]:
+    problems: list[str] = []
+    if not is_valid_name(window.name):
+        problems.append(f"{path}.name: name {window.name!r} must be 1-128 characters of [A-Za-z0-9_-]")
+    try:
+        parse_cron(window.schedule)
+    except ValueError as exc:
+        problems.append(f"{path}.schedule: {exc}")
+    found = _duration_problem(f"{path}.duration", window.duration, 60)
+    if not found and parse_duration(window.duration) > MAX_WINDOW_SECONDS:
+        found = [f"{path}.duration: must be at most 7d, got {window.duration!r}"]
+    problems += found
+    for index, app in enumerate(window.apps):
+        if not is_valid_name(app):
+            problems.append(f"{path}.apps[{index}]: name {app!r} must be 1-128 characters of [A-Za-z0-9_-]")
+    return problems
+
+
+def _alerting(alerting: AlertingConfig, path: str) -> list[str]:
+    problems = _duration_problem(f"{path}.resolve_timeout", alerting.resolve_timeout, 1)
+    problems += _duration_problem(f"{path}.history", alerting.history, 60)
+    known = set(alerting.receivers)
+    listing = ", ".join(sorted(known)) or "none defined"
+
+    def walk(route: RouteConfig, where: str, root: bool) -> None:
+        if route.receiver is not None and route.receiver not in known:
+            problems.append(f"{where}.receiver: unknown receiver {route.receiver!r} (receivers: {listing})")
+        if root and route.receiver is None and known:
+            problems.append(f"{where}.receiver: required at the root route (receivers: {listing})")
+        for index, tier in enumerate(route.escalation or []):
+            for r_index, name in enumerate(tier.receivers):
+                if name not in known:
+                    problems.append(
+                        f"{where}.escalation[{index}].receivers[{r_index}]: unknown receiver {name!r} (receivers: {listing})"
+                    )
+        for index, child in enumerate(route.routes):
+            walk(child, f"{where}.routes[{index}]", False)
+
+    walk(alerting.route, f"{path}.route", True)
+    names = [w.name for w in alerting.maintenance_windows]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"{path}.maintenance_windows: duplicate name {name!r}")
+    return problems
+
+
+ALERTING_RULES: dict[type, Callable[[Any, str], list[str]]] = {
+    ReceiverConfig: _receiver,
+    RouteConfig: _route,
+    MaintenanceWindow: _window,
+    AlertingConfig: _alerting,
+}
+
+
+def dependency_problems(depends_on: dict[str, list[str]], path: str = "apps") -> list[str]:
+    """``depends_on`` names known apps, not itself, and has no cycle."""
+    problems: list[str] = []
+    for app, deps in depends_on.items():
+        for index, dep in enumerate(deps):
+            if dep == app:
+                problems.append(f"{path}.{app}.depends_on[{index}]: an app cannot depend on itself")
+            elif dep not in depends_on:
+                problems.append(f"{path}.{app}.depends_on[{index}]: unknown app {dep!r}")
+    state: dict[str, int] = {}  # 1 visiting, 2 done
+
+    def visit(app: str, trail: list[str]) -> None:
+        state[app] = 1
+        for dep in depends_on.get(app, []):
+            if dep not in depends_on or dep == app:
+                continue
+            if state.get(dep) == 1:
+                cycle = [*trail[trail.index(dep) :], dep] if dep in trail else [app, dep]
+                problems.append(f"{path}.{trail[0]}.depends_on: dependency cycle {' -> '.join(cycle)}")
+            elif state.get(dep) is None:
+                visit(dep, [*trail, dep])
+        state[app] = 2
+
+    for app in depends_on:
+        if state.get(app) is None:
+            visit(app, [app])
+    return problems

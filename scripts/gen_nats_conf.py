@@ -1,0 +1,259 @@
+"""Write deploy/nats/nats-server.conf: one least-privilege NATS user per service.
+
+The permissions are derived from the code: subjects and streams from ``autoserve_events``,
+each service's durable consumers from its own module, the KV buckets from
+``autoserve_runtime.bus``. ``tests/unit/test_generated_docs.py`` fails when the committed
+file differs from what this prints, and the security tests run a real nats-server on it.
+
+    .venv/bin/python scripts/gen_nats_conf.py            # rewrite the file
+    .venv/bin/python scripts/gen_nats_conf.py --check    # exit 1 if it is stale
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from autoserve_detector.service import CONSUMER as DETECTOR_CONSUMER
+
+from autoserve_alerter.service import CONSUMER as ALERTER_CONSUMER
+from autoserve_events import (
+    ALERTING_WILDCARD,
+    APPS_BUCKET,
+    BREAKER_ALLOW_RPC,
+    BREAKER_OVERRIDE_RPC,
+    BREAKER_REPORT_WILDCARD,
+    EVENTS_STREAM,
+    PROBES_STREAM,
+    SETTINGS_BUCKET,
+    BreakerStateChanged,
+    FailureDetected,
+    HealthChanged,
+    RecoveryExecuted,
+    deadletter,
+    stream_specs,
+)
+from autoserve_events.subjects import PREFIX, PROBES_WILDCARD
+from autoserve_recovery.feeds import WORK_DURABLE
+from autoserve_reporter.service import ReporterSettings, consumer_specs
+from autoserve_runtime import ConsumerSpec
+from autoserve_runtime.bus import CLAIMS_BUCKET, bucket_configs
+
+OUTPUT = Path(__file__).resolve().parent.parent / "deploy" / "nats" / "nats-server.conf"
+BREAKER_DURABLES = ("breaker", "breaker-0-of-2", "breaker-1-of-2")  # one per replica (--replica I/N)
+INBOX = "_INBOX.>"  # replies: JetStream API answers, publish acks, ordered-consumer deliveries
+
+
+def stem(event: type) -> str:
+    """``autoserve.event.failure.>`` for FailureDetected: every app and instance."""
+    from autoserve_events import wildcard
+
+    return wildcard(event).removesuffix(".*.*") + ".>"
+
+
+@dataclass
+class User:
+    name: str
+    comment: str
+    publish: list[str] = field(default_factory=list)
+    subscribe: list[str] = field(default_factory=lambda: [INBOX])
+    deny_publish: bool = False
+
+    def pub(self, *subjects: str, why: str = "") -> User:
+        self.publish += [f"# {why}"] * bool(why) + list(subjects)
+        return self
+
+    def sub(self, *subjects: str) -> User:
+        self.subscribe += list(subjects)
+        return self
+
+    # -- JetStream building blocks ---------------------------------------------------------
+
+    def basics(self) -> User:
+        """Provisioning checks (stream info only) and the app-spec watch every service does."""
+        names = [s.name for s in stream_specs()] + [f"KV_{b.bucket}" for b in bucket_configs()]
+        self.pub(*(f"$JS.API.STREAM.INFO.{n}" for n in names), why="provisioning checks: read-only")
+        return self.ordered(f"KV_{APPS_BUCKET}", why="watching the app specs")
+
+    def ordered(self, stream: str, why: str) -> User:
+        """Ordered (ephemeral) consumers: created without a name, info, flow control."""
+        return self.pub(
+            f"$JS.API.CONSUMER.CREATE.{stream}",
+            f"$JS.API.CONSUMER.CREATE.{stream}.>",
+            f"$JS.API.CONSUMER.INFO.{stream}.*",
+            f"$JS.FC.{stream}.>",
+            why=f"{why}: ordered consumers on {stream}",
+        )
+
+    def durable(self, spec: ConsumerSpec, *, push: bool = True) -> User:
+        stream, name = spec.stream, spec.durable
+        self.pub(
+            f"$JS.API.CONSUMER.INFO.{stream}.{name}",
+            f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.{name}",
+            f"$JS.API.CONSUMER.DELETE.{stream}.{name}",  # resumes at its ack floor by recreating
+            f"$JS.ACK.{stream}.{name}.>",
+            *([f"$JS.FC.{stream}.>"] if push else [f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{name}"]),
+            why=f"durable consumer {name} on {stream}",
+        )
+        if push:
+            self.sub(spec.deliver_subject)
+        return self
+
+    def render(self) -> str:
+        def block(items: list[str]) -> str:
+            lines = []
+            for item in items:
+                lines.append(f"          {item}" if item.startswith("#") else f'          "{item}"')
+            return "\n".join(lines)
+
+        publish = '{ deny: [">"] }' if self.deny_publish else "{ allow: [\n" + block(self.publish) + "\n        ] }"
+        return (
+            f"    # {self.comment}\n"
+            "    {\n"
+            f"      user: {self.name}, password: ${password_var(self.name)}\n"
+            "      permissions: {\n"
+            f"        publish: {publish}\n"
+            "        subscribe: { allow: [\n" + block(self.subscribe) + "\n        ] }\n"
+            "      }\n"
+            "    }\n"
+        )
+
+
+def password_var(user: str) -> str:
+    return f"AUTOSERVE_{user.upper()}_PASSWORD"
+
+
+def users() -> list[User]:
+    def pull(stream: str, durable: str) -> ConsumerSpec:
+        return ConsumerSpec(stream, durable, ())
+
+    prober = (
+        User("prober", "prober: probe results and container observations")
+        .pub(PROBES_WILDCARD, why="what it owns")
+        .basics()
+    )
+
+    detector = (
+        User("detector", "detector: health changes and failures, from the probes")
+        .pub(stem(HealthChanged), stem(FailureDetected), deadletter("detector"), why="what it owns")
+        .basics()
+        .ordered(f"KV_{SETTINGS_BUCKET}", why="watching the detector settings")
+        .ordered(PROBES_STREAM, why="the replay before consuming")
+        .durable(DETECTOR_CONSUMER)
+    )
+
+    breaker = (
+        User("breaker", "breaker: breaker transitions; answers allow/override requests")
+        .pub(stem(BreakerStateChanged), deadletter("breaker"), why="what it owns")
+        .pub("_INBOX.>", why="replies to allow/override requests, on the requester's inbox")
+        .sub(BREAKER_REPORT_WILDCARD, BREAKER_ALLOW_RPC, BREAKER_OVERRIDE_RPC)
+        .basics()
+        .ordered(EVENTS_STREAM, why="its history, the last breaker event per subject")
+        .ordered(PROBES_STREAM, why="the replay before consuming")
+    )
+    for durable in BREAKER_DURABLES:
+        breaker.durable(ConsumerSpec(PROBES_STREAM, durable, ()))
+
+    recovery = (
+        User("recovery", "recovery: recovery actions; panic mode is announced as a critical FailureDetected")
+        .pub(stem(RecoveryExecuted), stem(FailureDetected), deadletter("recovery"), why="what it owns")
+        .basics()
+        .ordered(EVENTS_STREAM, why="the state feed")
+        .durable(pull(EVENTS_STREAM, WORK_DURABLE), push=False)
+        .pub(f"$JS.API.STREAM.MSG.GET.{EVENTS_STREAM}", why="the last recovery of an instance")
+        .pub(
+            f"$KV.{CLAIMS_BUCKET}.>",
+            f"$JS.API.DIRECT.GET.KV_{CLAIMS_BUCKET}",
+            f"$JS.API.DIRECT.GET.KV_{CLAIMS_BUCKET}.>",
+            f"$JS.API.STREAM.MSG.GET.KV_{CLAIMS_BUCKET}",
+            why="at-most-once claims",
+        )
+    )
+
+    reporter = (
+        User("reporter", "reporter: everything into ClickHouse; publishes only its dead letters")
+        .pub(deadletter("reporter"), why="what it owns")
+        .basics()
+    )
+    for spec in consumer_specs(ReporterSettings(clickhouse_url="chdb://")):
+        reporter.durable(spec)
+
+    alerter = (
+        User("alerter", "alerter: alerts from failure, health, recovery and breaker events")
+        .pub(ALERTING_WILDCARD, deadletter("alerter"), why="what it owns (alerts and its notification log)")
+        .basics()
+        .ordered(f"KV_{SETTINGS_BUCKET}", why="watching the alerting settings")
+        .ordered(EVENTS_STREAM, why="the replay before consuming")
+        .durable(ALERTER_CONSUMER)
+    )
+
+    admin = User(
+        "admin",
+        "admin: `autoserve apply` (creates streams and buckets, writes the config), status, events, breaker",
+    ).pub("$JS.API.>", "$JS.FC.>", f"$KV.{APPS_BUCKET}.>", f"$KV.{SETTINGS_BUCKET}.>", f"{PREFIX}.rpc.>")
+    operator = User(
+        "operator", "operator: read-only, live events only", subscribe=[f"{PREFIX}.event.>"], deny_publish=True
+    )
+    client = User("client", "client: a user's service asking the breaker (BreakerClient: allow, report)").pub(
+        BREAKER_ALLOW_RPC, BREAKER_REPORT_WILDCARD
+    )
+    return [prober, detector, breaker, recovery, reporter, alerter, admin, operator, client]
+
+
+HEADER = """\
+# AutoServe Health: nats-server with JetStream and one least-privilege user per service.
+# GENERATED by scripts/gen_nats_conf.py from the code (subjects, streams, each service's
+# consumers and buckets): do not edit; run `make deploy-config`.
+#
+# Passwords are never in this file: each `$AUTOSERVE_<USER>_PASSWORD` is read from the
+# server's environment, as a plain password or a bcrypt hash (`nats server passwd`; a value
+# starting with `$2a$` is compared as bcrypt). See deploy/README.md.
+#
+# Scope: publishing is allowed per subject, which keeps a service from writing another's
+# events. Reading a stream is allowed per stream (a JetStream consumer may be created on
+# it), so a service that may read AUTOSERVE_EVENTS may read all of it.
+
+listen: "127.0.0.1:4222"   # in a container: -a 0.0.0.0 on the command line
+server_name: autoserve-nats
+max_payload: 1MB
+
+# The store directory comes from the command line: -sd /var/lib/nats (every deploy file
+# passes it), so one config serves systemd, compose, Kubernetes and the tests.
+jetstream {
+  max_file_store: 10GB
+}
+
+# TLS is optional. Uncomment; clients then use a tls:// URL and AUTOSERVE_NATS_TLS_CA
+# (plus AUTOSERVE_NATS_TLS_CERT and _KEY when verify is true: mutual TLS).
+# tls {
+#   cert_file: "/etc/autoserve/tls/server.pem"
+#   key_file:  "/etc/autoserve/tls/server-key.pem"
+#   ca_file:   "/etc/autoserve/tls/ca.pem"
+#   verify:    false
+#   timeout:   2
+# }
+
+authorization {
+  users: [
+"""
+
+
+def render() -> str:
+    return HEADER + "".join(u.render() for u in users()) + "  ]\n}\n"
+
+
+def main(argv: list[str]) -> int:
+    text = render()
+    if "--check" in argv:
+        if OUTPUT.read_text() != text:
+            print(f"{OUTPUT} is stale: run `make deploy-config`", file=sys.stderr)
+            return 1
+        return 0
+    OUTPUT.write_text(text)
+    print(f"wrote {OUTPUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

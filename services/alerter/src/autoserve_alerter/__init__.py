@@ -1,0 +1,1 @@
+"""AutoServe Health alerter: notifications with routing, grouping, escalation and silences."""

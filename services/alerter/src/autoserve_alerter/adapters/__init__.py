@@ -1,0 +1,1 @@
+"""Adapters: receivers (webhook, Slack, email, Alertmanager), dispatch, settings."""

@@ -1,0 +1,89 @@
+"""Delivering notifications: one task each, retried with backoff, never blocking another.
+
+A receiver gets at most ``PER_RECEIVER`` deliveries at a time, so a black-hole receiver
+ties up its own slots and timeouts only. A delivery retries (0.5 s doubling to 30 s) until
+it succeeds, fails permanently, or ``retry_for`` has passed; then ``on_done`` records the
+outcome (the notification log entry).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import defaultdict
+from collections.abc import Callable
+
+import structlog
+
+from ..core.alerter import Notification
+from .receivers import DeliveryError, Receiver
+
+log = structlog.get_logger("autoserve.alerter.dispatch")
+
+PER_RECEIVER = 16
+OnDone = Callable[[Notification, str, int, str | None], None]
+
+
+class Dispatcher:
+    def __init__(self, on_done: OnDone, *, initial_backoff: float = 0.5, max_backoff: float = 30.0) -> None:
+        self.receivers: dict[str, Receiver] = {}
+        self._on_done = on_done
+        self._slots: dict[str, asyncio.Semaphore] = defaultdict(lambda: asyncio.Semaphore(PER_RECEIVER))
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._initial = initial_backoff
+        self._max = max_backoff
+        self.sent = 0
+        self.failed = 0
+        self.attempts = 0
+
+    def submit(self, notification: Notification) -> None:
+        task = asyncio.create_task(self._deliver(notification), name=f"notify:{notification.receiver}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @property
+    def pending(self) -> int:
+        return len(self._tasks)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def _deliver(self, n: Notification) -> None:
+        receiver = self.receivers.get(n.receiver)
+        if receiver is None:
+            self.failed += 1
+            self._on_done(n, "failed", 0, f"receiver {n.receiver!r} is not configured")
+            return
+        deadline = time.monotonic() + receiver.retry_for
+        delay, attempts = self._initial, 0
+        async with self._slots[n.receiver]:
+            while True:
+                attempts += 1
+                self.attempts += 1
+                try:
+                    await asyncio.wait_for(receiver.send(n), receiver.timeout + 1)
+                except (DeliveryError, TimeoutError) as exc:
+                    error = str(exc) or "timed out"
+                    permanent = isinstance(exc, DeliveryError) and exc.permanent
+                    if permanent or time.monotonic() + delay > deadline:
+                        self.failed += 1
+                        log.error("notification failed", receiver=n.receiver, group=n.group_key,
+                                  notification=n.notification_id, attempts=attempts, error=error)  # fmt: skip
+                        self._on_done(n, "failed", attempts, error)
+                        return
+                    if attempts in (1, 5) or attempts % 20 == 0:
+                        log.warning("notification retrying", receiver=n.receiver, attempts=attempts, error=error,
+                                    retry_in=delay)  # fmt: skip
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self._max)
+                    continue
+                self.sent += 1
+                log.info("notification sent", receiver=n.receiver, group=n.group_key, status=n.status, tier=n.tier,
+                         firing=len(n.firing), resolved=len(n.resolved), attempts=attempts)  # fmt: skip
+                self._on_done(n, "sent", attempts, None)
+                return

@@ -1,0 +1,189 @@
+"""The alerter's composition root: config from KV, the replay, the durable consumer, the
+timer and the dispatcher around the pure core.
+
+Start-up: (1) fold, without publishing, the alerting-relevant events of the last
+``alerting.history`` up to the durable consumer's ack floor; (2) consume live from there
+and wait until the backlog is folded, the alerter's own notification log included; (3) only
+then tick. So a restarted alerter knows what it sent and sends it not again, and any
+group flush or escalation that fell due while it was down is due at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import aiohttp
+import structlog
+
+from autoserve_config import AlertingConfig, AppSpec, parse_duration
+from autoserve_events import (
+    ALERTING_WILDCARD,
+    APPS_BUCKET,
+    EVENTS_STREAM,
+    SETTINGS_BUCKET,
+    BreakerStateChanged,
+    FailureDetected,
+    HealthChanged,
+    RecoveryExecuted,
+    wildcard,
+)
+from autoserve_events.subjects import EVENTS_WILDCARD
+from autoserve_runtime import (
+    ConsumerSpec,
+    EventConsumer,
+    EventPublisher,
+    cancel_all,
+    close_nats,
+    connect,
+    follow_apps,
+    provision,
+)
+
+from .adapters.dispatch import Dispatcher
+from .adapters.receivers import build_receivers
+from .adapters.settings import follow_alerting_settings
+from .core.alerter import Alerter, Notification
+
+log = structlog.get_logger("autoserve.alerter")
+
+SERVICE = "alerter"
+CONSUMER = ConsumerSpec(
+    stream=EVENTS_STREAM,
+    durable="autoserve-alerter",
+    filter_subjects=(
+        wildcard(FailureDetected),
+        wildcard(HealthChanged),
+        wildcard(RecoveryExecuted),
+        wildcard(BreakerStateChanged),
+        ALERTING_WILDCARD,
+    ),
+)
+CONFIG_WAIT_SECONDS = 10.0
+
+
+class AlerterService:
+    def __init__(
+        self, nats_url: str, *, tick_seconds: float = 0.05, backoff: tuple[float, float] = (0.5, 30.0)
+    ) -> None:
+        self.nats_url = nats_url
+        self.core = Alerter()
+        self.apps: dict[str, AppSpec] = {}
+        self.tick_seconds = tick_seconds
+        self.ready = asyncio.Event()
+        self.consumer: EventConsumer | None = None
+        self.publisher: EventPublisher | None = None
+        self.dispatcher = Dispatcher(self._delivered, initial_backoff=backoff[0], max_backoff=backoff[1])
+        self.replayed = 0
+        self.notifications: list[Notification] = []  # decided by this process (tests, logs)
+        self._session: aiohttp.ClientSession | None = None
+        self._apps_loaded = asyncio.Event()
+        self._settings_loaded = asyncio.Event()
+        self._wakeup = asyncio.Event()
+
+    # -- configuration ---------------------------------------------------------------------
+
+    def _on_apps(self, apps: dict[str, AppSpec], _written_at: float | None) -> None:
+        self.apps = apps
+        self.core.set_apps(apps)
+        self._apps_loaded.set()
+
+    def _on_settings(self, config: AlertingConfig) -> None:
+        self.core.configure(config)
+        if self._session is not None:
+            self.dispatcher.receivers = build_receivers(config.receivers, self._session)
+            for name, receiver in self.dispatcher.receivers.items():
+                problem = getattr(receiver, "problem", None)
+                if problem:
+                    log.error("receiver misconfigured; its notifications will fail", receiver=name, problem=problem)
+        log.info("alerting settings loaded", receivers=sorted(config.receivers), enabled=config.enabled,
+                 windows=[w.name for w in config.maintenance_windows])  # fmt: skip
+        self._settings_loaded.set()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        nc = await connect(self.nats_url, "autoserve-alerter")
+        js = nc.jetstream()
+        await provision(js)
+        self._session = aiohttp.ClientSession(headers={"User-Agent": "AutoServe-Alerter/1.0"})
+        tasks = [
+            asyncio.create_task(follow_apps(await js.key_value(APPS_BUCKET), self._on_apps), name="follow-apps"),
+            asyncio.create_task(
+                follow_alerting_settings(await js.key_value(SETTINGS_BUCKET), self._on_settings), name="follow-alerting"
+            ),
+        ]
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(self._apps_loaded.wait(), self._settings_loaded.wait()),
+                                   CONFIG_WAIT_SECONDS)  # fmt: skip
+        self.publisher = publisher = EventPublisher(js).start()
+        self.consumer = consumer = EventConsumer(js, publisher, CONSUMER, SERVICE, self._process)
+        try:
+            started = time.monotonic()
+            floor = await consumer.ack_floor()
+            history = parse_duration(self.core.config.history)
+            self.replayed = await consumer.replay(time.time() - history, floor, EVENTS_WILDCARD)
+            await consumer.start()
+            await self._caught_up(js)
+            log.info("state rebuilt", replayed=self.replayed, up_to_seq=floor, alerts=len(self.core.active_alerts()),
+                     groups=len(self.core.groups), seconds=round(time.monotonic() - started, 3))  # fmt: skip
+            tasks.append(asyncio.create_task(self._tick_forever(), name="alerter-timer"))
+            self.ready.set()
+            log.info("alerter started", nats=self.nats_url)
+            await stop.wait()
+        finally:
+            log.info("alerter stopping")
+            await cancel_all(tasks)
+            await consumer.stop()
+            await self.dispatcher.close()
+            await publisher.close()
+            await self._session.close()
+            await close_nats(nc)
+            log.info("alerter stopped", sent=self.dispatcher.sent, failed=self.dispatcher.failed,
+                     **vars(consumer.stats))  # fmt: skip
+
+    async def _caught_up(self, js, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
+        """Until the live consumer has folded what was stored before it started: the
+        notification log above the ack floor must be known before anything is sent."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = await js.consumer_info(CONSUMER.stream, CONSUMER.durable)
+            delivered = info.delivered.stream_seq if info.delivered else 0
+            highest = self.consumer._highest_seq if self.consumer is not None else 0
+            if info.num_pending == 0 and (info.num_ack_pending == 0 or highest >= delivered):
+                return
+            await asyncio.sleep(0.02)
+        log.warning("backlog not folded in time; continuing")
+
+    def _process(self, event):  # type: ignore[no-untyped-def]
+        out = self.core.handle(event)
+        if out:
+            self._wakeup.set()  # a new alert may be due at once (group_wait 0)
+        return out
+
+    # -- the timer -------------------------------------------------------------------------
+
+    async def _tick_forever(self) -> None:
+        while True:
+            self.tick(time.time())
+            due = self.core.next_due()
+            wait = self.tick_seconds if due is None else min(self.tick_seconds, max(0.002, due - time.time()))
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), wait)
+
+    def tick(self, now: float) -> None:
+        if not self.core.config.enabled:
+            return
+        decisions = self.core.tick(now, tuple(self.apps))
+        for event in decisions.events:
+            self.publisher.submit(event)  # type: ignore[union-attr]
+        for notification in decisions.notifications:
+            self.notifications.append(notification)
+            self.dispatcher.submit(notification)
+
+    def _delivered(self, notification: Notification, outcome: str, attempts: int, error: str | None) -> None:
+        log_entry = self.core.delivered(notification, outcome, time.time(), attempts, error)
+        self.publisher.submit(log_entry)  # type: ignore[union-attr]
+        self._wakeup.set()  # the group may have more to say now

@@ -1,0 +1,60 @@
+"""Reports in ClickHouse (real chDB) can leave out the maintenance windows the alerter records."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from autoserve_events import ProbeCompleted, SilenceCreated
+from autoserve_reporter.adapters.clickhouse import Store
+from autoserve_reporter.adapters.migrations import migrate
+from autoserve_reporter.adapters.queries import Reports
+from autoserve_reporter.core.report import maintenance_intervals, window
+from autoserve_reporter.core.rows import (
+    EVENT_COLUMNS,
+    EVENTS_TABLE,
+    METRIC_COLUMNS,
+    METRICS_TABLE,
+    event_row,
+    metric_rows,
+)
+
+NOW = float(int(time.time()) // 60 * 60)  # recent: the tables have a TTL
+
+
+def test_maintenance_intervals_are_clipped_and_merged() -> None:
+    w = window(1, NOW)
+    rows = [(NOW - 7200, NOW - 3000), (NOW - 3100, NOW - 2000), (NOW - 600, NOW + 600), (NOW - 9000, NOW - 8000)]
+    assert maintenance_intervals(rows, w) == [(NOW - 3600, NOW - 2000), (NOW - 600, NOW)]
+
+
+async def test_a_report_can_exclude_maintenance_time(tmp_path: Path) -> None:
+    store = Store(f"chdb://{tmp_path / 'ch'}")
+    try:
+        await migrate(store)
+        probes = [
+            ProbeCompleted(instance_id="web-1", app_name="web", check_type="http", is_healthy=not (1800 < age <= 2400),
+                           response_time_ms=5.0, timestamp=NOW - age, error=None if not (1800 < age <= 2400) else "timeout")
+            for age in range(0, 3600, 60)
+        ]  # fmt: skip
+        lines = b"".join(json.dumps(list(r)).encode() + b"\n" for p in probes for r in metric_rows(p))
+        await store.insert_lines(METRICS_TABLE, METRIC_COLUMNS, lines)
+        window_event = SilenceCreated(silence_id="m1", app_name="web", starts_at=NOW - 2400, ends_at=NOW - 1800,
+                                      created_by="alerting.maintenance_windows", reason="deploy", timestamp=NOW - 2400,
+                                      maintenance=True, window="deploys")  # fmt: skip
+        plain = SilenceCreated(silence_id="s1", app_name="web", starts_at=NOW - 600, ends_at=NOW, created_by="bob",
+                               reason="noisy", timestamp=NOW - 600)  # fmt: skip
+        rows = [event_row(e) for e in (window_event, plain)]
+        await store.insert_lines(
+            EVENTS_TABLE, EVENT_COLUMNS, b"".join(json.dumps(list(r)).encode() + b"\n" for r in rows)
+        )
+        reports = Reports(store)
+        full = await reports.health_report("web", 1, NOW)
+        assert (full.total_health_checks, full.failed_checks) == (60, 10)
+        assert full.excluded_maintenance_seconds == 0
+        clean = await reports.health_report("web", 1, NOW, exclude_maintenance=True)
+        assert (clean.total_health_checks, clean.failed_checks, clean.uptime_percent) == (50, 0, 100.0)
+        assert clean.excluded_maintenance_seconds == 600  # the plain silence is not maintenance
+    finally:
+        await store.close()

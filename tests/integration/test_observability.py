@@ -1,0 +1,310 @@
+"""/healthz, /readyz and /metrics of real service processes against a real nats-server, and
+a graceful shutdown under load that loses no event."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import aiohttp
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from prometheus_client.parser import text_string_to_metric_families
+
+from autoserve_events import (
+    EVENTS_STREAM,
+    PROBES_STREAM,
+    ErrorKind,
+    FailureDetected,
+    FailureType,
+    ProbeCompleted,
+    decode,
+    encode,
+    subject_for,
+)
+from autoserve_runtime import EmbeddedNatsServer, free_port, observability
+from autoserve_runtime.observability import Endpoint, HealthServer
+
+from .conftest import LOCALHOST, HttpTarget, Outputs, apply_yaml, check, config_for, wait_for
+
+AUTOSERVE = str(Path(sys.executable).parent / "autoserve")
+_seq = itertools.count()
+
+
+def failing_probe(instance: str = "w-1", app: str = "web") -> ProbeCompleted:
+    return ProbeCompleted(instance_id=instance, app_name=app, check_type="http", is_healthy=False,
+                          response_time_ms=2.0, timestamp=time.time() + next(_seq) * 1e-6, status_code=500,
+                          error="Unexpected status code: 500", error_kind=ErrorKind.UNEXPECTED_STATUS)  # fmt: skip
+
+
+async def publish(nc: Client, *events: ProbeCompleted) -> None:
+    """Retry until stored, as a careful producer does (a retry is deduplicated)."""
+    js = nc.jetstream()
+    for event in events:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                await js.publish(subject_for(event), encode(event), headers={"Nats-Msg-Id": event.event_id})
+                break
+            except (nats.errors.TimeoutError, nats.js.errors.NoStreamResponseError):
+                assert time.monotonic() < deadline, "JetStream never accepted the publish"
+                await asyncio.sleep(0.1)
+
+
+def start_detector(url: str, port: int, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        command = [AUTOSERVE, "run", "detector", "--nats-url", url, "--metrics-port", str(port)]
+        return subprocess.Popen(command, stdout=out, stderr=out)
+
+
+async def get(port: int, path: str) -> tuple[int | None, str]:
+    """(status, body); (None, error) while nothing listens."""
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
+            session.get(f"http://{LOCALHOST}:{port}{path}") as response,
+        ):
+            return response.status, await response.text()
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return None, str(exc)
+
+
+async def wait_status(port: int, path: str, status: int, timeout: float = 30.0) -> str:
+    deadline = time.monotonic() + timeout
+    last: tuple[int | None, str] = (None, "")
+    while time.monotonic() < deadline:
+        last = await get(port, path)
+        if last[0] == status:
+            return last[1]
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{path} never answered {status} within {timeout}s; last: {last}")
+
+
+def samples(text: str) -> dict[tuple[str, frozenset], float]:
+    """Every sample of a /metrics page, parsed by prometheus-client's own parser."""
+    found: dict[tuple[str, frozenset], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return found
+
+
+def value(page: dict[tuple[str, frozenset], float], name: str, **labels: str) -> float:
+    return page[(name, frozenset(labels.items()))]
+
+
+DETECTOR = {"service": "detector", "consumer": "autoserve-detector"}
+WEB = {"web": {"health_check": check(failure_threshold=3), "instances": [{"id": "w-1", "host": LOCALHOST, "port": 9}]}}
+
+
+def stop_and_wait(process: subprocess.Popen[bytes], timeout: float = 30) -> tuple[int, float]:
+    started = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    return process.wait(timeout), time.monotonic() - started
+
+
+async def test_readyz_waits_for_nats_and_replay_and_metrics_count(
+    tmp_path: Path, nats_server: EmbeddedNatsServer, nc: Client, outputs: Outputs
+) -> None:
+    await apply_yaml(nc, config_for(WEB))
+    port, log = free_port(), tmp_path / "detector.log"
+    first = start_detector(nats_server.url, port, log)
+    try:
+        await wait_status(port, "/readyz", 200)
+        page = samples(await wait_status(port, "/metrics", 200))
+        assert value(page, "autoserve_consumer_received_total", **DETECTOR) == 0
+        before = [failing_probe() for _ in range(40)]
+        await publish(nc, *before)
+        await wait_for(lambda: len(outputs.events(FailureDetected)) >= 40, timeout=30, what="40 failures")
+        page = samples((await get(port, "/metrics"))[1])
+        assert value(page, "autoserve_consumer_received_total", **DETECTOR) == 40  # the counters moved
+        assert value(page, "autoserve_publish_stored_total", service="detector") >= 40
+        assert value(page, "autoserve_nats_connected", client="autoserve-detector") == 1
+        assert value(page, "autoserve_ready") == 1
+    finally:
+        code, _ = stop_and_wait(first)
+    assert code == 0
+
+    # Before replay: NATS is down, the process is alive (healthz) but not ready (readyz).
+    nats_server.stop()
+    second = start_detector(nats_server.url, port, log)
+    try:
+        assert await wait_status(port, "/healthz", 200) == "ok\n"
+        status, body = await get(port, "/readyz")
+        assert status == 503
+        checks = json.loads(body)["checks"]
+        assert checks["nats connected"] is False and checks["service ready"] is False, checks
+        page = samples((await get(port, "/metrics"))[1])
+        assert value(page, "autoserve_ready") == 0
+
+        # After replay: ready, and the 40 inputs before the restart were folded again.
+        nats_server.start()
+        await wait_status(port, "/readyz", 200, timeout=60)
+        page = samples((await get(port, "/metrics"))[1])
+        assert value(page, "autoserve_consumer_replayed_events", **DETECTOR) == 40
+        assert value(page, "autoserve_consumer_received_total", **DETECTOR) == 0
+        after = [failing_probe() for _ in range(10)]
+        await publish(nc, *after)
+        await wait_for(lambda: len(outputs.events(FailureDetected)) >= 50, timeout=30, what="ten more failures")
+
+        def counted() -> float:
+            return value(samples(text), "autoserve_consumer_received_total", **DETECTOR)
+
+        text = ""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            text = (await get(port, "/metrics"))[1]
+            if counted() == 10 and value(samples(text), "autoserve_consumer_lag_messages", **DETECTOR) == 0:
+                break
+            await asyncio.sleep(0.1)
+        page = samples(text)
+        assert counted() == 10
+        assert value(page, "autoserve_consumer_lag_messages", **DETECTOR) == 0  # all acknowledged
+        assert value(page, "autoserve_consumer_acked_sequence", **DETECTOR) == 50
+        assert value(page, "autoserve_nats_reconnects_total", client="autoserve-detector") == 0
+        # The consecutive count survived the restart: the replay rebuilt it.
+        failures = [f for f in outputs.events(FailureDetected) if f.failure_type is FailureType.HEALTH_CHECK_FAILED]
+        assert max(f.consecutive_count for f in failures) == 50
+    finally:
+        code, drain = stop_and_wait(second)
+    assert code == 0 and drain < 10  # drained, not cancelled after the grace
+
+
+async def test_the_prober_counts_probes_by_result(prober, nc: Client, http_target: HttpTarget) -> None:
+    def healthy_probes() -> float:
+        page = samples(observability.metrics_text().decode())
+        return page.get(("autoserve_probes_total", frozenset({"check_type": "http", "result": "healthy"}.items())), 0)
+
+    ok = healthy_probes()  # other tests in this process may have probed already
+    app = {
+        "health_check": check(path="/ok"),
+        "instances": [{"id": f"p-{i}", "host": LOCALHOST, "port": http_target.port} for i in range(3)],
+    }
+    await apply_yaml(nc, config_for({"probed": app}))
+    await wait_for(lambda: healthy_probes() >= ok + 6, timeout=30, what="six healthy probes counted")
+    page = samples(observability.metrics_text().decode())
+    assert value(page, "autoserve_probe_targets") == 3
+    assert value(page, "autoserve_events_out_total", service="prober", type="ProbeCompleted") >= 6
+    assert value(page, "autoserve_publish_submitted_total", service="prober") >= 6
+
+
+async def test_a_taken_port_leaves_the_service_running_without_the_endpoint() -> None:
+    with socket.socket() as taken:
+        taken.bind((LOCALHOST, 0))
+        taken.listen()
+        server = HealthServer(Endpoint(LOCALHOST, taken.getsockname()[1]))
+        assert await server.start() is False
+        await server.stop()
+
+
+async def stored(nc: Client, kind: type) -> list:
+    """Everything of ``kind`` the audit trail holds, read back in full."""
+    js = nc.jetstream()
+    total = (await js.stream_info(EVENTS_STREAM)).state.messages
+    sub = await js.subscribe("autoserve.event.>", ordered_consumer=True)
+    found = []
+    try:
+        for _ in range(total):
+            event = decode((await sub.next_msg(timeout=10)).data)
+            if isinstance(event, kind):
+                found.append(event)
+    finally:
+        await sub.unsubscribe()
+    return found
+
+
+async def test_sigterm_under_load_loses_no_event(
+    tmp_path: Path, nats_server: EmbeddedNatsServer, nc: Client, outputs: Outputs
+) -> None:
+    """Probes keep coming while the detector is stopped with SIGTERM and started again:
+    every probe gets its one failure event, the counts run on without a gap, and the
+    stopped process acknowledged everything it had processed before it exited 0."""
+    instances = [f"w-{i}" for i in range(4)]
+    apps = {"web": {"health_check": check(failure_threshold=3),
+                    "instances": [{"id": i, "host": LOCALHOST, "port": 9} for i in instances]}}  # fmt: skip
+    await apply_yaml(nc, config_for(apps))
+    port, log = free_port(), tmp_path / "detector.log"
+    first = start_detector(nats_server.url, port, log)
+    second: subprocess.Popen[bytes] | None = None
+    probes = [failing_probe(instances[n % len(instances)]) for n in range(3000)]
+    published = 0
+
+    async def steady_stream() -> None:
+        nonlocal published
+        for start in range(0, len(probes), 50):
+            await publish(nc, *probes[start : start + 50])
+            published = start + 50
+            await asyncio.sleep(0.005)
+
+    try:
+        await wait_status(port, "/readyz", 200)
+        producer = asyncio.create_task(steady_stream())
+        await wait_for(lambda: len(outputs.events(FailureDetected)) >= 300, timeout=60, what="the detector busy")
+        assert published < len(probes), "the load finished before the SIGTERM: make it longer"
+        code, drain = await asyncio.to_thread(stop_and_wait, first)
+        assert code == 0 and drain < 10
+        stopped = [json.loads(line) for line in log.read_text().splitlines() if '"detector stopped"' in line][-1]
+        assert stopped["acked_seq"] == stopped["last_seq"] > 0  # everything it finished is acknowledged
+        assert published < len(probes), "the load finished during the drain: make it longer"
+        second = start_detector(nats_server.url, port, log)
+        await producer
+        await wait_status(port, "/readyz", 200, timeout=60)
+
+        js = nc.jetstream()
+
+        async def caught_up() -> bool:
+            info = await js.consumer_info(PROBES_STREAM, "autoserve-detector")
+            last = (await js.stream_info(PROBES_STREAM)).state.last_seq
+            return info.ack_floor.stream_seq == last
+
+        deadline = time.monotonic() + 120
+        while not await caught_up():
+            assert time.monotonic() < deadline, "the restarted detector never acknowledged the whole stream"
+            await asyncio.sleep(0.2)
+    finally:
+        if first.poll() is None:
+            first.kill()
+        if second is not None:
+            code, _ = await asyncio.to_thread(stop_and_wait, second)
+            assert code == 0
+
+    failures = [f for f in await stored(nc, FailureDetected) if f.failure_type is FailureType.HEALTH_CHECK_FAILED]
+    causes = Counter(f.cause_event_id for f in failures)
+    assert set(causes) == {p.event_id for p in probes}, "a probe got no failure event: an event was lost"
+    assert max(causes.values()) == 1, "a probe was processed twice into the audit trail"
+    for instance in instances:
+        counts = [f.consecutive_count for f in failures if f.instance_id == instance]
+        assert counts == list(range(1, len(counts) + 1)), f"{instance}: the count broke across the restart"
+
+
+async def test_events_by_type_dead_letters_and_handler_latency(
+    tmp_path: Path, nats_server: EmbeddedNatsServer, nc: Client, outputs: Outputs
+) -> None:
+    """What EventConsumer reports itself: live inputs and outputs by type, dead letters by
+    reason, and the sampled fold latency."""
+    await apply_yaml(nc, config_for(WEB))
+    port = free_port()
+    detector = start_detector(nats_server.url, port, tmp_path / "detector.log")
+    try:
+        await wait_status(port, "/readyz", 200)
+        await publish(nc, *[failing_probe() for _ in range(130)])
+        await nc.jetstream().publish("autoserve.probe.completed.web.w-1", b"\x00 not an event")
+        await wait_for(lambda: len(outputs.dead_letters()) == 1, timeout=30, what="the poison dead-lettered")
+        await wait_for(lambda: len(outputs.events(FailureDetected)) >= 130, timeout=30, what="130 failures")
+        page = samples((await get(port, "/metrics"))[1])
+        assert value(page, "autoserve_events_in_total", service="detector", type="ProbeCompleted") == 130
+        assert value(page, "autoserve_events_out_total", service="detector", type="FailureDetected") >= 130
+        assert value(page, "autoserve_dead_letters_total", service="detector", reason="malformed") == 1
+        assert value(page, "autoserve_handler_seconds_count", service="detector") == 2  # 130 // 64
+    finally:
+        code, _ = stop_and_wait(detector)
+    assert code == 0

@@ -1,0 +1,134 @@
+# ruff: noqa: F811  (pytest fixtures imported from the other recovery tests are used as parameters)
+"""Drain and rolling restart through the whole system (prober, detector, recovery, a real
+nginx, real Docker), checked with real requests through nginx and Docker's own events."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
+
+from nats.aio.client import Client
+
+from autoserve_events import RecoveryStrategy
+from autoserve_prober.service import ProberService
+from autoserve_recovery.adapters.runtime import Member
+from autoserve_runtime import free_port
+
+from .conftest import LOCALHOST, Outputs, apply_yaml, wait_for
+from .test_recovery_claims import until, work_settled
+from .test_recovery_copies import copies_config, health_of, run_port_box
+from .test_recovery_docker import DockerEvents, app, docker_events, executed, recoveries, serving, system  # noqa: F401
+from .test_recovery_nginx import Nginx, health_fails, nginx  # noqa: F401
+
+S = RecoveryStrategy
+
+
+@dataclass
+class Traffic:
+    """GET /who through nginx every 20 ms in a thread, until stopped (at most 180 s)."""
+
+    nginx: Nginx
+    answers: list[tuple[float, str]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        deadline = time.monotonic() + 180
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            self.answers.append((time.time(), self.nginx.get("/who")))
+            self._stop.wait(0.02)
+
+    def errors(self) -> list[tuple[float, str]]:
+        return [a for a in self.answers if a[1].startswith("error")]
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+async def port_boxes(image: str, app: str, count: int) -> list[tuple[str, int]]:
+    """httpd as PID 1 ignores SIGTERM: a 1 s stop timeout, then Docker kills it."""
+    started = []
+    for index in range(count):
+        port = free_port()
+        box = await asyncio.to_thread(run_port_box, image, app, port, f"box{index}", "--stop-timeout", "1")
+        started.append((box, port))
+    return started
+
+
+async def test_drain_takes_the_instance_out_of_nginx_before_stopping_it_and_it_comes_back(
+    app: str, nc: Client, system: ProberService, recoveries, outputs: Outputs, busybox_image: str, nginx: Nginx,
+    docker_events: DockerEvents,
+) -> None:  # fmt: skip
+    (c0, p0), (c1, p1) = await port_boxes(busybox_image, app, 2)
+    nginx.start(app, [Member(c0[:12], LOCALHOST, p0), Member(c1[:12], LOCALHOST, p1)])
+    rules = {"health_check_failed": ["drain_instance", "restart_container"]}
+    await apply_yaml(nc, copies_config(app, rules, drain_seconds=3))
+    await recoveries(nginx=nginx.settings())
+    await wait_for(lambda: health_of(outputs, c0) and health_of(outputs, c1), timeout=30, what="both healthy")
+    assert nginx.spread() == {f"box0-{p0}", f"box1-{p1}"}
+
+    await asyncio.to_thread(health_fails, c1)
+    await wait_for(lambda: nginx.down(app) == {c1[:12]}, timeout=30, what="box1 marked down")
+    # Draining: box1 still runs and answers, but nginx no longer sends it requests.
+    assert serving(p1, "/who")
+    await wait_for(lambda: nginx.spread() == {f"box0-{p0}"}, timeout=5, what="nginx routing around box1")
+    assert serving(p1, "/who") and docker_events.count("stop", c1) == 0
+
+    await wait_for(lambda: executed(outputs, S.RESTART_CONTAINER), timeout=30, what="drained, then restarted")
+    (drain,) = executed(outputs, S.DRAIN_INSTANCE)
+    (restart,) = executed(outputs, S.RESTART_CONTAINER)
+    assert drain.success and drain.details["down"] == [c1[:12]] and drain.details["container_id"] == c1
+    assert drain.duration_ms >= 3000  # drain_seconds passed before the stop
+    assert restart.success and restart.timestamp >= drain.timestamp + drain.duration_ms / 1000
+    assert docker_events.count("stop", c1) == 1
+    # Healthy again (its start wrote /health back): restored, and routed to.
+    await wait_for(lambda: nginx.down(app) == set(), timeout=30, what="box1 restored")
+    await wait_for(lambda: nginx.spread() == {f"box0-{p0}", f"box1-{p1}"}, timeout=10, what="routing to both")
+    await until(lambda: work_settled(nc), 30, "every input handled")
+    # The stop's own death was not a new incident: one restart, by the drain's plan.
+    assert docker_events.count("restart", c1) == 1 and len(executed(outputs, S.RESTART_CONTAINER)) == 1
+
+
+async def test_rolling_restart_restarts_one_replica_at_a_time_and_nginx_keeps_serving(
+    app: str, nc: Client, system: ProberService, recoveries, outputs: Outputs, busybox_image: str, nginx: Nginx,
+    docker_events: DockerEvents,
+) -> None:  # fmt: skip
+    boxes = await port_boxes(busybox_image, app, 3)
+    nginx.start(app, [Member(c[:12], LOCALHOST, p) for c, p in boxes])
+    await apply_yaml(nc, copies_config(app, {"health_check_failed": ["rolling_restart"]}))
+    await recoveries(nginx=nginx.settings())
+    await wait_for(lambda: all(health_of(outputs, c) for c, _ in boxes), timeout=30, what="all healthy")
+    traffic = Traffic(nginx)
+    pump = asyncio.create_task(asyncio.to_thread(traffic.run))
+    try:
+        failing = boxes[1][0]
+        await asyncio.to_thread(health_fails, failing)
+        main = lambda: [e for e in executed(outputs, S.ROLLING_RESTART) if "member_of" not in e.details]  # noqa: E731
+        await wait_for(main, timeout=60, what="a rolling restart")
+        await until(lambda: work_settled(nc), 30, "every input handled")
+    finally:
+        traffic.stop()
+        await pump
+    (rolling,) = main()
+    assert rolling.success, rolling.error
+    order = rolling.details["restarted"]
+    assert order[0] == failing[:12] and sorted(order) == sorted(c[:12] for c, _ in boxes)
+    members = [e for e in executed(outputs, S.ROLLING_RESTART) if "member_of" in e.details]
+    assert sorted(e.instance_id for e in members) == sorted(order[1:])
+    assert all(e.details["member_of"] == failing[:12] for e in members)
+    # One at a time, by Docker's clock: each is started again before the next is killed.
+    ids = {c[:12]: c for c, _ in boxes}
+    timeline: list[tuple[str, str]] = []
+    for event in docker_events.lines:
+        step = (event["Action"], event["id"])
+        if step[0] in ("kill", "start") and (not timeline or timeline[-1] != step):  # restart -t 0: TERM, KILL
+            timeline.append(step)
+    restarts = timeline[len(boxes) :]  # after the initial starts
+    assert restarts == [(action, ids[i]) for i in order for action in ("kill", "start")], restarts
+    # Exactly one restart each: the deaths of the rolling restart were not new incidents.
+    assert [docker_events.count("restart", c) for c, _ in boxes] == [1, 1, 1]
+    # nginx served every request while the replicas restarted one by one.
+    during = [a for a in traffic.answers if rolling.timestamp <= a[0]]
+    assert len(during) >= 10 and traffic.errors() == []
+    assert {answer for _, answer in traffic.answers} == {f"box{i}-{p}" for i, (_, p) in enumerate(boxes)}

@@ -1,0 +1,391 @@
+"""Bus security with a real nats-server running deploy/nats/nats-server.conf: each user may
+publish only what its service owns, the operator user only reads, bad credentials are
+refused, and a service without create rights waits for the admin to provision."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nats
+import nats.errors
+import pytest
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from autoserve_cli.apply import store_config
+from autoserve_config import load_config_text
+from autoserve_events import (
+    EVENTS_STREAM,
+    BreakerStateChanged,
+    ContainerObserved,
+    Event,
+    FailureDetected,
+    FailureType,
+    HealthChanged,
+    ProbeCompleted,
+    RecoveryExecuted,
+    RecoveryStrategy,
+    encode,
+    headers_for,
+    subject_for,
+)
+from autoserve_runtime import free_port, nats_server_binary, provision, spawn_child, stop_child
+from autoserve_runtime.bus import (
+    NatsAuth,
+    NatsConfigError,
+    absorb_url_credentials,
+    connect,
+    permission_denials,
+    redact_url,
+)
+
+from .conftest import LOCALHOST, check, config_for, wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+NATS_CONF = ROOT / "deploy" / "nats" / "nats-server.conf"
+SERVICE_USERS = ("prober", "detector", "breaker", "recovery", "reporter", "alerter")
+USERS = (*SERVICE_USERS, "admin", "operator", "client")
+
+
+@dataclass
+class SecureNats:
+    """nats-server on the deploy config; every password planted, random, and recorded."""
+
+    store: Path
+    conf: Path = NATS_CONF
+    port: int = field(default_factory=free_port)
+    passwords: dict[str, str] = field(
+        default_factory=lambda: {u: f"planted-{u}-{secrets.token_hex(12)}" for u in USERS}
+    )
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://{LOCALHOST}:{self.port}"
+
+    @property
+    def log_file(self) -> Path:
+        return self.store / "nats-server.log"
+
+    def server_env(self) -> dict[str, str]:
+        return {**os.environ, **{f"AUTOSERVE_{u.upper()}_PASSWORD": p for u, p in self.passwords.items()}}
+
+    def start(self, timeout: float = 20.0) -> SecureNats:
+        self.store.mkdir(parents=True, exist_ok=True)
+        offset = self.log_file.stat().st_size if self.log_file.exists() else 0
+        command = [nats_server_binary(), "-c", str(self.conf), "-a", LOCALHOST, "-p", str(self.port),
+                   "-sd", str(self.store / "js"), "-l", str(self.log_file)]  # fmt: skip
+        self.process = spawn_child(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=self.server_env())
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"nats-server exited: {self.process.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+            if self.log_file.exists():
+                with self.log_file.open("rb") as log:
+                    log.seek(offset)
+                    if b"Server is ready" in log.read():
+                        return self
+            time.sleep(0.05)
+        raise RuntimeError(f"nats-server not ready in {timeout}s; see {self.log_file}")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_child(self.process)
+
+    def violations(self) -> list[str]:
+        text = self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
+        return [line for line in text.splitlines() if "Violation" in line]
+
+    def password_file(self, user: str, directory: Path) -> Path:
+        path = directory / f"{user}.password"
+        path.write_text(self.passwords[user] + "\n")
+        path.chmod(0o600)
+        return path
+
+    def env(self, user: str, directory: Path | None = None) -> dict[str, str]:
+        """A service's environment: the URL, its user, its password (from a file if given)."""
+        env = {"AUTOSERVE_NATS_URL": self.url, "AUTOSERVE_NATS_USER": user}
+        if directory is not None:
+            env["AUTOSERVE_NATS_PASSWORD_FILE"] = str(self.password_file(user, directory))
+        else:
+            env["AUTOSERVE_NATS_PASSWORD"] = self.passwords[user]
+        return env
+
+    def auth(self, user: str) -> NatsAuth:
+        return NatsAuth(user=user, password=self.passwords[user])
+
+
+@pytest.fixture
+def secure_nats(tmp_path: Path) -> Iterator[SecureNats]:
+    server = SecureNats(tmp_path / "secure-nats").start()
+    yield server
+    server.stop()
+
+
+def refused(kind: str, subject: str) -> str:
+    """The error nats-py hands to ``error_cb`` (it lower-cases the server's -ERR text)."""
+    return f'nats: permissions violation for {kind} to "{subject.lower()}"'
+
+
+@dataclass
+class Session:
+    """A raw nats-py connection as one user, recording the server's async errors."""
+
+    nc: Client
+    errors: list[str]
+
+    async def refusals(self, action, timeout: float = 5.0) -> list[str]:  # type: ignore[no-untyped-def]
+        """The errors the server sends for ``action``. A refusal (-ERR) is asynchronous and
+        can come after the next PONG, so wait for it (bounded): only call this for an action
+        that is expected to be refused; prove allowed ones by their effect."""
+        before = len(self.errors)
+        await action()
+        await self.nc.flush(timeout=5)
+        deadline = time.monotonic() + timeout
+        while len(self.errors) == before and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return self.errors[before:]
+
+
+async def session(server: SecureNats, user: str) -> Session:
+    errors: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(str(exc))
+
+    nc = await nats.connect(
+        server.url, user=user, password=server.passwords[user], error_cb=on_error, max_reconnect_attempts=0
+    )
+    return Session(nc, errors)
+
+
+async def provisioned(server: SecureNats) -> None:
+    nc = await connect(server.url, "test-admin", timeout=10, auth=server.auth("admin"))
+    try:
+        await provision(nc.jetstream())
+        text = config_for({"web": {"health_check": check(path="/"), "instances": [{"id": "w-1", "host": LOCALHOST,
+                                                                                     "port": 9}]}})  # fmt: skip
+        await store_config(nc.jetstream(), load_config_text(text))
+    finally:
+        await nc.close()
+
+
+T = 1_700_000_000.0
+SAMPLES: dict[str, Event] = {
+    "ProbeCompleted": ProbeCompleted(instance_id="w-1", app_name="web", check_type="http", is_healthy=False,
+                                     response_time_ms=1.0, timestamp=T),
+    "ContainerObserved": ContainerObserved(instance_id="w-1", app_name="web", container_id="c", event="die",
+                                           timestamp=T),
+    "HealthChanged": HealthChanged(instance_id="w-1", app_name="web", healthy=False, previous=True, consecutive=3,
+                                   reason="test", timestamp=T),
+    "FailureDetected": FailureDetected(failure_type=FailureType.PORT_NOT_LISTENING, instance_id="w-1",
+                                       app_name="web", severity="high", message="planted", timestamp=T),
+    "RecoveryExecuted": RecoveryExecuted(strategy=RecoveryStrategy.RESTART_CONTAINER, failure_type=None,
+                                         instance_id="w-1", app_name="web", success=True, timestamp=T,
+                                         duration_ms=1.0),
+    "BreakerStateChanged": BreakerStateChanged(app_name="web", instance_id="w-1", state="open",
+                                               previous_state="closed", consecutive_failures=5,
+                                               consecutive_successes=0, reason="test", timestamp=T),
+}  # fmt: skip
+
+# Which events each service's user may publish: what the service owns, nothing else.
+OWNS: dict[str, set[str]] = {
+    "prober": {"ProbeCompleted", "ContainerObserved"},
+    "detector": {"HealthChanged", "FailureDetected"},
+    "breaker": {"BreakerStateChanged"},
+    "recovery": {"RecoveryExecuted", "FailureDetected"},  # panic mode is a critical FailureDetected
+    "reporter": set(),
+    "alerter": set(),
+}
+
+
+@pytest.mark.parametrize("user", SERVICE_USERS)
+async def test_each_service_user_publishes_only_the_events_its_service_owns(secure_nats: SecureNats, user: str) -> None:
+    await provisioned(secure_nats)
+    me = await session(secure_nats, user)
+    js = me.nc.jetstream()
+    try:
+        for name, event in SAMPLES.items():
+            subject = subject_for(event)
+            if name in OWNS[user]:  # allowed: JetStream stores it
+                ack = await js.publish(subject, encode(event), headers=headers_for(event), timeout=5)
+                assert ack.stream in ("AUTOSERVE_PROBES", EVENTS_STREAM)
+            else:
+                errors = await me.refusals(lambda s=subject, e=event: me.nc.publish(s, encode(e)))
+                assert errors == [refused("publish", subject)], (user, name, errors)
+        if user != "prober":  # every consumer dead-letters what it cannot take; the prober consumes nothing
+            ack = await js.publish(f"autoserve.deadletter.{user}", b"{}", timeout=5)
+            assert ack.stream == EVENTS_STREAM
+        other = "autoserve.deadletter.reporter" if user != "reporter" else "autoserve.deadletter.detector"
+        assert await me.refusals(lambda: me.nc.publish(other, b"{}")) == [refused("publish", other)]
+        # No service may create, delete or purge streams, nor write the config.
+        for api in ("$JS.API.STREAM.CREATE.X", f"$JS.API.STREAM.DELETE.{EVENTS_STREAM}",
+                    f"$JS.API.STREAM.PURGE.{EVENTS_STREAM}", "$KV.autoserve-apps.web"):  # fmt: skip
+            assert await me.refusals(lambda a=api: me.nc.publish(a, b"{}")) == [refused("publish", api)]
+    finally:
+        await me.nc.close()
+
+
+async def test_a_prober_credential_publishing_failure_detected_is_refused_and_nothing_is_stored(
+    secure_nats: SecureNats,
+) -> None:
+    await provisioned(secure_nats)
+    prober = await connect(secure_nats.url, "test-prober", timeout=10, auth=secure_nats.auth("prober"))
+    event = SAMPLES["FailureDetected"]
+    try:
+        with pytest.raises(nats.errors.TimeoutError):  # JetStream never sees it, so no ack comes
+            await prober.jetstream().publish(subject_for(event), encode(event), headers=headers_for(event), timeout=2)
+        assert permission_denials(prober) == [refused("publish", subject_for(event))]
+    finally:
+        await prober.close()
+    admin = await connect(secure_nats.url, "test-admin", timeout=10, auth=secure_nats.auth("admin"))
+    try:
+        info = await admin.jetstream().stream_info(EVENTS_STREAM)
+        assert info.state.messages == 0
+    finally:
+        await admin.close()
+    assert any("user:prober" in line and "autoserve.event.failure.web.w-1" in line for line in secure_nats.violations())
+
+
+async def test_the_operator_user_reads_failure_events_and_can_do_nothing_else(secure_nats: SecureNats) -> None:
+    await provisioned(secure_nats)
+    operator = await session(secure_nats, "operator")
+    detector = await session(secure_nats, "detector")
+    received: list[str] = []
+
+    async def on_failure(msg: Msg) -> None:
+        received.append(msg.subject)
+
+    try:
+        await operator.nc.subscribe("autoserve.event.failure.>", cb=on_failure)
+        await operator.nc.flush()
+        await detector.nc.publish(subject_for(SAMPLES["FailureDetected"]), encode(SAMPLES["FailureDetected"]))
+        await wait_for(lambda: received == ["autoserve.event.failure.web.w-1"], timeout=10, what="the failure event")
+        for subject in ("autoserve.event.failure.web.w-1", "autoserve.probe.completed.web.w-1",
+                        "autoserve.rpc.breaker.override", "$JS.API.STREAM.INFO.AUTOSERVE_EVENTS"):  # fmt: skip
+            assert await operator.refusals(lambda s=subject: operator.nc.publish(s, b"{}")) == [
+                refused("publish", subject)
+            ]
+        for subject in ("autoserve.probe.>", "_INBOX.>", "autoserve.rpc.breaker.allow", ">"):
+            errors = await operator.refusals(lambda s=subject: operator.nc.subscribe(s))
+            assert errors == [refused("subscription", subject)], errors
+    finally:
+        await operator.nc.close()
+        await detector.nc.close()
+
+
+async def test_wrong_or_missing_credentials_are_refused(secure_nats: SecureNats) -> None:
+    with pytest.raises(nats.errors.Error, match=r"[Aa]uthorization"):
+        await nats.connect(secure_nats.url, user="prober", password="wrong", max_reconnect_attempts=0,
+                           allow_reconnect=False, connect_timeout=5)  # fmt: skip
+    with pytest.raises(nats.errors.Error, match=r"[Aa]uthorization"):
+        await nats.connect(secure_nats.url, max_reconnect_attempts=0, allow_reconnect=False, connect_timeout=5)
+
+
+async def test_a_service_without_create_rights_waits_for_the_admin_to_provision(secure_nats: SecureNats) -> None:
+    detector = await connect(secure_nats.url, "test-detector", timeout=10, auth=secure_nats.auth("detector"))
+    try:
+        waiting = asyncio.create_task(provision(detector.jetstream()))
+        await wait_for(lambda: bool(permission_denials(detector)), timeout=20, what="the create to be refused")
+        assert permission_denials(detector)[0] == refused("publish", "$JS.API.STREAM.CREATE.AUTOSERVE_PROBES")
+        assert not waiting.done()
+        await provisioned(secure_nats)
+        await asyncio.wait_for(waiting, 30)
+        # Provisioned now: a second start only reads, and is refused nothing.
+        denied = len(permission_denials(detector))
+        await asyncio.wait_for(provision(detector.jetstream()), 10)
+        assert len(permission_denials(detector)) == denied
+    finally:
+        await detector.close()
+
+
+@pytest.fixture
+def server_cert(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed server certificate for 127.0.0.1 (with the subjectAltName TLS checks)."""
+    cert, key = tmp_path / "server.pem", tmp_path / "server-key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+async def test_credentials_from_files_and_tls(
+    tmp_path: Path, secure_nats: SecureNats, server_cert: tuple[Path, Path]
+) -> None:
+    env = secure_nats.env("prober", tmp_path)
+    auth = NatsAuth.from_env(env)
+    assert secure_nats.passwords["prober"] not in repr(auth) + str(auth)
+    assert repr(auth) == "user prober"
+    nc = await connect(secure_nats.url, "from-file", timeout=10, auth=auth)
+    await nc.close()
+    # TLS: a server with the (optional) tls block, a client trusting its CA.
+    cert, key = server_cert
+    conf = tmp_path / "tls.conf"
+    conf.write_text(NATS_CONF.read_text() + f'tls {{ cert_file: "{cert}", key_file: "{key}", timeout: 2 }}\n')
+    tls_server = SecureNats(tmp_path / "tls-nats", conf=conf, passwords=secure_nats.passwords).start()
+    try:
+        secure = NatsAuth.from_env({**env, "AUTOSERVE_NATS_TLS_CA": str(cert)})
+        assert repr(secure) == "user prober, tls"
+        nc = await connect(f"tls://{LOCALHOST}:{tls_server.port}", "tls", timeout=10, auth=secure)
+        assert nc.is_connected
+        await nc.close()
+        with pytest.raises((ssl.SSLError, nats.errors.Error, OSError)):  # no CA: the self-signed cert is untrusted
+            await connect(f"tls://{LOCALHOST}:{tls_server.port}", "tls", timeout=5,
+                          auth=NatsAuth.from_env(env), max_reconnect_attempts=0, allow_reconnect=False)  # fmt: skip
+    finally:
+        tls_server.stop()
+
+
+def test_credential_settings_are_checked_and_named_without_their_values(tmp_path: Path) -> None:
+    with pytest.raises(NatsConfigError, match="AUTOSERVE_NATS_PASSWORD and AUTOSERVE_NATS_PASSWORD_FILE"):
+        NatsAuth.from_env({"AUTOSERVE_NATS_USER": "u", "AUTOSERVE_NATS_PASSWORD": "s3cret",
+                           "AUTOSERVE_NATS_PASSWORD_FILE": "/x"})  # fmt: skip
+    with pytest.raises(NatsConfigError, match=r"AUTOSERVE_NATS_PASSWORD_FILE: cannot read /nonexistent/pw"):
+        NatsAuth.from_env({"AUTOSERVE_NATS_USER": "u", "AUTOSERVE_NATS_PASSWORD_FILE": "/nonexistent/pw"})
+    with pytest.raises(NatsConfigError, match="AUTOSERVE_NATS_PASSWORD is set but AUTOSERVE_NATS_USER is not"):
+        NatsAuth.from_env({"AUTOSERVE_NATS_PASSWORD": "s3cret"})
+    with pytest.raises(NatsConfigError, match=r"more than one NATS credential is set \(USER, TOKEN\)"):
+        NatsAuth.from_env({"AUTOSERVE_NATS_USER": "u", "AUTOSERVE_NATS_TOKEN": "t"})
+    with pytest.raises(NatsConfigError, match=r"AUTOSERVE_NATS_TLS_CA: no such file: /nonexistent/ca\.pem"):
+        NatsAuth.from_env({"AUTOSERVE_NATS_TLS_CA": "/nonexistent/ca.pem"})
+    token = tmp_path / "token"
+    token.write_text("tok-123\n")
+    auth = NatsAuth.from_env({"AUTOSERVE_NATS_TOKEN_FILE": str(token)})
+    assert auth.options() == {"token": "tok-123"} and repr(auth) == "token"
+    try:
+        NatsAuth.from_env(
+            {"AUTOSERVE_NATS_USER": "u", "AUTOSERVE_NATS_PASSWORD": "s3cret", "AUTOSERVE_NATS_TOKEN": "x"}
+        )
+    except NatsConfigError as exc:
+        assert "s3cret" not in str(exc)
+
+
+def test_urls_with_credentials_are_redacted_and_their_credentials_moved_to_the_environment() -> None:
+    assert redact_url("nats://svc:s3cret@nats.example:4222") == "nats://***@nats.example:4222"
+    assert redact_url("tls://tok@nats.example") == "tls://***@nats.example"
+    assert redact_url("nats://nats.example:4222") == "nats://nats.example:4222"
+    env: dict[str, str] = {}
+    assert absorb_url_credentials("nats://svc:s3cret@nats.example:4222", env) == "nats://nats.example:4222"
+    assert env == {"AUTOSERVE_NATS_USER": "svc", "AUTOSERVE_NATS_PASSWORD": "s3cret"}
+    env = {}
+    assert absorb_url_credentials("nats://tok@h:1", env) == "nats://h:1" and env == {"AUTOSERVE_NATS_TOKEN": "tok"}
+    assert absorb_url_credentials(None, env) is None
+
+
+def test_the_committed_nats_config_is_the_generated_one() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gen_nats_conf.py"), "--check"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, f"{result.stderr}\nregenerate with: make deploy-config"

@@ -1,0 +1,421 @@
+"""The alerter's pure core: routing, grouping timers, escalation, silences, maintenance
+windows, dependency suppression and replay, all with time passed in."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from autoserve_alerter.core.alerter import BREAKER_OPEN, Alerter, Notification
+from autoserve_alerter.core.routing import compile_routes
+from autoserve_config import AppSpec, parse_config, parse_cron, parse_duration
+from autoserve_events import (
+    AlertAcknowledged,
+    AlertChanged,
+    BreakerStateChanged,
+    Event,
+    FailureDetected,
+    FailureType,
+    HealthChanged,
+    NotificationLogged,
+    RecoveryExecuted,
+    RecoveryStrategy,
+    SilenceCreated,
+)
+
+T0 = 1_767_225_600.0  # 2026-01-01 00:00:00 UTC
+
+
+def alerting(**section: object):
+    base = {"receivers": {"team": {"type": "webhook", "url": "http://127.0.0.1:9/hook"}},
+            "route": {"receiver": "team", "group_wait": "30s", "group_interval": "5m", "repeat_interval": "4h"}}  # fmt: skip
+    for key, value in section.items():
+        base[key] = {**base[key], **value} if isinstance(value, dict) and key in base else value  # type: ignore[index]
+    return parse_config({"alerting": base}).alerting
+
+
+def failure(
+    app="web", instance="web-1", ft=FailureType.CONTAINER_STOPPED, severity="critical", ts=T0, **kw
+) -> FailureDetected:
+    return FailureDetected(failure_type=ft, instance_id=instance, app_name=app, severity=severity,
+                           message=f"{ft} on {instance}", timestamp=ts, **kw)  # fmt: skip
+
+
+def health(healthy: bool, app="web", instance="web-1", ts=T0) -> HealthChanged:
+    return HealthChanged(instance_id=instance, app_name=app, healthy=healthy, previous=not healthy, consecutive=3,
+                         reason="probe", timestamp=ts)  # fmt: skip
+
+
+class Harness:
+    """The core plus a fake delivery that succeeds; every event is kept, as the stream would."""
+
+    def __init__(self, config=None, apps: dict[str, AppSpec] | None = None) -> None:
+        self.core = Alerter(config or alerting())
+        if apps:
+            self.core.set_apps(apps)
+        self.stream: list[Event] = []
+        self.sent: list[Notification] = []
+
+    def feed(self, event: Event) -> list[Event]:
+        self.stream.append(event)
+        out = self.core.handle(event)
+        self.stream += out
+        return out
+
+    def tick(self, now: float, deliver: bool = True, apps: tuple[str, ...] = ()) -> list[Notification]:
+        decisions = self.core.tick(now, apps)
+        self.stream += decisions.events
+        if deliver:
+            for n in decisions.notifications:
+                self.sent.append(n)
+                self.stream.append(self.core.delivered(n, "sent", now))
+        return decisions.notifications
+
+    def alert(self, **match: str):
+        found = [a for a in self.core.alerts.values() if all(getattr(a, k) == v for k, v in match.items())]
+        assert len(found) == 1, found
+        return found[0]
+
+
+# -- config: durations, cron, validation ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("30s", 30), ("5m", 300), ("2h", 7200), ("1d", 86400), (45, 45), ("500ms", 0.5)]
+)
+def test_durations(text, seconds) -> None:
+    assert parse_duration(text) == seconds
+
+
+def test_cron_finds_the_window_start() -> None:
+    nightly = parse_cron("0 2 * * *")
+    at = datetime(2026, 1, 5, 2, 30, tzinfo=UTC).timestamp()
+    assert nightly.last_start(at, 3600) == datetime(2026, 1, 5, 2, 0, tzinfo=UTC).timestamp()
+    assert nightly.last_start(at + 3600, 3600) is None  # 03:30: the 02:00 start is more than an hour back
+    sundays = parse_cron("*/15 1-3 * * 0")  # 2026-01-04 is a Sunday
+    assert (
+        sundays.last_start(datetime(2026, 1, 4, 1, 20, tzinfo=UTC).timestamp(), 600)
+        == datetime(2026, 1, 4, 1, 15, tzinfo=UTC).timestamp()
+    )
+    assert sundays.last_start(datetime(2026, 1, 5, 1, 20, tzinfo=UTC).timestamp(), 600) is None
+
+
+@pytest.mark.parametrize(
+    ("section", "problem"),
+    [
+        ({"route": {"receiver": "nope"}}, "alerting.route.receiver: unknown receiver 'nope' (receivers: team)"),
+        ({"route": {"routes": [{"receiver": "x", "match": {"app": "web"}}]}}, "alerting.route.routes[0].receiver: unknown receiver 'x'"),
+        ({"route": {"escalation": [{"escalate_after": "5m", "receivers": ["pager"]}]}}, "escalation[0].receivers[0]: unknown receiver 'pager'"),
+        ({"route": {"group_wait": "soon"}}, "alerting.route.group_wait: must be a duration"),
+        ({"maintenance_windows": [{"name": "n", "schedule": "0 25 * * *", "duration": "1h"}]}, "schedule: hour field '25' must stay within 0-23"),
+        ({"receivers": {"team": {"type": "email"}}}, "alerting.receivers.team.smarthost: required for a email receiver"),
+        ({"route": {"escalation": [{"escalate_after": "10m", "receivers": ["team"]}, {"escalate_after": "5m", "receivers": ["team"]}]}},
+         "escalation[1].escalate_after: must be later than the tier before"),
+    ],
+)  # fmt: skip
+def test_alerting_config_problems_have_paths(section, problem) -> None:
+    from autoserve_config import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        alerting(**section)
+    assert any(problem in p for p in caught.value.problems), caught.value.problems
+
+
+def test_depends_on_must_name_known_apps_without_cycles() -> None:
+    from autoserve_config import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"apps": {"web": {"depends_on": ["db", "ghost"]}, "db": {"depends_on": ["web"]}}})
+    assert "apps.web.depends_on[1]: unknown app 'ghost'" in caught.value.problems
+    assert any("dependency cycle" in p for p in caught.value.problems)
+
+
+# -- routing ------------------------------------------------------------------------------------
+
+
+def test_routing_tree_matches_continue_and_inherits() -> None:
+    config = alerting(
+        receivers={"team": {"type": "webhook", "url": "http://127.0.0.1:9/a"}, "pager": {"type": "webhook", "url": "http://127.0.0.1:9/b"},
+                   "db": {"type": "slack", "url": "http://127.0.0.1:9/c"}},
+        route={"routes": [
+            {"match": {"severity": ["critical", "high"]}, "receiver": "pager", "continue": True, "group_by": ["app", "instance"]},
+            {"match": {"app": "db"}, "receiver": "db", "group_wait": "0s"},
+            {"match_re": {"failure_type": "health_check_.*"}, "routes": [{"match": {"team": "payments"}, "receiver": "pager"}]},
+        ]},
+    )  # fmt: skip
+    root = compile_routes(config)
+
+    def receivers(**labels: str) -> list[tuple[str, str | None]]:
+        return [(r.id, r.receiver) for r in root.route(labels)]
+
+    assert receivers(app="web", severity="low", failure_type="port_not_listening") == [("0", "team")]
+    assert receivers(app="db", severity="critical") == [("0.0", "pager"), ("0.1", "db")]  # continue: both
+    assert receivers(app="web", severity="low", failure_type="health_check_timeout") == [("0.2", "team")]
+    assert receivers(app="pay", severity="low", failure_type="health_check_failed", team="payments") == [
+        ("0.2.0", "pager")
+    ]
+    db = root.routes[1]
+    assert (db.group_wait, db.group_interval, db.group_by) == (0.0, 300.0, ("app",))  # inherited but group_wait
+    assert root.routes[0].group_by == ("app", "instance")
+
+
+# -- alerts and grouping timers ------------------------------------------------------------------
+
+
+def test_group_wait_batches_then_group_interval_then_repeat() -> None:
+    h = Harness(alerting(resolve_timeout="1d"))
+    h.feed(failure(instance="web-1"))
+    assert h.tick(T0 + 29) == []  # group_wait 30 s
+    h.feed(failure(instance="web-2", ts=T0 + 10))
+    [first] = h.tick(T0 + 30)
+    assert {a.instance for a in first.firing} == {"web-1", "web-2"} and first.seq == 1
+    h.feed(failure(instance="web-3", ts=T0 + 40))
+    h.feed(failure(instance="web-1", ts=T0 + 200))  # still failing: resolve_timeout is 5 minutes
+    h.feed(failure(instance="web-2", ts=T0 + 200))
+    assert h.tick(T0 + 300) == []  # group_interval: 5 minutes after the last notification
+    [second] = h.tick(T0 + 330)
+    assert {a.instance for a in second.firing} == {"web-1", "web-2", "web-3"} and second.seq == 2
+    assert h.tick(T0 + 630) == []  # nothing new: no notification
+    # keep them alive (resolve_timeout 5m), then repeat_interval 4h brings a reminder
+    for minute in range(1, 250, 4):
+        for i in (1, 2, 3):
+            h.feed(failure(instance=f"web-{i}", ts=T0 + minute * 60))
+        h.tick(T0 + minute * 60 + 1)
+    assert [n.seq for n in h.sent] == [1, 2, 3]
+    assert h.sent[2].created_at - h.sent[1].created_at >= 4 * 3600
+
+
+def test_resolved_notifications_only_when_asked_and_only_for_announced_alerts() -> None:
+    h = Harness()
+    h.feed(failure())
+    h.tick(T0 + 30)
+    h.feed(health(True, ts=T0 + 60))
+    assert h.alert(instance="web-1").status == "resolved"
+    [resolved] = h.tick(T0 + 330)
+    assert resolved.status == "resolved" and [a.instance for a in resolved.resolved] == ["web-1"]
+    assert h.core.alerts == {} and h.core.groups == {}  # forgotten once announced
+
+    quiet = Harness(
+        alerting(receivers={"team": {"type": "webhook", "url": "http://127.0.0.1:9/x", "send_resolved": False}})
+    )
+    quiet.feed(failure())
+    quiet.tick(T0 + 30)
+    quiet.feed(health(True, ts=T0 + 60))
+    assert quiet.tick(T0 + 330) == [] and quiet.core.alerts == {}
+    # resolved before it was ever announced: nobody hears of it
+    h2 = Harness()
+    h2.feed(failure())
+    h2.feed(health(True, ts=T0 + 5))
+    assert h2.tick(T0 + 30) == [] and h2.core.groups == {}
+
+
+def test_low_severity_failures_fire_only_on_an_unhealthy_instance() -> None:
+    h = Harness()
+    assert h.feed(failure(ft=FailureType.PORT_NOT_LISTENING, severity="low")) == []
+    [fired] = h.feed(health(False, ts=T0 + 4))
+    assert isinstance(fired, AlertChanged) and fired.status == "firing" and fired.failure_type == "port_not_listening"
+    assert len(h.feed(failure(ft=FailureType.HEALTH_CHECK_TIMEOUT, severity="medium", ts=T0 + 5))) == 1
+    assert h.feed(failure(ft=FailureType.PORT_NOT_LISTENING, severity="low", ts=T0 + 6)) == []  # already firing
+
+
+def test_resolve_timeout_and_late_failures() -> None:
+    h = Harness()
+    h.feed(failure(ft=FailureType.HIGH_ERROR_RATE, severity="low"))
+    h.tick(T0 + 299)
+    assert h.alert().status == "firing"
+    h.tick(T0 + 300)
+    assert h.alert().status == "resolved"
+    assert h.feed(failure(ft=FailureType.HIGH_ERROR_RATE, severity="low", ts=T0 + 100)) == []  # late copy
+    assert len(h.feed(failure(ft=FailureType.HIGH_ERROR_RATE, severity="low", ts=T0 + 400))) == 1  # new episode
+
+
+def test_breaker_alerts_fire_on_open_and_resolve_on_close() -> None:
+    h = Harness()
+
+    def breaker(state, ts):
+        return BreakerStateChanged(app_name="web", instance_id="web-1", state=state, previous_state="closed",
+                                   consecutive_failures=5, consecutive_successes=0, reason="5 failures", timestamp=ts)  # fmt: skip
+
+    [fired] = h.feed(breaker("open", T0))
+    assert fired.failure_type == BREAKER_OPEN and fired.severity == "high"
+    h.tick(T0 + 10_000)  # resolve_timeout does not apply: the breaker says when
+    assert h.alert().status == "firing"
+    [closed] = h.feed(breaker("closed", T0 + 10_001))
+    assert closed.status == "resolved"
+
+
+def test_recovery_is_shown_in_the_notification() -> None:
+    h = Harness()
+    h.feed(failure())
+    h.feed(RecoveryExecuted(strategy=RecoveryStrategy.RESTART_CONTAINER, failure_type=FailureType.CONTAINER_STOPPED,
+                            instance_id="web-1", app_name="web", success=True, timestamp=T0 + 1, duration_ms=300))  # fmt: skip
+    [n] = h.tick(T0 + 30)
+    assert n.firing[0].recovery == "restart_container succeeded"
+
+
+# -- acknowledgement and escalation --------------------------------------------------------------
+
+
+def escalating():
+    return alerting(
+        receivers={"team": {"type": "webhook", "url": "http://127.0.0.1:9/a"}, "oncall": {"type": "webhook", "url": "http://127.0.0.1:9/b"},
+                   "boss": {"type": "email", "smarthost": "127.0.0.1:25", "from": "a@x", "to": ["b@x"]}},
+        route={"escalation": [{"escalate_after": "10m", "receivers": ["oncall"]}, {"escalate_after": "30m", "receivers": ["boss"]}]},
+    )  # fmt: skip
+
+
+def keep_alive(h: Harness, until: float, step: float = 60) -> None:
+    t = T0 + step
+    while t <= until:
+        h.feed(failure(ts=t))
+        h.tick(t)
+        t += step
+
+
+def test_unacknowledged_alerts_escalate_tier_by_tier() -> None:
+    h = Harness(escalating())
+    h.feed(failure())
+    keep_alive(h, T0 + 1800)
+    tiers = [(n.tier, n.receiver, round(n.created_at - T0)) for n in h.sent]
+    assert tiers == [(0, "team", 60), (1, "oncall", 600), (2, "boss", 1800)]
+    keep_alive(h, T0 + 3000)
+    assert len(h.sent) == 3  # each tier once
+
+
+def test_acknowledged_alerts_stop_escalating_and_repeating() -> None:
+    h = Harness(escalating())
+    h.feed(failure())
+    keep_alive(h, T0 + 300)
+    alert_id = h.alert().alert_id
+    [acked] = h.feed(AlertAcknowledged(alert_id=alert_id, app_name="web", acknowledged_by="alice", timestamp=T0 + 301))
+    assert (acked.status, acked.acknowledged_by, acked.previous_status) == ("acknowledged", "alice", "firing")
+    assert h.feed(AlertAcknowledged(alert_id=alert_id, app_name="web", acknowledged_by="bob", timestamp=T0 + 302)) == []
+    keep_alive(h, T0 + 20_000)
+    assert [n.tier for n in h.sent] == [0]
+    h.feed(health(True, ts=T0 + 20_001))
+    [resolved] = h.tick(T0 + 20_400)
+    assert resolved.resolved[0].acknowledged_by == "alice"
+
+
+def test_an_escalation_that_fell_due_while_down_is_sent_at_once_after_replay() -> None:
+    h = Harness(escalating())
+    h.feed(failure())
+    h.tick(T0 + 30)
+    h.feed(failure(ts=T0 + 590))
+    restarted = Harness(escalating())
+    for event in h.stream:  # the replay
+        restarted.core.handle(event)
+    # down from T0 + 590 to T0 + 800: the tier-1 escalation fell due at T0 + 600
+    sent = restarted.tick(T0 + 800)
+    assert [(n.tier, n.receiver) for n in sent] == [(1, "oncall")]
+
+
+# -- silences, maintenance windows, dependency suppression ---------------------------------------
+
+
+def silence(app="web", start=T0, end=T0 + 7200, maintenance=False) -> SilenceCreated:
+    return SilenceCreated(silence_id="s1", app_name=app, starts_at=start, ends_at=end, created_by="alice",
+                          reason="db migration", timestamp=start, maintenance=maintenance)  # fmt: skip
+
+
+def test_silenced_alerts_are_logged_as_suppressed_then_sent_when_the_silence_ends() -> None:
+    h = Harness()
+    h.feed(silence())
+    h.feed(failure(instance="web-1"))
+    h.feed(failure(app="api", instance="api-1"))
+    sent = h.tick(T0 + 30)
+    assert [n.group_key for n in sent] == ["0:{app=api}"]
+    logs = [e for e in h.stream if isinstance(e, NotificationLogged) and e.outcome == "suppressed"]
+    assert len(logs) == 1 and logs[0].suppressed == {
+        h.alert(app="web").alert_id: "silenced by s1 (alice: db migration)"
+    }
+    keep = [failure(instance="web-1", ts=T0 + m * 60) for m in range(1, 125)]
+    for event in keep:
+        h.feed(event)
+        h.tick(event.timestamp)
+    web = [n for n in h.sent if n.app_name == "web"]
+    assert len(web) == 1 and web[0].created_at >= T0 + 7200  # after the silence
+    suppressed = [e for e in h.stream if isinstance(e, NotificationLogged) and e.outcome == "suppressed"]
+    assert len(suppressed) == 1  # recorded once, not at every flush
+
+
+def test_maintenance_windows_from_the_config_silence_and_are_recorded() -> None:
+    config = alerting(
+        maintenance_windows=[{"name": "nightly", "schedule": "0 2 * * *", "duration": "1h", "apps": ["web"]}]
+    )
+    h = Harness(config)
+    at = datetime(2026, 1, 1, 2, 10, tzinfo=UTC).timestamp()
+    h.feed(failure(ts=at))
+    assert h.tick(at + 30) == []
+    [window] = [e for e in h.stream if isinstance(e, SilenceCreated)]
+    assert window.maintenance and window.window == "nightly"
+    assert (window.starts_at, window.ends_at) == (at - 600, at + 3000)
+    h.tick(at + 60)
+    assert len([e for e in h.stream if isinstance(e, SilenceCreated)]) == 1  # once per window
+
+
+def test_dependents_are_suppressed_and_grouped_under_the_failing_dependency() -> None:
+    apps = {"db": AppSpec(), "api": AppSpec(depends_on=["db"]), "web": AppSpec(depends_on=["api"])}
+    h = Harness(apps=apps)
+    h.feed(failure(app="db", instance="db-1"))
+    h.feed(failure(app="api", instance="api-1"))
+    h.feed(failure(app="web", instance="web-1"))
+    sent = h.tick(T0 + 30)
+    assert [n.group_key for n in sent] == ["0:{app=db}"]
+    assert {(a.app, root) for a, root in sent[0].dependents} == {("api", "db"), ("web", "db")}
+    reasons = {k: v for e in h.stream if isinstance(e, NotificationLogged) for k, v in e.suppressed.items()}
+    assert set(reasons.values()) == {"dependency db is failing"}  # web's root cause is db, not api
+    # db recovers: api and web are still failing, so they are announced now
+    h.feed(health(True, app="db", instance="db-1", ts=T0 + 60))
+    h.feed(failure(app="api", instance="api-1", ts=T0 + 60))
+    h.feed(failure(app="web", instance="web-1", ts=T0 + 60))
+    later = h.tick(T0 + 331)
+    assert sorted(n.group_key for n in later) == ["0:{app=api}", "0:{app=db}"]  # web: api still fails
+    assert [a.app for n in later if n.app_name == "db" for a in n.resolved] == ["db"]
+
+
+# -- replay -----------------------------------------------------------------------------------------
+
+
+def test_replay_rebuilds_the_same_state_and_sends_nothing_twice() -> None:
+    h = Harness(escalating())
+    h.feed(failure(instance="web-1"))
+    h.feed(failure(instance="web-2", ts=T0 + 5))
+    h.tick(T0 + 30)
+    h.feed(health(True, instance="web-2", ts=T0 + 40))
+    h.feed(failure(instance="web-1", ts=T0 + 200))
+    fresh = Harness(escalating())
+    for event in h.stream:
+        assert fresh.core.handle(event) == [] or isinstance(event, FailureDetected | HealthChanged)
+    assert fresh.core.tick(T0 + 31).notifications == []  # nothing new since the last log
+    assert {a.alert_id: a.status for a in fresh.core.alerts.values()} == {
+        a.alert_id: a.status for a in h.core.alerts.values()
+    }
+    # the resolve of web-2 is due in the same flush on both, with the same notification id
+    [a] = h.tick(T0 + 330, deliver=False)
+    [b] = fresh.tick(T0 + 330, deliver=False)
+    assert a.notification_id == b.notification_id and [x.instance for x in a.resolved] == ["web-2"]
+
+
+def test_an_undelivered_notification_is_decided_again_with_the_same_id() -> None:
+    h = Harness()
+    h.feed(failure())
+    [n] = h.tick(T0 + 30, deliver=False)  # crashed before the receiver answered
+    assert h.tick(T0 + 200, deliver=False) == []  # in flight: not decided twice
+    fresh = Harness()
+    for event in h.stream:
+        fresh.core.handle(event)
+    [again] = fresh.tick(T0 + 200, deliver=False)
+    assert again.notification_id == n.notification_id
+
+
+def test_a_failed_delivery_is_tried_again_at_the_next_group_interval() -> None:
+    h = Harness()
+    h.feed(failure())
+    [n] = h.tick(T0 + 30, deliver=False)
+    h.stream.append(h.core.delivered(n, "failed", T0 + 60, attempts=7, error="HTTP 503"))
+    h.feed(failure(ts=T0 + 300))
+    assert h.tick(T0 + 300, deliver=False) == []
+    [again] = h.tick(T0 + 360, deliver=False)
+    assert again.seq == 2 and again.notification_id != n.notification_id
