@@ -6,7 +6,10 @@ import json
 import time
 from pathlib import Path
 
+from aiohttp.test_utils import TestClient, TestServer
+
 from autoserve_events import ProbeCompleted, SilenceCreated
+from autoserve_reporter.adapters.api import build_app
 from autoserve_reporter.adapters.clickhouse import Store
 from autoserve_reporter.adapters.migrations import migrate
 from autoserve_reporter.adapters.queries import Reports
@@ -56,5 +59,34 @@ async def test_a_report_can_exclude_maintenance_time(tmp_path: Path) -> None:
         clean = await reports.health_report("web", 1, NOW, exclude_maintenance=True)
         assert (clean.total_health_checks, clean.failed_checks, clean.uptime_percent) == (50, 0, 100.0)
         assert clean.excluded_maintenance_seconds == 600  # the plain silence is not maintenance
+
+        # The same through the report API that `autoserve report --exclude-maintenance` calls.
+        async with TestClient(TestServer(build_app(_Source(reports)))) as client:
+            response = await client.get("/v1/apps/web/report", params={"hours": "1", "exclude_maintenance": "true"})
+            assert response.status == 200
+            body = await response.json()
+            assert (body["total_health_checks"], body["excluded_maintenance_seconds"]) == (50, 600)
+            response = await client.get("/v1/apps/web/report", params={"exclude_maintenance": "perhaps"})
+            assert response.status == 400
+            assert "exclude_maintenance" in (await response.json())["error"]
     finally:
         await store.close()
+
+
+class _Source:
+    """The report API's view of a reporter: real reports over the test's chDB store."""
+
+    def __init__(self, reports: Reports) -> None:
+        self.reports = reports
+
+    async def known_app(self, app: str) -> bool:
+        return app == "web"
+
+    async def apps(self) -> list[str]:
+        return ["web"]
+
+    def is_ready(self) -> bool:
+        return True
+
+    def status(self) -> dict[str, object]:
+        return {}

@@ -63,7 +63,7 @@ async def test_drain_takes_the_instance_out_of_nginx_before_stopping_it_and_it_c
     (c0, p0), (c1, p1) = await port_boxes(busybox_image, app, 2)
     nginx.start(app, [Member(c0[:12], LOCALHOST, p0), Member(c1[:12], LOCALHOST, p1)])
     rules = {"health_check_failed": ["drain_instance", "restart_container"]}
-    await apply_yaml(nc, copies_config(app, rules, drain_seconds=3))
+    await apply_yaml(nc, copies_config(app, rules, drain_seconds=6))  # room to look while it drains
     await recoveries(nginx=nginx.settings())
     await wait_for(lambda: health_of(outputs, c0) and health_of(outputs, c1), timeout=30, what="both healthy")
     assert nginx.spread() == {f"box0-{p0}", f"box1-{p1}"}
@@ -79,7 +79,7 @@ async def test_drain_takes_the_instance_out_of_nginx_before_stopping_it_and_it_c
     (drain,) = executed(outputs, S.DRAIN_INSTANCE)
     (restart,) = executed(outputs, S.RESTART_CONTAINER)
     assert drain.success and drain.details["down"] == [c1[:12]] and drain.details["container_id"] == c1
-    assert drain.duration_ms >= 3000  # drain_seconds passed before the stop
+    assert drain.duration_ms >= 6000  # drain_seconds passed before the stop
     assert restart.success and restart.timestamp >= drain.timestamp + drain.duration_ms / 1000
     assert docker_events.count("stop", c1) == 1
     # Healthy again (its start wrote /health back): restored, and routed to.

@@ -14,6 +14,7 @@ import msgspec
 from nats.aio.client import Client
 
 from autoserve_events import (
+    AlertChanged,
     BreakerStateChanged,
     ContainerObserved,
     ErrorKind,
@@ -99,8 +100,19 @@ async def autoserve(*args: str, timeout: float = 60) -> subprocess.CompletedProc
     return await asyncio.to_thread(run)
 
 
+def alert(instance: str, status: str, previous: str | None, second: int) -> AlertChanged:
+    return AlertChanged(alert_id=f"a-{instance}", app_name="web", instance_id=instance, status=status,
+                        previous_status=previous, failure_type="port_not_listening", severity="high",
+                        message="Connection refused", timestamp=at(second), starts_at=at(12))  # fmt: skip
+
+
+ALERTS = [alert("w-1", "firing", None, 12), alert("w-1", "resolved", "firing", 14), alert("w-2", "firing", None, 45)]
+
+
 async def test_status_json_joins_the_last_of_every_kind(nc: Client, nats_server) -> None:
     await publish_known(nc)
+    for event in ALERTS:
+        await nc.jetstream().publish(subject_for(event), encode(event), headers={"Nats-Msg-Id": event.event_id})
     result = await autoserve("status", "--json", "--nats-url", nats_server.url)
     assert result.returncode == 0, result.stderr
     rows = {(r["app_name"], r["instance_id"]): r for r in json.loads(result.stdout)}
@@ -120,6 +132,10 @@ async def test_status_json_joins_the_last_of_every_kind(nc: Client, nats_server)
                                    "event_id": RECOVERY.event_id}  # fmt: skip
     assert w2["probes_seen"] == 1  # the last per subject: one message per instance, however many were stored
     assert (w2["is_healthy"], w2["status_code"]) == (False, None)  # the flat probe fields stay, as before
+    assert w2["alert"] == {"alert_id": "a-w-2", "status": "firing", "failure_type": "port_not_listening",
+                           "severity": "high", "since": at(45), "acknowledged_by": None}  # fmt: skip
+    assert rows[("web", "w-1")]["alert"]["status"] == "resolved"
+    assert rows[("api", "a-1")]["alert"] is None
 
     w1, a1 = rows[("web", "w-1")], rows[("api", "a-1")]
     assert (w1["health"], w1["breaker"], w1["last_failure"], w1["last_recovery"]) == ("healthy", "closed", None, None)
@@ -132,9 +148,10 @@ async def test_status_json_joins_the_last_of_every_kind(nc: Client, nats_server)
     table = await autoserve("status", "--once", "--nats-url", nats_server.url)
     assert table.returncode == 0, table.stderr
     w2_line = next(line for line in table.stdout.splitlines() if "w-2" in line)
-    for text in ("unhealthy", "open", "failed", "port_not_listening", "restart_container"):
+    for text in ("unhealthy", "open", "failed", "port_not_listening", "restart_container", "firing"):
         assert text in w2_line, (text, w2_line)
     assert "3 instances · 1 healthy · 1 unhealthy" in " ".join(table.stdout.split())
+    assert "1 alerts firing" in " ".join(table.stdout.split())
 
 
 async def test_events_reads_the_log_in_order_and_filters(nc: Client, nats_server) -> None:

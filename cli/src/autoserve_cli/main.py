@@ -134,6 +134,9 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--hours", type=_hours, default=24.0, help="report period (default 24)")
     report.add_argument("--json", action="store_true", help="print the report as JSON")
     report.add_argument(
+        "--exclude-maintenance", action="store_true", help="leave the alerting maintenance windows out of the period"
+    )
+    report.add_argument(
         "--reporter-url", help="the reporter's API (env AUTOSERVE_REPORTER_URL; default http://127.0.0.1:8710)"
     )
 
@@ -226,7 +229,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "report":
         from .report import show_report
 
-        return show_report(args.app, args.hours, args.json, args.reporter_url)
+        return show_report(args.app, args.hours, args.json, args.reporter_url, args.exclude_maintenance)
     if args.command == "breaker":
         from .breaker import override
 

@@ -76,8 +76,8 @@ def render(report: dict[str, Any], incidents: dict[str, Any] | None, console: Co
         console.print(table)
 
 
-def _get(client: httpx.Client, path: str, hours: float) -> dict[str, Any]:
-    response = client.get(path, params={"hours": hours})
+def _get(client: httpx.Client, path: str, params: dict[str, Any]) -> dict[str, Any]:
+    response = client.get(path, params=params)
     if response.status_code != 200:
         try:
             reason = response.json()["error"]
@@ -91,12 +91,13 @@ class ReportFailed(Exception):
     pass
 
 
-def show_report(app: str, hours: float, as_json: bool, url: str | None) -> int:
+def show_report(app: str, hours: float, as_json: bool, url: str | None, exclude_maintenance: bool = False) -> int:
     base = reporter_url(url)
     try:
         with httpx.Client(base_url=base, timeout=30.0) as client:
-            report = _get(client, f"/v1/apps/{app}/report", hours)
-            incidents = None if as_json else _get(client, f"/v1/apps/{app}/incidents", hours)
+            params = {"hours": hours, "exclude_maintenance": str(exclude_maintenance).lower()}
+            report = _get(client, f"/v1/apps/{app}/report", params)
+            incidents = None if as_json else _get(client, f"/v1/apps/{app}/incidents", {"hours": hours})
     except ReportFailed as exc:
         print(f"autoserve report: {exc}", file=sys.stderr)
         return 1

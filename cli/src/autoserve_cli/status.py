@@ -16,17 +16,20 @@ import json
 import shutil
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
 from autoserve_events import (
+    ALERTS_WILDCARD,
+    AlertChanged,
     BreakerStateChanged,
     FailureDetected,
     HealthChanged,
@@ -40,6 +43,8 @@ from autoserve_runtime import connect
 
 InstanceKey = tuple[str, str]
 KINDS = (ProbeCompleted, HealthChanged, FailureDetected, RecoveryExecuted, BreakerStateChanged)
+# Alerts are one subject per app, so the live view reads their recent history instead.
+ALERT_HISTORY_SECONDS = 24 * 3600
 
 
 def age(seconds: float) -> str:
@@ -61,6 +66,7 @@ class StatusView:
         self.failures: dict[InstanceKey, FailureDetected] = {}
         self.recoveries: dict[InstanceKey, RecoveryExecuted] = {}
         self.breakers: dict[InstanceKey, BreakerStateChanged] = {}  # the last transition of each
+        self.alerts: dict[str, AlertChanged] = {}  # alert_id -> its latest transition
         self.last_message_at = 0.0
         self._caught_up: dict[str, bool] = {}
 
@@ -79,6 +85,10 @@ class StatusView:
             self._keep_newest(self.recoveries, event)
         elif isinstance(event, BreakerStateChanged):
             self.breakers[(event.app_name, event.instance_id)] = event
+        elif isinstance(event, AlertChanged):
+            current = self.alerts.get(event.alert_id)
+            if current is None or event.timestamp >= current.timestamp:
+                self.alerts[event.alert_id] = event
 
     @staticmethod
     def _keep_newest(table: dict[InstanceKey, Any], event: Any) -> None:
@@ -90,8 +100,13 @@ class StatusView:
     # -- reading the streams ---------------------------------------------------------------
 
     async def follow(self, js: JetStreamContext, app: str | None = None) -> None:
-        for kind in KINDS:
-            subject = wildcard(kind, app or "*")
+        since = datetime.fromtimestamp(time.time() - ALERT_HISTORY_SECONDS, UTC).isoformat()
+        subscriptions = [
+            (wildcard(kind, app or "*"), {"deliver_policy": DeliverPolicy.LAST_PER_SUBJECT}) for kind in KINDS
+        ]
+        subscriptions.append((alert_subject(app or "*"), {"config": ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=since)}))  # fmt: skip
+        for subject, delivery in subscriptions:
 
             async def on_message(msg: Msg, subject: str = subject) -> None:
                 self.last_message_at = time.monotonic()
@@ -105,9 +120,7 @@ class StatusView:
                 self.apply(event)
 
             self._caught_up.setdefault(subject, False)
-            sub = await js.subscribe(
-                subject, cb=on_message, ordered_consumer=True, deliver_policy=DeliverPolicy.LAST_PER_SUBJECT
-            )
+            sub = await js.subscribe(subject, cb=on_message, ordered_consumer=True, **delivery)
             with contextlib.suppress(Exception):
                 info = await sub.consumer_info()
                 if info.num_pending == 0 and not info.delivered.consumer_seq:
@@ -129,8 +142,19 @@ class StatusView:
 
     def keys(self) -> list[InstanceKey]:
         return sorted(
-            set(self.latest) | set(self.health) | set(self.failures) | set(self.recoveries) | set(self.breakers)
+            set(self.latest)
+            | set(self.health)
+            | set(self.failures)
+            | set(self.recoveries)
+            | set(self.breakers)
+            | {(a.app_name, a.instance_id) for a in self.alerts.values()}
         )
+
+    def alert(self, key: InstanceKey) -> AlertChanged | None:
+        """The instance's alert an operator cares about: the newest still open, else the newest."""
+        mine = [a for a in self.alerts.values() if (a.app_name, a.instance_id) == key]
+        open_ = [a for a in mine if a.status != "resolved"]
+        return max(open_ or mine, key=lambda a: a.timestamp, default=None)
 
     def breaker(self, key: InstanceKey) -> str:
         """The breaker's state; an instance without a transition yet is closed."""
@@ -159,6 +183,7 @@ class StatusView:
             "last_probe": None,
             "last_failure": None,
             "last_recovery": None,
+            "alert": None,
             "probes_seen": self.seen.get(key, 0),
         }
         if probe is not None:
@@ -193,6 +218,15 @@ class StatusView:
                 "error": recovery.error,
                 "event_id": recovery.event_id,
             }
+        if (alert := self.alert(key)) is not None:
+            row["alert"] = {
+                "alert_id": alert.alert_id,
+                "status": alert.status,
+                "failure_type": alert.failure_type,
+                "severity": alert.severity,
+                "since": alert.timestamp,
+                "acknowledged_by": alert.acknowledged_by,
+            }
         return row
 
     def as_json(self) -> str:
@@ -213,15 +247,18 @@ class StatusView:
         healthy = sum(1 for k in self.keys() if self.health_of(k) == "healthy")
         unhealthy = sum(1 for k in self.keys() if self.health_of(k) == "unhealthy")
         opened = sum(1 for k in self.breakers if self.breaker(k) != "closed")
+        firing = sum(1 for a in self.alerts.values() if a.status == "firing")
         shown = "" if len(keys) == len(self.keys()) else f" · {len(keys)} shown, troubled first"
         caption = (f"{len(self.keys())} instances · {healthy} healthy · {unhealthy} unhealthy · "
-                   f"{opened} breakers not closed{shown}")  # fmt: skip
+                   f"{opened} breakers not closed · {firing} alerts firing{shown}")  # fmt: skip
         table = Table(title=title, caption=caption)
-        for column in ("app", "instance", "health", "breaker", "last probe", "last failure", "last recovery"):
+        columns = ("app", "instance", "health", "breaker", "last probe", "last failure", "last recovery", "alert")
+        for column in columns:
             table.add_column(column)
         for key in keys:
             table.add_row(*key, self._health_cell(key, now), self._breaker_cell(key, now), self._probe_cell(key, now),
-                          self._failure_cell(key, now), self._recovery_cell(key, now))  # fmt: skip
+                          self._failure_cell(key, now), self._recovery_cell(key, now),
+                          self._alert_cell(key, now))  # fmt: skip
         return table
 
     def _health_cell(self, key: InstanceKey, now: float) -> str:
@@ -260,6 +297,18 @@ class StatusView:
             return "[dim]-[/]"
         outcome = "[green]ok[/]" if recovery.success else "[red]failed[/]"
         return f"{recovery.strategy} {outcome} · {age(now - recovery.timestamp)} ago"
+
+    def _alert_cell(self, key: InstanceKey, now: float) -> str:
+        alert = self.alert(key)
+        if alert is None:
+            return "[dim]-[/]"
+        style = {"firing": "[red]{}[/]", "acknowledged": "[yellow]{}[/]"}.get(alert.status, "[green]{}[/]")
+        return f"{style.format(alert.status)} {alert.failure_type} · {age(now - alert.timestamp)} ago"
+
+
+def alert_subject(app: str) -> str:
+    """``AlertChanged`` of one app, or of every app with ``*``."""
+    return ALERTS_WILDCARD if app == "*" else ALERTS_WILDCARD.replace("*", app)
 
 
 LatestProbes = StatusView  # the name ``up`` knew it by

@@ -143,19 +143,55 @@ class EventConsumer:
         self.stats = ConsumerStats()
         observability.watch_consumer(service, self)  # /metrics from self.stats; /readyz until bound
 
+    @property
+    def highest_seq(self) -> int:
+        """The highest stream sequence this process has taken (folded or dead-lettered)."""
+        return self._highest_seq
+
     async def ack_floor(self) -> int:
         """The stream sequence of the last input acknowledged: its outputs are stored."""
         info = await self._ensure_consumer()
         return info.ack_floor.stream_seq if info.ack_floor else 0
 
-    async def replay(self, since: float, until_seq: int, subject: str) -> int:
+    async def replay(self, since: float, until_seq: int, subject: str, idle_timeout: float = 5.0) -> int:
         """Fold inputs on ``subject`` from wall time ``since`` up to stream sequence
-        ``until_seq`` without publishing anything; return how many were folded."""
+        ``until_seq`` without publishing anything; return how many were folded.
+
+        The fold runs in the delivery callback: a ``next_msg`` per message (a timer and a
+        future each) measured at half the speed."""
         if until_seq <= 0:
             return 0
+        done = asyncio.Event()
+        count = 0
+        last_delivery = time.monotonic()
+
+        async def fold(msg: Msg) -> None:
+            nonlocal count, last_delivery
+            last_delivery = time.monotonic()
+            if done.is_set():
+                return
+            tokens = msg.reply.split(".")
+            seq, pending = (int(tokens[5]), int(tokens[8])) if len(tokens) == 9 else (
+                msg.metadata.sequence.stream, msg.metadata.num_pending)  # fmt: skip
+            if seq > until_seq:
+                done.set()
+                return
+            try:
+                event = decode(msg.data)
+                if self._seen.add(event.event_id):
+                    self._process(event)
+                    count += 1
+            except MalformedEvent:
+                pass  # dead-lettered when it was live
+            except Exception:  # as live, where it was dead-lettered: skip it, keep rebuilding
+                log.exception("fold failed during replay; input skipped", subject=msg.subject, seq=seq)
+            if seq >= until_seq or pending == 0:
+                done.set()
+
         sub = await self._js.subscribe(
             subject,
             stream=self._spec.stream,
+            cb=fold,
             ordered_consumer=True,
             config=ConsumerConfig(
                 deliver_policy=DeliverPolicy.BY_START_TIME,
@@ -163,26 +199,13 @@ class EventConsumer:
             ),
             pending_msgs_limit=-1,
         )
-        count = 0
         try:
             info = await sub.consumer_info()
             if info.num_pending == 0 and not info.delivered.consumer_seq:
                 return 0  # nothing stored in range: do not wait for a message that won't come
-            while True:
-                try:
-                    msg = await sub.next_msg(timeout=5.0)
-                except TimeoutError:
-                    break  # nothing more stored in range
-                seq = msg.metadata.sequence.stream
-                if seq > until_seq:
-                    break
-                with contextlib.suppress(MalformedEvent):
-                    event = decode(msg.data)
-                    if self._seen.add(event.event_id):
-                        self._process(event)
-                        count += 1
-                if seq == until_seq or msg.metadata.num_pending == 0:
-                    break
+            while not done.is_set() and time.monotonic() - last_delivery < idle_timeout:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(done.wait(), 0.5)
         finally:
             await sub.unsubscribe()
         self.stats.replayed = count

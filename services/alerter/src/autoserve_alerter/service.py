@@ -13,22 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 
 import aiohttp
 import structlog
+from nats.js import JetStreamContext
 
 from autoserve_config import AlertingConfig, AppSpec, parse_duration
-from autoserve_events import (
-    ALERTING_WILDCARD,
-    APPS_BUCKET,
-    EVENTS_STREAM,
-    SETTINGS_BUCKET,
-    BreakerStateChanged,
-    FailureDetected,
-    HealthChanged,
-    RecoveryExecuted,
-    wildcard,
-)
+from autoserve_events import APPS_BUCKET, EVENTS_STREAM, SETTINGS_BUCKET, AnyEvent, Event
 from autoserve_events.subjects import EVENTS_WILDCARD
 from autoserve_runtime import (
     ConsumerSpec,
@@ -52,13 +44,10 @@ SERVICE = "alerter"
 CONSUMER = ConsumerSpec(
     stream=EVENTS_STREAM,
     durable="autoserve-alerter",
-    filter_subjects=(
-        wildcard(FailureDetected),
-        wildcard(HealthChanged),
-        wildcard(RecoveryExecuted),
-        wildcard(BreakerStateChanged),
-        ALERTING_WILDCARD,
-    ),
+    # One wildcard, not one filter per event type: nats-server delivers a multi-filter
+    # consumer about 15x slower (measured: 3,200 vs 50,000 msgs/s). The fold ignores the
+    # few event types it does not use.
+    filter_subjects=(EVENTS_WILDCARD,),
 )
 CONFIG_WAIT_SECONDS = 10.0
 
@@ -76,7 +65,7 @@ class AlerterService:
         self.publisher: EventPublisher | None = None
         self.dispatcher = Dispatcher(self._delivered, initial_backoff=backoff[0], max_backoff=backoff[1])
         self.replayed = 0
-        self.notifications: list[Notification] = []  # decided by this process (tests, logs)
+        self.notifications: deque[Notification] = deque(maxlen=1000)  # the latest decided here (tests, logs)
         self._session: aiohttp.ClientSession | None = None
         self._apps_loaded = asyncio.Event()
         self._settings_loaded = asyncio.Event()
@@ -143,20 +132,20 @@ class AlerterService:
             log.info("alerter stopped", sent=self.dispatcher.sent, failed=self.dispatcher.failed,
                      **vars(consumer.stats))  # fmt: skip
 
-    async def _caught_up(self, js, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
+    async def _caught_up(self, js: JetStreamContext, timeout: float = 60.0) -> None:
         """Until the live consumer has folded what was stored before it started: the
         notification log above the ack floor must be known before anything is sent."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             info = await js.consumer_info(CONSUMER.stream, CONSUMER.durable)
             delivered = info.delivered.stream_seq if info.delivered else 0
-            highest = self.consumer._highest_seq if self.consumer is not None else 0
+            highest = self.consumer.highest_seq if self.consumer is not None else 0
             if info.num_pending == 0 and (info.num_ack_pending == 0 or highest >= delivered):
                 return
             await asyncio.sleep(0.02)
         log.warning("backlog not folded in time; continuing")
 
-    def _process(self, event):  # type: ignore[no-untyped-def]
+    def _process(self, event: AnyEvent) -> list[Event]:
         out = self.core.handle(event)
         if out:
             self._wakeup.set()  # a new alert may be due at once (group_wait 0)

@@ -16,7 +16,7 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from ..core.report import BadRequest, UnknownApp, check_app_name, parse_hours
+from ..core.report import BadRequest, UnknownApp, check_app_name, parse_flag, parse_hours
 
 log = structlog.get_logger("autoserve.reporter.api")
 
@@ -76,8 +76,9 @@ def build_app(source: ReportSource) -> web.Application:
 
     async def report(request: web.Request) -> web.Response:
         hours = parse_hours(request.query.get("hours"))
+        exclude = parse_flag("exclude_maintenance", request.query.get("exclude_maintenance"))
         app = await app_name(request)
-        return _reply(await source.reports.health_report(app, hours, time.time()))
+        return _reply(await source.reports.health_report(app, hours, time.time(), exclude_maintenance=exclude))
 
     async def incidents(request: web.Request) -> web.Response:
         hours = parse_hours(request.query.get("hours"))
@@ -115,6 +116,13 @@ _HOURS = {
     "required": False,
     "description": "Report period in hours, > 0 and <= 8784 (default 24).",
     "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": 8784, "default": 24},
+}
+_EXCLUDE_MAINTENANCE = {
+    "name": "exclude_maintenance",
+    "in": "query",
+    "required": False,
+    "description": "Leave the alerting config's maintenance windows out of the period (true/false, default false).",
+    "schema": {"type": "boolean", "default": False},
 }
 _APP = {
     "name": "app",
@@ -166,7 +174,7 @@ OPENAPI: dict[str, Any] = {
         "/v1/apps/{app}/report": _get(
             "The seed's health report (uptime, checks, avg and p95 response time, errors) and per instance",
             "HealthReport",
-            [_APP, _HOURS],
+            [_APP, _HOURS, _EXCLUDE_MAINTENANCE],
         ),
         "/v1/apps/{app}/incidents": _get(
             "Incidents (failure, recovery, healthy) with time to recover, and per strategy",

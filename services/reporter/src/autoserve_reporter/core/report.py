@@ -33,6 +33,18 @@ class UnknownApp(LookupError):
     pass
 
 
+def parse_flag(name: str, raw: str | None) -> bool:
+    """A boolean query parameter: true/false, 1/0, yes/no; absent is false."""
+    if raw is None or raw == "":
+        return False
+    value = raw.strip().lower()
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no"):
+        return False
+    raise BadRequest(f"{name}: must be true or false, got {raw!r}")
+
+
 def parse_hours(raw: str | float | None, default: float = 24.0) -> float:
     """``hours``: a number > 0 and <= a year. The seed takes an int; fractions are allowed."""
     if raw is None or raw == "":
