@@ -48,7 +48,10 @@ async def test_a_report_can_exclude_maintenance_time(tmp_path: Path) -> None:
                                       maintenance=True, window="deploys")  # fmt: skip
         plain = SilenceCreated(silence_id="s1", app_name="web", starts_at=NOW - 600, ends_at=NOW, created_by="bob",
                                reason="noisy", timestamp=NOW - 600)  # fmt: skip
-        rows = [event_row(e) for e in (window_event, plain)]
+        one_instance = SilenceCreated(silence_id="m2", app_name="web", instance_id="web-1", starts_at=NOW - 1200,
+                                      ends_at=NOW - 900, created_by="alerting.maintenance_windows", reason="disk",
+                                      timestamp=NOW - 1200, maintenance=True, window="disk")  # fmt: skip
+        rows = [event_row(e) for e in (window_event, plain, one_instance)]
         await store.insert_lines(
             EVENTS_TABLE, EVENT_COLUMNS, b"".join(json.dumps(list(r)).encode() + b"\n" for r in rows)
         )
@@ -58,7 +61,8 @@ async def test_a_report_can_exclude_maintenance_time(tmp_path: Path) -> None:
         assert full.excluded_maintenance_seconds == 0
         clean = await reports.health_report("web", 1, NOW, exclude_maintenance=True)
         assert (clean.total_health_checks, clean.failed_checks, clean.uptime_percent) == (50, 0, 100.0)
-        assert clean.excluded_maintenance_seconds == 600  # the plain silence is not maintenance
+        # Neither the plain silence nor one instance's maintenance takes time out of the app's report.
+        assert clean.excluded_maintenance_seconds == 600
 
         # The same through the report API that `autoserve report --exclude-maintenance` calls.
         async with TestClient(TestServer(build_app(_Source(reports)))) as client:

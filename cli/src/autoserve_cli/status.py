@@ -45,6 +45,7 @@ InstanceKey = tuple[str, str]
 KINDS = (ProbeCompleted, HealthChanged, FailureDetected, RecoveryExecuted, BreakerStateChanged)
 # Alerts are one subject per app, so the live view reads their recent history instead.
 ALERT_HISTORY_SECONDS = 24 * 3600
+MAX_ALERTS = 10_000
 
 
 def age(seconds: float) -> str:
@@ -89,6 +90,9 @@ class StatusView:
             current = self.alerts.get(event.alert_id)
             if current is None or event.timestamp >= current.timestamp:
                 self.alerts[event.alert_id] = event
+            if len(self.alerts) > MAX_ALERTS:  # a live view left open for weeks: forget old resolved ones
+                cutoff = event.timestamp - ALERT_HISTORY_SECONDS
+                self.alerts = {k: a for k, a in self.alerts.items() if a.status != "resolved" or a.timestamp > cutoff}
 
     @staticmethod
     def _keep_newest(table: dict[InstanceKey, Any], event: Any) -> None:
@@ -126,7 +130,7 @@ class StatusView:
                 if info.num_pending == 0 and not info.delivered.consumer_seq:
                     self._caught_up[subject] = True  # nothing stored for this kind
 
-    async def settle(self, quiet: float = 0.3, deadline: float = 10.0) -> None:
+    async def settle(self, quiet: float = 2.0, deadline: float = 10.0) -> None:
         """Wait until every kind's stored last messages have arrived (or, should the server
         not say, nothing arrived for ``quiet`` seconds), at most ``deadline`` seconds."""
         start = time.monotonic()
@@ -134,7 +138,7 @@ class StatusView:
         while time.monotonic() - start < deadline:
             if self._caught_up and all(self._caught_up.values()):
                 return
-            if time.monotonic() - self.last_message_at > max(quiet, 2.0):
+            if time.monotonic() - self.last_message_at > quiet:
                 return
             await asyncio.sleep(0.02)
 

@@ -90,12 +90,16 @@ class ConsumerStats:
     started_at: float = field(default_factory=time.time)
 
 
-def stream_sequence(msg: Msg) -> int:
-    """The stream sequence of a JetStream delivery, read straight off its reply subject
+def position(msg: Msg) -> tuple[int, int]:
+    """A JetStream delivery's stream sequence and the messages still pending after it, read
+    straight off its reply subject
     (``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>``):
     nats-py's full ``Msg.metadata`` parse costs more than the rest of our bookkeeping."""
     tokens = msg.reply.split(".")
-    return int(tokens[5]) if len(tokens) == 9 else msg.metadata.sequence.stream
+    if len(tokens) == 9:
+        return int(tokens[5]), int(tokens[8])
+    meta = msg.metadata  # the longer form, with a domain and an account hash
+    return meta.sequence.stream, meta.num_pending
 
 
 class SeenIds:
@@ -170,9 +174,7 @@ class EventConsumer:
             last_delivery = time.monotonic()
             if done.is_set():
                 return
-            tokens = msg.reply.split(".")
-            seq, pending = (int(tokens[5]), int(tokens[8])) if len(tokens) == 9 else (
-                msg.metadata.sequence.stream, msg.metadata.num_pending)  # fmt: skip
+            seq, pending = position(msg)
             if seq > until_seq:
                 done.set()
                 return
@@ -264,7 +266,7 @@ class EventConsumer:
 
     async def _on_message(self, msg: Msg) -> None:
         self.stats.received += 1
-        seq = stream_sequence(msg)
+        seq = position(msg)[0]
         if seq <= self._highest_seq:
             # A redelivery (ack_wait passed while its outputs were still being stored, say):
             # this process already took it, and the ack of a later message covers it

@@ -9,11 +9,14 @@ import signal
 from collections.abc import Awaitable, Callable, Iterable
 
 import nats.errors
+import structlog
 import uvloop
 from nats.aio.client import Client
 
 from . import observability
 from .logs import configure_logging
+
+log = structlog.get_logger("autoserve.lifecycle")
 
 
 def _ready_event_of(run: Callable[..., object]) -> asyncio.Event | None:
@@ -54,13 +57,18 @@ def serve(
         task = asyncio.ensure_future(run(stop))
         loop = asyncio.get_running_loop()
 
+        def cancel(why: str) -> None:
+            if not task.done():
+                log.warning("stopping by cancellation", service=name, why=why)
+                task.cancel()
+
         def on_signal() -> None:
             if stop.is_set():
-                task.cancel()
+                cancel("a second signal")
                 return
             observability.mark_stopping()
             stop.set()
-            loop.call_later(grace_seconds, task.cancel)
+            loop.call_later(grace_seconds, cancel, f"not drained within {grace_seconds:g}s")
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)

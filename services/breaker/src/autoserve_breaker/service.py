@@ -34,7 +34,6 @@ from autoserve_runtime import (
     connect,
     follow_apps,
     provision,
-    watch_consumer,
 )
 
 from .adapters.follow import BreakerEventFollower
@@ -102,7 +101,6 @@ class BreakerService:
             self.consumer = EventConsumer(
                 js, publisher, ConsumerSpec(PROBES_STREAM, self.durable, (probes,)), SERVICE, self.core.probe
             )
-            watch_consumer(SERVICE, self.consumer)  # /metrics and /readyz
             floor = await self.consumer.ack_floor()
             self.replayed["probes"] = await self.consumer.replay(time.time() - self.replay_seconds, floor, probes)
             await self.consumer.start()

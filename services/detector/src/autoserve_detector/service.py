@@ -26,7 +26,6 @@ from autoserve_runtime import (
     follow_apps,
     follow_detector_settings,
     provision,
-    watch_consumer,
 )
 
 from .core.detector import AppThresholds, Detector
@@ -82,7 +81,6 @@ class DetectorService:
         await self._apps_loaded.wait()
         self.publisher = EventPublisher(js, max_buffered=200_000).start()
         self.consumer = EventConsumer(js, self.publisher, CONSUMER, "detector", self.detector.apply)
-        watch_consumer("detector", self.consumer)  # /metrics and /readyz
         started = time.monotonic()
         floor = await self.consumer.ack_floor()
         since = time.time() - self.detector.window_seconds

@@ -31,7 +31,6 @@ from autoserve_runtime import (
     connect,
     follow_apps,
     provision,
-    watch_consumer,
 )
 
 from .adapters.api import DEFAULT_LISTEN, build_app, parse_listen
@@ -133,8 +132,6 @@ class ReporterService:
         self.metrics = BatchWriter(self.store, METRICS_TABLE, METRIC_COLUMNS, **batch).start()
         self.events = BatchWriter(self.store, EVENTS_TABLE, EVENT_COLUMNS, **batch).start()
         self.consumers = [EventConsumer(js, publisher, spec, SERVICE, self.process) for spec in consumer_specs(s)]
-        for consumer in self.consumers:
-            watch_consumer(SERVICE, consumer)  # /metrics and /readyz
         runner = web.AppRunner(build_app(self), access_log=None)
         try:
             await runner.setup()

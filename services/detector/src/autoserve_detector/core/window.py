@@ -7,7 +7,8 @@ timestamps. The window's edge moves a bucket at a time (10 s for a 10-minute win
 Running totals are kept as buckets enter and leave, so the per-probe question "how many
 failed in the window" costs a dict lookup, not a sum over 60 buckets. Time comes from the
 events and may step back a little (a late probe): a query for an earlier time than the
-newest bucket is answered by summing the buckets live at that time.
+newest bucket is answered by summing the buckets live at that time; a step back of a
+whole window or more restarts the window there.
 """
 
 from __future__ import annotations
@@ -33,8 +34,6 @@ class BucketWindow:
 
     def add(self, at: float, key: str, n: int = 1) -> None:
         index = self._advance(at)
-        if index <= self._newest - self._buckets:
-            return  # older than the window: it would be forgotten at once
         slot = index % self._buckets
         bucket = self._slots[slot]
         if bucket is None:
@@ -56,9 +55,15 @@ class BucketWindow:
 
     def _advance(self, at: float) -> int:
         """Move the window's end to ``at`` if that is later, dropping the buckets that
-        leave it; the bucket index of ``at``."""
+        leave it; the bucket index of ``at``. A time a whole window before the end means
+        the clock stepped back (or one event came from the future): start over from it,
+        or the window would stay blind until real time caught up."""
         index = int(at // self._width)
-        if index > self._newest:
+        if index <= self._newest - self._buckets:
+            self._slots = [None] * self._buckets
+            self._totals = {}
+            self._newest = index
+        elif index > self._newest:
             keep_from = index - self._buckets + 1
             for slot, bucket in enumerate(self._slots):
                 if bucket is not None and bucket.index < keep_from:

@@ -75,12 +75,14 @@ SELECT count() FROM (
 )
 """
 
-# Maintenance windows the alerter recorded (SilenceCreated with maintenance = true) that
-# overlap the period; a report that excludes maintenance leaves their rows out.
+# App-wide maintenance windows the alerter recorded (SilenceCreated with maintenance = true
+# and no instance) that overlap the period; a report that excludes maintenance leaves their
+# rows out. One instance's maintenance does not take the whole app out of its report.
 MAINTENANCE = f"""
 SELECT JSONExtractFloat(payload, 'starts_at') AS starts_at, JSONExtractFloat(payload, 'ends_at') AS ends_at
 FROM {EVENTS_TABLE} FINAL
 WHERE app_name = {{app:String}} AND type = 'SilenceCreated' AND JSONExtractBool(payload, 'maintenance')
+    AND JSONExtractString(payload, 'instance_id') = ''
     AND starts_at < {{until_s:Float64}} AND ends_at > {{since_s:Float64}}
 """
 OUTSIDE_MAINTENANCE = (
