@@ -156,6 +156,20 @@ def test_high_response_time() -> None:
     )
 
 
+def test_high_error_rate_is_repeated_once_a_minute_while_it_lasts_and_rearmed_when_it_falls() -> None:
+    d = detector(max_error_rate_percent=20, min_probes_for_error_rate=10, failure_rate_window_minutes=1)
+    feed(d, [probe(t) for t in range(8)])
+    reported = [
+        t
+        for t in range(8, 200)
+        if failures(d.apply(probe(t, healthy=t % 3 == 0)), FailureType.HIGH_ERROR_RATE)  # 2 in 3 failing
+    ]
+    assert reported == [11, 71, 131, 191]  # the crossing, then every 60 s of event time
+    feed(d, [probe(t) for t in range(200, 260)])  # the minute's window fills with successes: re-armed
+    assert failures(d.apply(probe(260, False)), FailureType.HIGH_ERROR_RATE) == []
+    assert failures(feed(d, [probe(t, False) for t in range(261, 280)]), FailureType.HIGH_ERROR_RATE)
+
+
 def test_high_error_rate_is_reported_once_per_crossing() -> None:
     d = detector(max_error_rate_percent=20, min_probes_for_error_rate=10)
     outs = feed(d, [probe(t) for t in range(8)] + [probe(8, False), probe(9, False)])  # 2/10 = 20 %: not over

@@ -42,6 +42,7 @@ class AppThresholds:
 
 
 DEFAULT_THRESHOLDS = AppThresholds()
+ERROR_RATE_REPEAT_SECONDS = 60.0
 
 
 @dataclass
@@ -51,7 +52,7 @@ class InstanceState:
     first_probe_at: float | None = None
     ever_healthy: bool = False
     startup_failure_reported: bool = False
-    error_rate_high: bool = False
+    error_rate_reported_at: float | None = None  # while the error rate is over the threshold
     slow_run: int = 0
     resource_runs: dict[str, int] = field(default_factory=dict)
     died: bool = False
@@ -157,10 +158,16 @@ class Detector:
         total = failed + state.results.count(probe.timestamp, "ok")
         rate = 100.0 * failed / total if total else 0.0
         high = total >= self.settings.min_probes_for_error_rate and rate > self.settings.max_error_rate_percent
-        if not high or state.error_rate_high:
-            state.error_rate_high = high
+        now = probe.timestamp
+        if not high:
+            state.error_rate_reported_at = None  # re-armed: the next crossing is reported at once
             return []
-        state.error_rate_high = True  # report the crossing once; re-armed when the rate falls
+        last = state.error_rate_reported_at
+        if last is not None and now - last < ERROR_RATE_REPEAT_SECONDS:
+            return []
+        # The crossing, then once a minute while the rate stays high: a consumer that ages
+        # alerts out (the alerter's resolve_timeout) sees it is still going on.
+        state.error_rate_reported_at = now
         details = {"error_rate_percent": round(rate, 2), "threshold": self.settings.max_error_rate_percent,
                    "failed": failed, "total": total}  # fmt: skip
         message = f"High error rate: {rate:.1f}% of {total} probes failed"
