@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PACKAGES := libs/events libs/config libs/runtime services/prober services/breaker services/detector services/recovery services/reporter services/alerter cli
 
-.PHONY: setup system run test unit integration lint bench clean docs deploy-config
+.PHONY: setup system run test unit integration lint bench clean docs deploy-config image
 
 setup: $(STAMP)
 
@@ -48,3 +48,16 @@ docs: setup
 
 deploy-config: setup
 	$(BIN)/python scripts/gen_nats_conf.py
+
+# The image (deploy/Dockerfile), built here without a registry: a Debian base made with
+# debootstrap (once; scripts/build-base-image.sh), and the pinned wheels fetched by this
+# host's pip into build/wheels/ (the container reaches no package index by itself here:
+# HTTPS goes through a proxy only this host trusts). With a registry, see deploy/README.md.
+IMAGE      ?= autoserve:dev
+BASE_IMAGE ?= autoserve-base:bookworm
+
+image: setup
+	bash scripts/build-base-image.sh $(BASE_IMAGE)
+	$(BIN)/pip wheel -q --no-build-isolation -c constraints.txt --wheel-dir build/wheels setuptools $(addprefix ./,$(PACKAGES))
+	rm -rf build/wheels/autoserve_*.whl $(addsuffix /build,$(PACKAGES))  # ours come from source; setuptools' in-tree build dirs
+	docker build --network host --build-arg BASE=$(BASE_IMAGE) -f deploy/Dockerfile -t $(IMAGE) .

@@ -3,7 +3,7 @@
 # Docker engine if none answers. Idempotent; needs root (CI runs as root).
 set -euo pipefail
 
-packages=(nginx docker.io busybox-static openssl wrk prometheus-blackbox-exporter prometheus-alertmanager systemd docker-compose)
+packages=(nginx docker.io busybox-static openssl wrk prometheus-blackbox-exporter prometheus-alertmanager systemd docker-compose debootstrap)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
