@@ -2,8 +2,14 @@
 
 The permissions are derived from the code: subjects and streams from ``autoserve_events``,
 each service's durable consumers from its own module, the KV buckets from
-``autoserve_runtime.bus``. ``tests/unit/test_generated_docs.py`` fails when the committed
-file differs from what this prints, and the security tests run a real nats-server on it.
+``autoserve_runtime.bus``. ``tests/integration/test_security.py``
+(``test_the_committed_nats_config_is_the_generated_one``) fails when the committed file
+differs from what this prints, and the rest of that file runs a real nats-server on it.
+
+Replies are private: each user may subscribe only to its own inbox prefix,
+``_INBOX_<user>.>`` (``inbox_prefix``; a client sets it with ``AUTOSERVE_NATS_INBOX_PREFIX``).
+The breaker answers requests with ``allow_responses`` (it may publish once to the reply
+subject of a request it received) instead of a grant on every inbox.
 
     .venv/bin/python scripts/gen_nats_conf.py            # rewrite the file
     .venv/bin/python scripts/gen_nats_conf.py --check    # exit 1 if it is stale
@@ -19,7 +25,6 @@ from autoserve_detector.service import CONSUMER as DETECTOR_CONSUMER
 
 from autoserve_alerter.service import CONSUMER as ALERTER_CONSUMER
 from autoserve_events import (
-    ALERTING_WILDCARD,
     APPS_BUCKET,
     BREAKER_ALLOW_RPC,
     BREAKER_OVERRIDE_RPC,
@@ -27,14 +32,18 @@ from autoserve_events import (
     EVENTS_STREAM,
     PROBES_STREAM,
     SETTINGS_BUCKET,
+    AlertAcknowledged,
+    AlertChanged,
     BreakerStateChanged,
     FailureDetected,
     HealthChanged,
+    NotificationLogged,
     RecoveryExecuted,
+    SilenceCreated,
     deadletter,
     stream_specs,
 )
-from autoserve_events.subjects import PREFIX, PROBES_WILDCARD
+from autoserve_events.subjects import _ONE_TOKEN, PREFIX, PROBES_WILDCARD  # the catalogue's own stems
 from autoserve_recovery.feeds import WORK_DURABLE
 from autoserve_reporter.service import ReporterSettings, consumer_specs
 from autoserve_runtime import ConsumerSpec
@@ -42,7 +51,15 @@ from autoserve_runtime.bus import CLAIMS_BUCKET, bucket_configs
 
 OUTPUT = Path(__file__).resolve().parent.parent / "deploy" / "nats" / "nats-server.conf"
 BREAKER_DURABLES = ("breaker", "breaker-0-of-2", "breaker-1-of-2")  # one per replica (--replica I/N)
-INBOX = "_INBOX.>"  # replies: JetStream API answers, publish acks, ordered-consumer deliveries
+# The breaker's answers to allow/override requests: one reply per request it received, while
+# the requester still waits (an override is answered once JetStream stored it, within 5 s).
+RESPONSES = {"max": 1, "expires": "30s"}
+
+
+def inbox_prefix(user: str) -> str:
+    """Where ``user``'s replies arrive: JetStream API answers, publish acks, KV watches and
+    ordered-consumer deliveries, request/reply. Only ``user`` may subscribe under it."""
+    return f"_INBOX_{user}"
 
 
 def stem(event: type) -> str:
@@ -52,13 +69,25 @@ def stem(event: type) -> str:
     return wildcard(event).removesuffix(".*.*") + ".>"
 
 
+def one_token(event: type) -> str:
+    """``autoserve.event.alert.ack.*`` for AlertAcknowledged: every app (or receiver)."""
+    tokens, _field = _ONE_TOKEN[event]
+    return f"{PREFIX}.{tokens}.*"
+
+
 @dataclass
 class User:
     name: str
     comment: str
     publish: list[str] = field(default_factory=list)
-    subscribe: list[str] = field(default_factory=lambda: [INBOX])
+    subscribe: list[str] = field(default_factory=list)
+    inbox: bool = True  # may read its own replies (every user that makes requests)
     deny_publish: bool = False
+    allow_responses: dict[str, object] | None = None
+
+    def __post_init__(self) -> None:
+        if self.inbox:
+            self.subscribe.insert(0, f"{inbox_prefix(self.name)}.>")
 
     def pub(self, *subjects: str, why: str = "") -> User:
         self.publish += [f"# {why}"] * bool(why) + list(subjects)
@@ -66,6 +95,11 @@ class User:
 
     def sub(self, *subjects: str) -> User:
         self.subscribe += list(subjects)
+        return self
+
+    def responds(self, **limits: object) -> User:
+        """Answers requests: may publish to the reply subject of a message it received."""
+        self.allow_responses = limits
         return self
 
     # -- JetStream building blocks ---------------------------------------------------------
@@ -108,6 +142,12 @@ class User:
             return "\n".join(lines)
 
         publish = '{ deny: [">"] }' if self.deny_publish else "{ allow: [\n" + block(self.publish) + "\n        ] }"
+        responses = ""
+        if self.allow_responses is not None:
+            limits = ", ".join(
+                f'{k}: "{v}"' if isinstance(v, str) else f"{k}: {v}" for k, v in self.allow_responses.items()
+            )
+            responses = f"        allow_responses: {{ {limits} }}\n"
         return (
             f"    # {self.comment}\n"
             "    {\n"
@@ -115,6 +155,7 @@ class User:
             "      permissions: {\n"
             f"        publish: {publish}\n"
             "        subscribe: { allow: [\n" + block(self.subscribe) + "\n        ] }\n"
+            f"{responses}"
             "      }\n"
             "    }\n"
         )
@@ -146,8 +187,8 @@ def users() -> list[User]:
     breaker = (
         User("breaker", "breaker: breaker transitions; answers allow/override requests")
         .pub(stem(BreakerStateChanged), deadletter("breaker"), why="what it owns")
-        .pub("_INBOX.>", why="replies to allow/override requests, on the requester's inbox")
         .sub(BREAKER_REPORT_WILDCARD, BREAKER_ALLOW_RPC, BREAKER_OVERRIDE_RPC)
+        .responds(**RESPONSES)  # its answers: on the requester's inbox, never any other
         .basics()
         .ordered(EVENTS_STREAM, why="its history, the last breaker event per subject")
         .ordered(PROBES_STREAM, why="the replay before consuming")
@@ -181,19 +222,34 @@ def users() -> list[User]:
 
     alerter = (
         User("alerter", "alerter: alerts from failure, health, recovery and breaker events")
-        .pub(ALERTING_WILDCARD, deadletter("alerter"), why="what it owns (alerts and its notification log)")
+        .pub(
+            one_token(AlertChanged),
+            one_token(NotificationLogged),
+            one_token(SilenceCreated),
+            deadletter("alerter"),
+            why="what it owns: alerts, its notification log, maintenance-window silences",
+        )
         .basics()
         .ordered(f"KV_{SETTINGS_BUCKET}", why="watching the alerting settings")
         .ordered(EVENTS_STREAM, why="the replay before consuming")
         .durable(ALERTER_CONSUMER)
     )
 
-    admin = User(
-        "admin",
-        "admin: `autoserve apply` (creates streams and buckets, writes the config), status, events, breaker",
-    ).pub("$JS.API.>", "$JS.FC.>", f"$KV.{APPS_BUCKET}.>", f"$KV.{SETTINGS_BUCKET}.>", f"{PREFIX}.rpc.>")
+    admin = (
+        User(
+            "admin",
+            "admin: `autoserve apply` (creates streams and buckets, writes the config), status, events, breaker, "
+            "alerts",
+        )
+        .pub("$JS.API.>", "$JS.FC.>", f"$KV.{APPS_BUCKET}.>", f"$KV.{SETTINGS_BUCKET}.>", f"{PREFIX}.rpc.>")
+        .pub(one_token(AlertAcknowledged), one_token(SilenceCreated), why="`autoserve alerts ack` and `silence`")
+    )
     operator = User(
-        "operator", "operator: read-only, live events only", subscribe=[f"{PREFIX}.event.>"], deny_publish=True
+        "operator",
+        "operator: read-only, live events only",
+        subscribe=[f"{PREFIX}.event.>"],
+        inbox=False,
+        deny_publish=True,
     )
     client = User("client", "client: a user's service asking the breaker (BreakerClient: allow, report)").pub(
         BREAKER_ALLOW_RPC, BREAKER_REPORT_WILDCARD
@@ -212,7 +268,10 @@ HEADER = """\
 #
 # Scope: publishing is allowed per subject, which keeps a service from writing another's
 # events. Reading a stream is allowed per stream (a JetStream consumer may be created on
-# it), so a service that may read AUTOSERVE_EVENTS may read all of it.
+# it), so a service that may read AUTOSERVE_EVENTS may read all of it. Replies are private:
+# each user subscribes only to its own inbox prefix, _INBOX_<user>.> (its clients set
+# AUTOSERVE_NATS_INBOX_PREFIX=_INBOX_<user>), and the breaker answers requests through
+# allow_responses (once per request it received), not through a grant on any inbox.
 
 listen: "127.0.0.1:4222"   # in a container: -a 0.0.0.0 on the command line
 server_name: autoserve-nats

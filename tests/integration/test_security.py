@@ -1,6 +1,8 @@
 """Bus security with a real nats-server running deploy/nats/nats-server.conf: each user may
-publish only what its service owns, the operator user only reads, bad credentials are
-refused, and a service without create rights waits for the admin to provision."""
+publish only what its service owns, the operator user only reads, every user reads only its
+own replies (its inbox prefix), the breaker answers only the requests it received, the admin
+acks and silences alerts, bad credentials are refused, and a service without create rights
+waits for the admin to provision."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,26 +23,41 @@ import nats.errors
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.js.api import DeliverPolicy
 
 from autoserve_cli.apply import store_config
 from autoserve_config import load_config_text
 from autoserve_events import (
+    APPS_BUCKET,
+    BREAKER_ALLOW_RPC,
     EVENTS_STREAM,
+    PROBES_STREAM,
+    AlertAcknowledged,
+    AlertChanged,
+    AllowReply,
+    AllowRequest,
     BreakerStateChanged,
     ContainerObserved,
     Event,
     FailureDetected,
     FailureType,
     HealthChanged,
+    NotificationLogged,
     ProbeCompleted,
     RecoveryExecuted,
     RecoveryStrategy,
+    SilenceCreated,
+    decode,
+    decode_allow_reply,
     encode,
+    encode_message,
     headers_for,
     subject_for,
 )
-from autoserve_runtime import free_port, nats_server_binary, provision, spawn_child, stop_child
+from autoserve_runtime import EventPublisher, free_port, nats_server_binary, provision, spawn_child, stop_child
+from autoserve_runtime.breaker_client import BreakerClient
 from autoserve_runtime.bus import (
+    CLAIMS_BUCKET,
     NatsAuth,
     NatsConfigError,
     absorb_url_credentials,
@@ -52,8 +70,14 @@ from .conftest import LOCALHOST, check, config_for, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 NATS_CONF = ROOT / "deploy" / "nats" / "nats-server.conf"
+AUTOSERVE = str(Path(sys.executable).parent / "autoserve")
 SERVICE_USERS = ("prober", "detector", "breaker", "recovery", "reporter", "alerter")
 USERS = (*SERVICE_USERS, "admin", "operator", "client")
+
+
+def inbox(user: str) -> str:
+    """The user's inbox prefix, as the deploy config grants it (AUTOSERVE_NATS_INBOX_PREFIX)."""
+    return f"_INBOX_{user}"
 
 
 @dataclass
@@ -113,7 +137,7 @@ class SecureNats:
 
     def env(self, user: str, directory: Path | None = None) -> dict[str, str]:
         """A service's environment: the URL, its user, its password (from a file if given)."""
-        env = {"AUTOSERVE_NATS_URL": self.url, "AUTOSERVE_NATS_USER": user}
+        env = {"AUTOSERVE_NATS_URL": self.url, "AUTOSERVE_NATS_USER": user, "AUTOSERVE_NATS_INBOX_PREFIX": inbox(user)}
         if directory is not None:
             env["AUTOSERVE_NATS_PASSWORD_FILE"] = str(self.password_file(user, directory))
         else:
@@ -121,7 +145,7 @@ class SecureNats:
         return env
 
     def auth(self, user: str) -> NatsAuth:
-        return NatsAuth(user=user, password=self.passwords[user])
+        return NatsAuth(user=user, password=self.passwords[user], inbox_prefix=inbox(user))
 
 
 @pytest.fixture
@@ -156,16 +180,57 @@ class Session:
         return self.errors[before:]
 
 
-async def session(server: SecureNats, user: str) -> Session:
+async def session(server: SecureNats, user: str, inbox_prefix: str | None = None) -> Session:
+    """``inbox_prefix`` defaults to the user's own (the operator has none: it only subscribes)."""
     errors: list[str] = []
 
     async def on_error(exc: Exception) -> None:
         errors.append(str(exc))
 
     nc = await nats.connect(
-        server.url, user=user, password=server.passwords[user], error_cb=on_error, max_reconnect_attempts=0
-    )
+        server.url, user=user, password=server.passwords[user], error_cb=on_error, max_reconnect_attempts=0,
+        inbox_prefix=inbox_prefix or inbox(user),
+    )  # fmt: skip
     return Session(nc, errors)
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without any NATS setting, plus ``extra``."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("AUTOSERVE_NATS_")}, **extra}
+
+
+async def command(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """An ``autoserve`` command as the operator runs it, off the event loop."""
+    run = subprocess.run
+    return await asyncio.to_thread(run, [AUTOSERVE, *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+def get(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return response.status
+    except OSError:
+        return 0
+
+
+async def stored(server: SecureNats, filter_subject: str) -> list[tuple[str, Event]]:
+    """Every event in AUTOSERVE_EVENTS on ``filter_subject``, read as the admin."""
+    admin = await connect(server.url, "test-admin-read", timeout=10, auth=server.auth("admin"))
+    found: list[tuple[str, Event]] = []
+    try:
+        js = admin.jetstream()
+        info = await js.stream_info(EVENTS_STREAM, subjects_filter=filter_subject)
+        total = sum((info.state.subjects or {}).values())
+        if total:
+            sub = await js.subscribe(filter_subject, stream=EVENTS_STREAM, ordered_consumer=True,
+                                     deliver_policy=DeliverPolicy.ALL)  # fmt: skip
+            for _ in range(total):
+                msg = await sub.next_msg(timeout=5)
+                found.append((msg.subject, decode(msg.data)))
+            await sub.unsubscribe()
+    finally:
+        await admin.close()
+    return found
 
 
 async def provisioned(server: SecureNats) -> None:
@@ -195,6 +260,16 @@ SAMPLES: dict[str, Event] = {
     "BreakerStateChanged": BreakerStateChanged(app_name="web", instance_id="w-1", state="open",
                                                previous_state="closed", consecutive_failures=5,
                                                consecutive_successes=0, reason="test", timestamp=T),
+    "AlertChanged": AlertChanged(alert_id="a1b2c3d4e5f6", app_name="web", instance_id="w-1", status="firing",
+                                 previous_status=None, failure_type="port_not_listening", severity="high",
+                                 message="planted", timestamp=T, starts_at=T),
+    "NotificationLogged": NotificationLogged(receiver="ops", group_key="web", outcome="sent", timestamp=T,
+                                             app_name="web", firing=["a1b2c3d4e5f6"], attempts=1),
+    "SilenceCreated": SilenceCreated(silence_id="s1", app_name="web", starts_at=T, ends_at=T + 3600,
+                                     created_by="alerting.maintenance_windows", reason="window", timestamp=T,
+                                     maintenance=True, window="nightly"),
+    "AlertAcknowledged": AlertAcknowledged(alert_id="a1b2c3d4e5f6", app_name="web", instance_id="w-1",
+                                           acknowledged_by="someone", timestamp=T),
 }  # fmt: skip
 
 # Which events each service's user may publish: what the service owns, nothing else.
@@ -204,7 +279,8 @@ OWNS: dict[str, set[str]] = {
     "breaker": {"BreakerStateChanged"},
     "recovery": {"RecoveryExecuted", "FailureDetected"},  # panic mode is a critical FailureDetected
     "reporter": set(),
-    "alerter": set(),
+    # Alerts, its notification log, maintenance-window silences; an ack is an operator's (admin).
+    "alerter": {"AlertChanged", "NotificationLogged", "SilenceCreated"},
 }
 
 
@@ -326,7 +402,7 @@ async def test_credentials_from_files_and_tls(
     env = secure_nats.env("prober", tmp_path)
     auth = NatsAuth.from_env(env)
     assert secure_nats.passwords["prober"] not in repr(auth) + str(auth)
-    assert repr(auth) == "user prober"
+    assert repr(auth) == "user prober, inbox _INBOX_prober"
     nc = await connect(secure_nats.url, "from-file", timeout=10, auth=auth)
     await nc.close()
     # TLS: a server with the (optional) tls block, a client trusting its CA.
@@ -336,7 +412,7 @@ async def test_credentials_from_files_and_tls(
     tls_server = SecureNats(tmp_path / "tls-nats", conf=conf, passwords=secure_nats.passwords).start()
     try:
         secure = NatsAuth.from_env({**env, "AUTOSERVE_NATS_TLS_CA": str(cert)})
-        assert repr(secure) == "user prober, tls"
+        assert repr(secure) == "user prober, tls, inbox _INBOX_prober"
         nc = await connect(f"tls://{LOCALHOST}:{tls_server.port}", "tls", timeout=10, auth=secure)
         assert nc.is_connected
         await nc.close()
@@ -359,6 +435,12 @@ def test_credential_settings_are_checked_and_named_without_their_values(tmp_path
         NatsAuth.from_env({"AUTOSERVE_NATS_USER": "u", "AUTOSERVE_NATS_TOKEN": "t"})
     with pytest.raises(NatsConfigError, match=r"AUTOSERVE_NATS_TLS_CA: no such file: /nonexistent/ca\.pem"):
         NatsAuth.from_env({"AUTOSERVE_NATS_TLS_CA": "/nonexistent/ca.pem"})
+    for bad in ("_INBOX.>", "_INBOX_*", "_INBOX.", "my inbox"):
+        with pytest.raises(NatsConfigError, match=r"AUTOSERVE_NATS_INBOX_PREFIX: .* is not a subject prefix"):
+            NatsAuth.from_env({"AUTOSERVE_NATS_INBOX_PREFIX": bad})
+    mine = NatsAuth.from_env({"AUTOSERVE_NATS_INBOX_PREFIX": "_INBOX_detector"})
+    assert mine.options() == {"inbox_prefix": "_INBOX_detector"} and repr(mine) == "none, inbox _INBOX_detector"
+    assert NatsAuth.from_env({}).options() == {}  # nats-py's default, _INBOX
     token = tmp_path / "token"
     token.write_text("tok-123\n")
     auth = NatsAuth.from_env({"AUTOSERVE_NATS_TOKEN_FILE": str(token)})
@@ -389,3 +471,217 @@ def test_the_committed_nats_config_is_the_generated_one() -> None:
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 0, f"{result.stderr}\nregenerate with: make deploy-config"
+
+
+# -- replies are private: each user subscribes only under its own inbox prefix --------------
+
+
+async def test_each_user_reads_only_its_own_replies(secure_nats: SecureNats) -> None:
+    await provisioned(secure_nats)
+    users = [u for u in USERS if u != "operator"]  # the operator subscribes to events only
+    for user in users:
+        me = await session(secure_nats, user)
+        try:
+            # Its own inbox works: a reply reaches it (JetStream's, or "no responders" for the client).
+            if user == "client":
+                with pytest.raises(nats.errors.NoRespondersError):
+                    await me.nc.request(BREAKER_ALLOW_RPC, b"{}", timeout=5)
+            else:
+                assert (await me.nc.jetstream().stream_info(EVENTS_STREAM)).config.name == EVENTS_STREAM
+            # Anyone else's replies, or everyone's, it may not read.
+            for subject in ("_INBOX.>", *(f"{inbox(u)}.>" for u in users if u != user), ">"):
+                errors = await me.refusals(lambda s=subject, m=me: m.nc.subscribe(s))
+                assert errors == [refused("subscription", subject)], (user, subject, errors)
+        finally:
+            await me.nc.close()
+
+
+async def test_with_its_inbox_prefix_a_service_gets_every_kind_of_reply(secure_nats: SecureNats) -> None:
+    from autoserve_recovery.feeds import work_subscription
+
+    await provisioned(secure_nats)
+    prober = await session(secure_nats, "prober")
+    detector = await connect(secure_nats.url, "test-detector", timeout=10, auth=secure_nats.auth("detector"))
+    recovery = await connect(secure_nats.url, "test-recovery", timeout=10, auth=secure_nats.auth("recovery"))
+    try:
+        js, rjs = detector.jetstream(), recovery.jetstream()
+        await provision(js)  # JetStream API answers: stream and bucket info
+        probe = SAMPLES["ProbeCompleted"]
+        await prober.nc.jetstream().publish(subject_for(probe), encode(probe), headers=headers_for(probe), timeout=5)
+        work = await work_subscription(rjs, ack_wait=30)  # recovery's pull consumer
+        # A publish ack (request/reply), and the publisher's acks on one wildcard inbox.
+        health = SAMPLES["HealthChanged"]
+        await js.publish(subject_for(health), encode(health), headers=headers_for(health), timeout=5)
+        publisher = EventPublisher(js).start()
+        assert await asyncio.wait_for(publisher.submit(SAMPLES["FailureDetected"], track=True), 10)  # type: ignore[arg-type]
+        await publisher.close()
+        # A KV watch (an ordered consumer delivering to an inbox) and an ordered replay.
+        watcher = await (await js.key_value(APPS_BUCKET)).watchall()
+        assert (await watcher.updates(timeout=5)).key == "web"  # type: ignore[union-attr]
+        await watcher.stop()
+        replay = await js.subscribe(probe_subject := subject_for(probe), stream=PROBES_STREAM, ordered_consumer=True,
+                                    deliver_policy=DeliverPolicy.ALL)  # fmt: skip
+        assert (await replay.next_msg(timeout=5)).subject == probe_subject
+        await replay.unsubscribe()
+        # Recovery: a pull fetch (its replies on an inbox) and its claims bucket (direct gets).
+        fetched = await work.fetch(2, timeout=5)
+        assert [type(decode(m.data)).__name__ for m in fetched] == ["HealthChanged", "FailureDetected"]
+        for msg in fetched:
+            await msg.ack()
+        claims = await rjs.key_value(CLAIMS_BUCKET)
+        await claims.create("web.w-1", b"r1")
+        assert (await claims.get("web.w-1")).value == b"r1"
+        assert permission_denials(detector) == permission_denials(recovery) == []
+    finally:
+        for nc in (prober.nc, detector, recovery):
+            await nc.close()
+    assert secure_nats.violations() == []
+
+
+async def test_a_client_without_its_inbox_prefix_is_refused_its_replies(secure_nats: SecureNats) -> None:
+    """The failure mode of a forgotten AUTOSERVE_NATS_INBOX_PREFIX: loud, and named."""
+    await provisioned(secure_nats)
+    auth = NatsAuth(user="detector", password=secure_nats.passwords["detector"])  # default _INBOX
+    detector = await connect(secure_nats.url, "test-detector", timeout=10, auth=auth)
+    try:
+        with pytest.raises(nats.errors.TimeoutError):
+            await detector.jetstream(timeout=2).stream_info(EVENTS_STREAM)
+        (denied,) = permission_denials(detector)
+        assert denied.startswith('nats: permissions violation for subscription to "_inbox.'), denied
+    finally:
+        await detector.close()
+
+
+# -- the breaker answers requests, and nothing else on anyone's inbox -----------------------
+
+
+def breaker_violations(server: SecureNats) -> list[str]:
+    return [line for line in server.violations() if "user:breaker" in line]
+
+
+async def test_the_breaker_answers_only_the_requests_it_received_once_each(
+    tmp_path: Path, secure_nats: SecureNats
+) -> None:
+    await provisioned(secure_nats)
+    client = await session(secure_nats, "client")
+    raw = await session(secure_nats, "breaker")  # a breaker credential, used by hand
+    breaker: subprocess.Popen[bytes] | None = None
+    try:
+        # By hand: one answer per request goes through (allow_responses, max 1), a second is refused.
+        async def answer_twice(msg: Msg) -> None:
+            await raw.nc.publish(msg.reply, b"first")
+            await raw.nc.publish(msg.reply, b"second")
+
+        await raw.nc.subscribe(BREAKER_ALLOW_RPC, cb=answer_twice)
+        await raw.nc.flush()
+        before = len(raw.errors)
+        reply = await client.nc.request(BREAKER_ALLOW_RPC, b"{}", timeout=5)
+        assert reply.data == b"first" and reply.subject.startswith(inbox("client") + ".")
+        await wait_for(lambda: len(raw.errors) > before, timeout=5, what="the second answer refused")
+        assert raw.errors[before:] == [refused("publish", reply.subject)]
+        # Nobody's inbox is open to it otherwise: it cannot forge a reply to a JetStream call.
+        for subject in ("_INBOX.x", f"{inbox('client')}.x", f"{inbox('admin')}.x.y", f"{inbox('recovery')}.x"):
+            assert await raw.refusals(lambda s=subject: raw.nc.publish(s, b"{}")) == [refused("publish", subject)]
+        await raw.nc.close()
+        by_hand = breaker_violations(secure_nats)
+
+        # The real breaker, as deployed, answers a client's allow and an admin's override.
+        port = free_port()
+        env = clean_env(**secure_nats.env("breaker"), AUTOSERVE_METRICS_PORT=str(port))
+        with (tmp_path / "breaker.log").open("wb") as log:
+            breaker = spawn_child([AUTOSERVE, "run", "breaker"], env=env, stdout=log, stderr=subprocess.STDOUT)
+        await wait_for(lambda: get(f"http://{LOCALHOST}:{port}/readyz") == 200 or breaker.poll() is not None,
+                       timeout=60, what="breaker ready")  # fmt: skip
+        assert breaker.poll() is None, (tmp_path / "breaker.log").read_text()[-3000:]
+        answer = await BreakerClient(client.nc, timeout=5).check("web", "w-1")
+        assert (answer.allow, answer.state, answer.known) == (True, "closed", True)
+        raw_answer = await client.nc.request(
+            BREAKER_ALLOW_RPC, encode_message(AllowRequest(app_name="web", instance_id="w-1")), timeout=5
+        )
+        assert decode_allow_reply(raw_answer.data) == AllowReply(allow=True, state="closed", known=True)
+        opened = await command("breaker", "open", "web", "w-1", env=clean_env(**secure_nats.env("admin")))
+        assert opened.returncode == 0, opened.stderr
+        assert opened.stdout.startswith("web/w-1: open (held until `autoserve breaker reset`)")
+        assert not (await BreakerClient(client.nc, timeout=5).check("web", "w-1")).allow
+    finally:
+        if breaker is not None:
+            stop_child(breaker)
+        for nc in (client.nc, raw.nc):
+            await nc.close()
+    assert breaker_violations(secure_nats) == by_hand  # the service was refused nothing
+    log_text = (tmp_path / "breaker.log").read_text()
+    assert "permission denied" not in log_text, log_text[-3000:]
+
+
+# -- operators ack and silence alerts with the admin credential ----------------------------
+
+
+async def test_the_admin_acks_and_silences_alerts_and_the_operator_may_not(
+    tmp_path: Path, secure_nats: SecureNats
+) -> None:
+    await provisioned(secure_nats)
+    alerter = await session(secure_nats, "alerter")
+    alert = SAMPLES["AlertChanged"]
+    try:
+        await alerter.nc.jetstream().publish(subject_for(alert), encode(alert), headers=headers_for(alert), timeout=5)
+    finally:
+        await alerter.nc.close()
+    admin_env = clean_env(**secure_nats.env("admin", tmp_path))
+    operator_env = clean_env(**secure_nats.env("operator", tmp_path))
+
+    acked = await command("alerts", "ack", "a1b2", "--by", "ops@example", "--comment", "on it", env=admin_env)
+    assert acked.returncode == 0, acked.stderr
+    assert acked.stdout.startswith("acknowledged a1b2c3d4e5f6 (web/w-1 port_not_listening) as ops@example")
+    silenced = await command("alerts", "silence", "--app", "web", "--for", "2h", "--reason", "planned upgrade",
+                             "--by", "ops@example", env=admin_env)  # fmt: skip
+    assert silenced.returncode == 0, silenced.stderr
+    assert silenced.stdout.startswith("silenced web until ")
+
+    # The events landed in AUTOSERVE_EVENTS, on the subjects the alerter folds.
+    (ack_subject, ack), = await stored(secure_nats, "autoserve.event.alert.ack.>")  # fmt: skip
+    assert ack_subject == "autoserve.event.alert.ack.web" and isinstance(ack, AlertAcknowledged)
+    assert (ack.alert_id, ack.acknowledged_by, ack.comment) == ("a1b2c3d4e5f6", "ops@example", "on it")
+    (silence_subject, silence), = await stored(secure_nats, "autoserve.event.alert.silence.>")  # fmt: skip
+    assert silence_subject == "autoserve.event.alert.silence.web" and isinstance(silence, SilenceCreated)
+    assert (silence.app_name, silence.instance_id, silence.reason) == ("web", "", "planned upgrade")
+    assert round(silence.ends_at - silence.starts_at) == 7200
+    assert [line for line in secure_nats.violations() if "user:admin" in line] == []
+
+    # The read-only operator may not: neither through the command nor by hand.
+    for args in (("alerts", "ack", "a1b2"), ("alerts", "silence", "--app", "web", "--for", "1h", "--reason", "x")):
+        refused_run = await command(*args, env=operator_env)
+        assert refused_run.returncode != 0, refused_run.stdout
+        assert "nats permission denied" in refused_run.stderr and "user operator" in refused_run.stderr
+        assert secure_nats.passwords["operator"] not in refused_run.stdout + refused_run.stderr
+    operator = await session(secure_nats, "operator")
+    try:
+        for name in ("AlertAcknowledged", "SilenceCreated"):
+            subject = subject_for(SAMPLES[name])
+            errors = await operator.refusals(lambda s=subject, n=name: operator.nc.publish(s, encode(SAMPLES[n])))
+            assert errors == [refused("publish", subject)]
+    finally:
+        await operator.nc.close()
+    assert len(await stored(secure_nats, "autoserve.event.alert.ack.>")) == 1
+    assert len(await stored(secure_nats, "autoserve.event.alert.silence.>")) == 1
+    assert any("user:operator" in line for line in secure_nats.violations())
+
+
+def test_every_deploy_file_gives_each_user_its_own_inbox_prefix() -> None:
+    """The prefixes the config grants (proven live above) are the ones the deploy files set."""
+    import yaml
+
+    deploy = ROOT / "deploy"
+    compose = yaml.safe_load((deploy / "compose" / "compose.yaml").read_text())["services"]
+    users = {spec["environment"]["AUTOSERVE_NATS_USER"]: spec["environment"] for spec in compose.values()
+             if "AUTOSERVE_NATS_USER" in spec.get("environment", {})}  # fmt: skip
+    assert set(users) == {*SERVICE_USERS, "admin"}
+    assert all(env["AUTOSERVE_NATS_INBOX_PREFIX"] == inbox(user) for user, env in users.items()), users
+    pods = [d["spec"]["template"]["spec"] for d in yaml.safe_load_all((deploy / "k8s" / "autoserve.yaml").read_text())
+            if d["kind"] == "Deployment"]  # fmt: skip
+    envs = [{e["name"]: e.get("value") for e in pod["containers"][0]["env"]} for pod in pods]
+    assert sorted(env["AUTOSERVE_NATS_USER"] for env in envs) == sorted(SERVICE_USERS)
+    assert all(env["AUTOSERVE_NATS_INBOX_PREFIX"] == inbox(env["AUTOSERVE_NATS_USER"]) for env in envs), envs
+    unit = (deploy / "systemd" / "autoserve@.service").read_text()
+    assert (
+        "Environment=AUTOSERVE_NATS_USER=%i\n" in unit and "Environment=AUTOSERVE_NATS_INBOX_PREFIX=_INBOX_%i\n" in unit
+    )

@@ -1,8 +1,9 @@
 """Separate deployment, as deploy/README.md tells an operator: nats-server on the deploy
 config, the admin provisions and applies, then every service runs as its own
-``autoserve run X`` process with its own least-privilege credentials. A target dies; the
-failure is detected, the process is restarted, and ``autoserve report`` shows it. The
-server refuses nothing along the way, and no planted password appears in any log."""
+``autoserve run X`` process with its own least-privilege credentials and its own inbox
+prefix. A target dies; the failure is detected, the process is restarted, and ``autoserve
+report`` shows it; a user's service asks the breaker. The server refuses nothing along the
+way, and no planted password appears in any log."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,25 +26,10 @@ from autoserve_cli.services import SERVICES
 from autoserve_events import FailureDetected, HealthChanged, RecoveryExecuted, decode
 from autoserve_recovery.adapters.process import register
 from autoserve_runtime import free_port, spawn_child, stop_child
+from autoserve_runtime.breaker_client import BreakerClient
 
 from .conftest import LOCALHOST, check, config_for, wait_for
-from .test_security import SecureNats, session
-
-AUTOSERVE = str(Path(sys.executable).parent / "autoserve")
-
-
-async def command(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """An ``autoserve`` command as the operator runs it, off the event loop."""
-    run = subprocess.run
-    return await asyncio.to_thread(run, [AUTOSERVE, *args], env=env, capture_output=True, text=True, timeout=60)
-
-
-def get(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as response:
-            return response.status
-    except OSError:
-        return 0
+from .test_security import AUTOSERVE, SecureNats, command, get, inbox, session
 
 
 @pytest.fixture
@@ -108,6 +93,7 @@ async def test_each_service_in_its_own_process_with_its_own_credentials_runs_the
             if name == "detector":
                 password = secure_nats.passwords[name]
                 env["AUTOSERVE_NATS_URL"] = f"nats://{name}:{password}@{LOCALHOST}:{secure_nats.port}"
+                env["AUTOSERVE_NATS_INBOX_PREFIX"] = inbox(name)
             else:
                 env |= secure_nats.env(name, secrets_dir if i % 2 else None)
             log = (logs / f"{name}.log").open("wb")
@@ -145,6 +131,15 @@ async def test_each_service_in_its_own_process_with_its_own_credentials_runs_the
         await wait_for(lambda: get(f"http://{LOCALHOST}:{port}/") == 200, timeout=30, what="target serving again")
         await wait_for(lambda: any(h.healthy for h in of(HealthChanged)[1:]), timeout=30, what="healthy again")
         await operator.nc.close()
+
+        # A user's service asks the breaker, as the `client` user: the answer comes back on
+        # the client's own inbox (the breaker may answer, never publish there on its own).
+        client = await session(secure_nats, "client")
+        try:
+            answer = await BreakerClient(client.nc, timeout=5).check("demo", "web-1")
+            assert answer.known and answer.state in ("closed", "open", "half_open"), answer
+        finally:
+            await client.nc.close()
 
         # 4. The report, from ClickHouse through the reporter.
         report_env = {**os.environ, "AUTOSERVE_REPORTER_URL": f"http://{LOCALHOST}:{reporter_port}"}

@@ -24,6 +24,11 @@ NATS_AUTH_FLAGS = (
     ("--nats-tls-ca", "AUTOSERVE_NATS_TLS_CA", "CA bundle to verify the NATS server"),
     ("--nats-tls-cert", "AUTOSERVE_NATS_TLS_CERT", "client certificate for NATS (mutual TLS)"),
     ("--nats-tls-key", "AUTOSERVE_NATS_TLS_KEY", "client key for NATS (mutual TLS)"),
+    (
+        "--nats-inbox-prefix",
+        "AUTOSERVE_NATS_INBOX_PREFIX",
+        "where replies arrive; the deploy config wants _INBOX_<user>",
+    ),
 )
 
 
@@ -52,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
         )
         # Credentials and TLS: files or names, never a secret on the command line (ps shows it).
         for flag, var, text in NATS_AUTH_FLAGS:
-            p.add_argument(flag, dest=var.lower(), metavar="VALUE" if var.endswith("USER") else "FILE",
+            p.add_argument(flag, dest=var.lower(), metavar="VALUE" if var.endswith(("USER", "PREFIX")) else "FILE",
                            help=f"{text} (env {var})")  # fmt: skip
 
     up = commands.add_parser("up", help="run the whole system on this machine, with live status")

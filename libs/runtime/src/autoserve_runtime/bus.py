@@ -4,6 +4,11 @@ Credentials come from the environment, one variable per option, or from files th
 (``NatsAuth.from_env``); they are never logged, and a URL's ``user:password@`` is moved out
 of the URL before anything can print it (``absorb_url_credentials``).
 
+``AUTOSERVE_NATS_INBOX_PREFIX`` sets where this connection's replies arrive (JetStream API
+answers, publish acks, KV watches and ordered consumers, request/reply). The deploy config
+gives each user only its own prefix, ``_INBOX_<user>``, so no user can read another's
+replies; the default, ``_INBOX``, is what nats-py (and every other client) uses.
+
 Provisioning is idempotent and works under least privilege: a stream or bucket that exists
 with the wanted settings is only read (``STREAM.INFO``); creating or changing one is the
 job of an admin credential (``autoserve apply``). A service whose credential may not create
@@ -15,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import re
 import ssl
 import time
 from collections import deque
@@ -43,6 +49,8 @@ DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 CLAIMS_BUCKET = "autoserve-recovery-claims"
 CLAIMS_TTL_SECONDS = 86_400.0
 WAIT_LOG_SECONDS = 30.0
+# Subject tokens without wildcards: the server grants `<prefix>.>` to subscribe to.
+_INBOX_PREFIX = re.compile(r"^[A-Za-z0-9_$-]+(\.[A-Za-z0-9_$-]+)*$")
 
 
 class NatsUnavailable(ConnectionError):
@@ -75,6 +83,7 @@ class NatsAuth:
     tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    inbox_prefix: str | None = None  # not a secret: where replies arrive (nats-py default _INBOX)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> NatsAuth:
@@ -98,6 +107,7 @@ class NatsAuth:
             tls_ca=get("TLS_CA"),
             tls_cert=get("TLS_CERT"),
             tls_key=get("TLS_KEY"),
+            inbox_prefix=get("INBOX_PREFIX"),
         )
         auth.check()
         return auth
@@ -115,6 +125,11 @@ class NatsAuth:
                           ("TLS_CERT", self.tls_cert), ("TLS_KEY", self.tls_key)):  # fmt: skip
             if path and not Path(path).is_file():
                 raise NatsConfigError(f"AUTOSERVE_NATS_{var}: no such file: {path}")
+        if self.inbox_prefix is not None and not _INBOX_PREFIX.match(self.inbox_prefix):
+            raise NatsConfigError(
+                f"AUTOSERVE_NATS_INBOX_PREFIX: {self.inbox_prefix!r} is not a subject prefix "
+                "(tokens of [A-Za-z0-9_$-] separated by dots, no wildcards, e.g. _INBOX_detector)"
+            )
 
     @property
     def tls(self) -> bool:
@@ -126,7 +141,8 @@ class NatsAuth:
             f"user {self.user}" if self.user else "token" if self.token else
             "creds file" if self.creds_file else "nkey" if self.nkey_seed_file else "none"
         )  # fmt: skip
-        return f"{kind}{', tls' if self.tls else ''}"
+        inbox = f", inbox {self.inbox_prefix}" if self.inbox_prefix else ""
+        return f"{kind}{', tls' if self.tls else ''}{inbox}"
 
     __repr__ = __str__ = describe
 
@@ -146,6 +162,8 @@ class NatsAuth:
             if self.tls_cert and self.tls_key:
                 context.load_cert_chain(self.tls_cert, self.tls_key)
             options["tls"] = context
+        if self.inbox_prefix:
+            options["inbox_prefix"] = self.inbox_prefix
         return options
 
 
