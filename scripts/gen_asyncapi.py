@@ -80,8 +80,9 @@ def publishes() -> dict[str, list[type]]:
     result: dict[str, list[type]] = {}
     for service, stems in owners.items():
         result[service] = [e for e in EVENT_TYPES.values() if pattern(e).removeprefix(f"{PREFIX}.").startswith(stems)]
-    # An operator's `autoserve alerts ack|silence` records these; the alerter does not.
-    result["alerter"] = [e for e in result["alerter"] if e.__name__ not in ("AlertAcknowledged", "SilenceCreated")]
+    # An operator's `autoserve alerts ack|silence` records these; the alerter records
+    # silences too (its maintenance windows), but never an acknowledgement.
+    result["alerter"] = [e for e in result["alerter"] if e.__name__ != "AlertAcknowledged"]
     result["admin"] = [EVENT_TYPES["AlertAcknowledged"], EVENT_TYPES["SilenceCreated"]]
     return result
 

@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+import nats.errors
+
 from autoserve_config import ConfigError, load_config
 from autoserve_runtime import DEFAULT_NATS_URL, NatsUnavailable, configure_logging
 from autoserve_runtime.bus import NatsAuth, NatsConfigError, absorb_url_credentials
@@ -201,6 +203,11 @@ def main(argv: list[str] | None = None) -> int:
         return _dispatch(args)
     except NatsUnavailable as exc:
         print(f"autoserve {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except (nats.errors.Error, TimeoutError) as exc:  # refused (permissions) or no answer in time
+        reason = str(exc) or type(exc).__name__
+        print(f"autoserve {args.command}: NATS: {reason}; check the credential's permissions "
+              "(deploy/README.md) and that the services are running", file=sys.stderr)  # fmt: skip
         return 1
 
 
