@@ -22,6 +22,7 @@ from autoserve_events import (
     FailureDetected,
     FailureType,
     HealthChanged,
+    NotificationLogged,
     ProbeCompleted,
     RecoveryExecuted,
     RecoveryStrategy,
@@ -202,6 +203,22 @@ async def test_events_reads_the_log_in_order_and_filters(nc: Client, nats_server
 
     bad = await autoserve("events", "--type", "Bogus", *url)
     assert bad.returncode == 2 and "--type: unknown event type 'Bogus'" in bad.stderr
+
+
+async def test_events_reads_the_alerting_events(nc: Client, nats_server) -> None:
+    logged = NotificationLogged(receiver="team", group_key="0:{app=web}", outcome="sent", timestamp=at(13),
+                                app_name="web", seq=1, firing=["a-w-1"], attempts=1)  # fmt: skip
+    js = nc.jetstream()
+    await provision(js)
+    for event in [*ALERTS, logged]:
+        await js.publish(subject_for(event), encode(event), headers={"Nats-Msg-Id": event.event_id})
+    url = ("--nats-url", nats_server.url)
+    alerts = await autoserve("events", "--type", "alert", "--app", "web", "--instance", "w-1", "--json", *url)
+    assert [decode(line.encode()) for line in alerts.stdout.splitlines()] == ALERTS[:2]
+    nflog = await autoserve("events", "--type", "nflog", "--app", "web", *url)
+    assert nflog.stdout.split(None, 1)[1] == (
+        "NotificationLogged   web  sent to team tier=0 seq=1 firing=1 resolved=0 attempts=1\n"
+    )
 
 
 async def test_events_follow_prints_new_events_until_interrupted(nc: Client, nats_server) -> None:

@@ -419,3 +419,54 @@ def test_a_failed_delivery_is_tried_again_at_the_next_group_interval() -> None:
     assert h.tick(T0 + 300, deliver=False) == []
     [again] = h.tick(T0 + 360, deliver=False)
     assert again.seq == 2 and again.notification_id != n.notification_id
+
+
+# -- failed escalations and bounded memory -----------------------------------------------------------
+
+
+def test_a_failed_escalation_is_tried_again_a_group_interval_later() -> None:
+    h = Harness(escalating())
+    h.feed(failure())
+    h.tick(T0 + 30)  # tier 0, sent
+    h.feed(failure(ts=T0 + 590))
+    [page] = h.tick(T0 + 600, deliver=False)
+    assert (page.tier, page.receiver, page.seq) == (1, "oncall", 1)
+    h.stream.append(h.core.delivered(page, "failed", T0 + 610, attempts=9, error="HTTP 503"))
+    h.feed(failure(ts=T0 + 700))
+    assert h.tick(T0 + 700, deliver=False) == []  # not before group_interval (5m) after the failure
+    replayed = Harness(escalating())
+    for event in h.stream:
+        replayed.core.handle(event)
+    [again] = h.tick(T0 + 910, deliver=False)
+    assert (again.tier, again.receiver, again.seq) == (1, "oncall", 2)
+    assert again.notification_id != page.notification_id and [a.instance for a in again.firing] == ["web-1"]
+    [same] = replayed.tick(T0 + 910, deliver=False)  # a restarted alerter decides the same retry
+    assert same.notification_id == again.notification_id
+    h.stream.append(h.core.delivered(again, "sent", T0 + 911))
+    h.feed(failure(ts=T0 + 1400))
+    assert h.tick(T0 + 1500) == []  # sent: tier 1 is done (tier 2 is due at 30m)
+
+
+def test_per_instance_memory_is_pruned_after_history() -> None:
+    apps = {"web": AppSpec(), "old": AppSpec()}
+    h = Harness(alerting(history="1h", resolve_timeout="1d"), apps=apps)
+    core = h.core
+    for i in range(50):  # containers recreated with new ids: each id is seen once
+        h.feed(failure(instance=f"c{i}", ts=T0 + i))
+        h.feed(health(True, instance=f"c{i}", ts=T0 + i + 1))  # resolved: remembered against late copies
+        h.feed(health(False, instance=f"u{i}", ts=T0 + i))  # unhealthy, then never heard of again
+        h.feed(failure(instance=f"p{i}", ft=FailureType.PORT_NOT_LISTENING, severity="low", ts=T0 + i))  # pending
+    h.feed(health(False, instance="still-failing", ts=T0))
+    h.feed(failure(instance="still-failing", ts=T0 + 1))  # an open alert: still present
+    h.feed(health(False, app="old", instance="o-1", ts=T0 + 3500))
+    h.feed(health(False, instance="recent", ts=T0 + 3500))
+    h.tick(T0 + 100)
+    assert (len(core._resolved_at), len(core._unhealthy), len(core._pending)) == (50, 53, 50)
+    core.set_apps({"web": AppSpec()})  # "old" is no longer configured
+    for minute in range(1, 65):
+        h.feed(failure(instance="still-failing", ts=T0 + minute * 60))
+        h.tick(T0 + minute * 60 + 30)
+    assert core._resolved_at == {} and core._pending == {}
+    assert set(core._unhealthy) == {("web", "still-failing"), ("web", "recent")}
+    # what was pruned behaves as a restarted alerter that replayed one history would
+    assert len(h.feed(failure(instance="u1", ft=FailureType.PORT_NOT_LISTENING, severity="low", ts=T0 + 3900))) == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -280,3 +281,13 @@ valid_checks = st.builds(
 def test_every_valid_config_is_accepted(health_check: dict, name: str) -> None:
     text = yaml.safe_dump({"apps": {name: {"health_check": health_check}}})
     assert load_config_text(text).apps[name].health_check.port == health_check["port"]
+
+
+def test_the_readme_alerting_example_is_a_valid_config() -> None:
+    """The README's alerting example is what an operator copies: it must pass ``check``."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme[readme.index("## Alerting") :]
+    example = section[section.index("```yaml\n") + len("```yaml\n") : section.index("```\n", section.index("```yaml"))]
+    config = load_config_text(example)
+    assert config.apps["web"].depends_on == ["db"]
+    assert set(config.alerting.receivers) == {"team-webhook", "team-slack", "oncall-email", "alertmanager"}

@@ -52,7 +52,8 @@ def _when(ts: float | None) -> str:
 
 
 async def read_alerting(js: JetStreamContext, timeout: float = 10.0) -> list[object]:
-    """Every stored alerting event, in stream order."""
+    """Every stored alerting event, in stream order. Gives up after ``timeout`` seconds (or
+    2 s without a message) and then says so on stderr: what it shows may be incomplete."""
     info = await js.stream_info(EVENTS_STREAM, subjects_filter=ALERTING_WILDCARD)
     if not info.state.subjects:
         return []
@@ -61,19 +62,23 @@ async def read_alerting(js: JetStreamContext, timeout: float = 10.0) -> list[obj
         pending_msgs_limit=-1,
     )  # fmt: skip
     events: list[object] = []
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    complete = False
     try:
-        while time.monotonic() < deadline:
+        while not complete and time.monotonic() - started < timeout:
             try:
                 msg = await sub.next_msg(timeout=2.0)
             except TimeoutError:
                 break
             with contextlib.suppress(MalformedEvent):
                 events.append(decode(msg.data))
-            if msg.metadata.num_pending == 0:
-                break
+            complete = msg.metadata.num_pending == 0
     finally:
         await sub.unsubscribe()
+    if not complete:
+        print(f"autoserve alerts: warning: gave up reading the alerting events after "
+              f"{time.monotonic() - started:.1f}s with {len(events)} read; what follows may be incomplete",
+              file=sys.stderr)  # fmt: skip
     return events
 
 

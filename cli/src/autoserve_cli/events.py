@@ -6,6 +6,10 @@ are subject tokens), so ``--app web --type ProbeCompleted`` reads only web's pro
 the whole probe stream. Without ``-f`` it stops once it has read what was stored when it
 started; with ``-f`` it goes on until Ctrl-C. Lines are in stream order; when both streams
 are read, each stream's history is merged by event time.
+
+Alerting events have a single name token in their subject (the app, or the receiver for
+``NotificationLogged``), so for them ``--app`` filters on the server where the subject
+carries the app, and the rest of ``--app``/``--instance`` is checked here.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from autoserve_events import (
     EVENTS_STREAM,
     PROBES_STREAM,
+    AlertAcknowledged,
+    AlertChanged,
     BreakerStateChanged,
     BreakerTrialAdmitted,
     ContainerObserved,
@@ -37,8 +43,10 @@ from autoserve_events import (
     FailureDetected,
     HealthChanged,
     MalformedEvent,
+    NotificationLogged,
     ProbeCompleted,
     RecoveryExecuted,
+    SilenceCreated,
     decode,
     wildcard,
 )
@@ -55,6 +63,10 @@ EVENT_TYPES: dict[str, type[Event]] = {
         BreakerTrialAdmitted,
         ProbeCompleted,
         ContainerObserved,
+        AlertChanged,
+        AlertAcknowledged,
+        SilenceCreated,
+        NotificationLogged,
     )
 }
 ALIASES = {
@@ -65,7 +77,18 @@ ALIASES = {
     "trial": "BreakerTrialAdmitted",
     "probe": "ProbeCompleted",
     "container": "ContainerObserved",
+    "alert": "AlertChanged",
+    "ack": "AlertAcknowledged",
+    "silence": "SilenceCreated",
+    "nflog": "NotificationLogged",
     "deadletter": DEAD_LETTER,
+}
+# Alerting subjects: one name token, the app's ("{app}"), or the receiver's for the log.
+ALERTING_SUBJECTS = {
+    "AlertChanged": "autoserve.event.alert.{app}",
+    "AlertAcknowledged": "autoserve.event.alert.ack.{app}",
+    "SilenceCreated": "autoserve.event.alert.silence.{app}",
+    "NotificationLogged": "autoserve.event.alert.nflog.*",
 }
 # The audit trail: what ``autoserve events`` shows without ``--type``.
 DEFAULT_TYPES = ("HealthChanged", "FailureDetected", "RecoveryExecuted", "BreakerStateChanged", "BreakerTrialAdmitted")
@@ -117,6 +140,8 @@ def filters(types: Iterable[str], app: str | None, instance: str | None) -> dict
     for name in types:
         if name == DEAD_LETTER:
             stream, subject = EVENTS_STREAM, "autoserve.deadletter.>"
+        elif name in ALERTING_SUBJECTS:
+            stream, subject = EVENTS_STREAM, ALERTING_SUBJECTS[name].format(app=a)
         else:
             kind = EVENT_TYPES[name]
             stream = PROBES_STREAM if kind in (ProbeCompleted, ContainerObserved) else EVENTS_STREAM
@@ -125,6 +150,17 @@ def filters(types: Iterable[str], app: str | None, instance: str | None) -> dict
         if subject not in subjects:
             subjects.append(subject)
     return by_stream
+
+
+def wanted(event: Any, app: str | None, instance: str | None) -> bool:
+    """What the subject filter could not check: ``--app``/``--instance`` against the event's
+    fields (alerting events). A silence without an instance covers every instance."""
+    if app is not None and getattr(event, "app_name", app) != app:
+        return False
+    if instance is None:
+        return True
+    found = getattr(event, "instance_id", instance)
+    return found == instance or (isinstance(event, SilenceCreated) and found == "")
 
 
 # -- rendering: pure, one line per event ------------------------------------------------------
@@ -170,6 +206,24 @@ def describe(event: Any) -> str:
             if value is not None:
                 parts.append(f"{name}={value:.1f}" if isinstance(value, float) else f"{name}={value}")
         return " ".join(parts)
+    if isinstance(event, AlertChanged):
+        return (f"{event.status} (was {event.previous_status or 'none'}) {event.failure_type} "
+                f"severity={event.severity} alert={event.alert_id}: {event.reason}")  # fmt: skip
+    if isinstance(event, AlertAcknowledged):
+        return f"alert {event.alert_id} acknowledged by {event.acknowledged_by}" + (
+            f": {event.comment}" if event.comment else ""
+        )
+    if isinstance(event, SilenceCreated):
+        kind = f"maintenance window {event.window}" if event.maintenance else "silence"
+        return (f"{kind} {event.silence_id} from {when(event.starts_at)} until {when(event.ends_at)} "
+                f"by {event.created_by}: {event.reason}")  # fmt: skip
+    if isinstance(event, NotificationLogged):
+        if event.outcome == "suppressed":
+            held = "; ".join(f"{alert_id} {why}" for alert_id, why in sorted(event.suppressed.items()))
+            return f"suppressed for {event.receiver} tier={event.tier}: {held}"
+        error = f": {event.error}" if event.error else ""
+        return (f"{event.outcome} to {event.receiver} tier={event.tier} seq={event.seq} firing={len(event.firing)} "
+                f"resolved={len(event.resolved)} attempts={event.attempts}{error}")  # fmt: skip
     return msgspec.json.encode(event).decode()
 
 
@@ -180,9 +234,9 @@ def event_time(event: Any) -> float:
 
 def render(event: Any) -> str:
     """``2026-05-01T12:00:03.123Z  FailureDetected      web/w-1  health_check_failed ...``"""
-    return (
-        f"{when(event_time(event))}  {type(event).__name__:<20} {event.app_name}/{event.instance_id}  {describe(event)}"
-    )
+    app = event.app_name or "*"  # a notification log entry of a group that spans apps
+    where = f"{app}/{event.instance_id}" if event.instance_id else app  # alerting events may name no instance
+    return f"{when(event_time(event))}  {type(event).__name__:<20} {where}  {describe(event)}"
 
 
 @dataclass(frozen=True)
@@ -225,7 +279,9 @@ class Line:
     text: str
 
 
-def to_line(msg: Msg, as_json: bool, warn: Callable[[str], None]) -> Line | None:
+def to_line(
+    msg: Msg, as_json: bool, warn: Callable[[str], None], keep: Callable[[Any], bool] | None = None
+) -> Line | None:
     if msg.subject.startswith("autoserve.deadletter."):
         record = dead_letter(msg)
         return Line(record.emitted_at, record.as_json().decode() if as_json else record.line())
@@ -233,6 +289,8 @@ def to_line(msg: Msg, as_json: bool, warn: Callable[[str], None]) -> Line | None
         event = decode(msg.data)
     except MalformedEvent as exc:
         warn(f"{msg.subject} #{msg.metadata.sequence.stream}: not an event ({exc})")
+        return None
+    if keep is not None and not keep(event):
         return None
     return Line(event_time(event), msgspec.json.encode(event).decode() if as_json else render(event))
 
@@ -258,6 +316,7 @@ async def read_events(
     warn: Callable[[str], None],
     stop: asyncio.Event,
     caught_up_timeout: float = 30.0,
+    keep: Callable[[Any], bool] | None = None,
 ) -> None:
     """History first (per stream in order, streams merged by event time), then, with
     ``follow``, every new event as it arrives until ``stop``."""
@@ -268,7 +327,7 @@ async def read_events(
 
     def handler(stream: str) -> Callable[[Msg], Any]:
         async def on_message(msg: Msg) -> None:
-            line = to_line(msg, as_json, warn)
+            line = to_line(msg, as_json, warn, keep)
             if live:
                 if line is not None:
                     emit(line.text)
@@ -337,8 +396,9 @@ async def show_events(
     nc = await connect(nats_url, "autoserve-events", timeout=10)
     try:
         await read_events(
-            nc.jetstream(), streams, since=start, follow=follow, as_json=as_json, emit=emit, warn=warn, stop=stop
-        )
+            nc.jetstream(), streams, since=start, follow=follow, as_json=as_json, emit=emit, warn=warn, stop=stop,
+            keep=lambda event: wanted(event, app, instance),
+        )  # fmt: skip
     except TimeoutError:
         print("autoserve events: the stream did not deliver what it holds within 30s", file=sys.stderr)
         return 1

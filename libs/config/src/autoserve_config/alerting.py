@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import msgspec
 
@@ -190,7 +190,19 @@ class AlertingConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     timezone: Literal["UTC"] = "UTC"
 
 
-ROOT_DEFAULTS = {"group_by": ["app"], "group_wait": "30s", "group_interval": "5m", "repeat_interval": "4h"}
+class RouteDefaults(TypedDict):
+    group_by: list[str]
+    group_wait: str
+    group_interval: str
+    repeat_interval: str
+
+
+ROOT_DEFAULTS: RouteDefaults = {
+    "group_by": ["app"],
+    "group_wait": "30s",
+    "group_interval": "5m",
+    "repeat_interval": "4h",
+}
 MAX_WINDOW_SECONDS = 7 * 86400.0
 
 

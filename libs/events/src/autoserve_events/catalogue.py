@@ -256,7 +256,9 @@ class NotificationLogged(Event, frozen=True, kw_only=True):
     got (``sent``), one given up after retries (``failed``), or alerts held back
     (``suppressed``: silence, maintenance window, failing dependency). Its ``event_id`` is
     the notification's id, derived from the group, receiver, tier and sequence number, so a
-    restarted alerter knows what was sent and sends nothing twice."""
+    restarted alerter knows what was sent and does not decide it again. Delivery is still at
+    least once: a crash (or a lost answer) between the receiver taking a notification and
+    this entry being stored repeats it, with the same id for the receiver to drop."""
 
     receiver: str
     group_key: str

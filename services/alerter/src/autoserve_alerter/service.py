@@ -21,6 +21,7 @@ from nats.js import JetStreamContext
 
 from autoserve_config import AlertingConfig, AppSpec, parse_duration
 from autoserve_events import APPS_BUCKET, EVENTS_STREAM, SETTINGS_BUCKET, AnyEvent, Event
+from autoserve_events.catalogue import NotificationOutcome
 from autoserve_events.subjects import EVENTS_WILDCARD
 from autoserve_runtime import (
     ConsumerSpec,
@@ -50,6 +51,7 @@ CONSUMER = ConsumerSpec(
     filter_subjects=(EVENTS_WILDCARD,),
 )
 CONFIG_WAIT_SECONDS = 10.0
+TICK_ERROR_LOG_EVERY = 60.0  # a tick that keeps failing is logged once a minute, with a count
 
 
 class AlerterService:
@@ -66,6 +68,8 @@ class AlerterService:
         self.dispatcher = Dispatcher(self._delivered, initial_backoff=backoff[0], max_backoff=backoff[1])
         self.replayed = 0
         self.notifications: deque[Notification] = deque(maxlen=1000)  # the latest decided here (tests, logs)
+        self.ticked_at: float | None = None  # the time of the last tick that completed
+        self.tick_errors = 0
         self._session: aiohttp.ClientSession | None = None
         self._apps_loaded = asyncio.Event()
         self._settings_loaded = asyncio.Event()
@@ -154,25 +158,41 @@ class AlerterService:
     # -- the timer -------------------------------------------------------------------------
 
     async def _tick_forever(self) -> None:
+        logged_at = float("-inf")
         while True:
-            self.tick(time.time())
-            due = self.core.next_due()
+            due: float | None = None
+            try:
+                self.tick(time.time())
+                due = self.core.next_due()
+            except Exception:
+                # One bad decision must not stop every later notification: log it and go on.
+                self.tick_errors += 1
+                if time.monotonic() - logged_at >= TICK_ERROR_LOG_EVERY:
+                    logged_at = time.monotonic()
+                    log.exception("alerter tick failed; ticking on", errors=self.tick_errors)
             wait = self.tick_seconds if due is None else min(self.tick_seconds, max(0.002, due - time.time()))
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), wait)
 
     def tick(self, now: float) -> None:
-        if not self.core.config.enabled:
-            return
-        decisions = self.core.tick(now, tuple(self.apps))
-        for event in decisions.events:
-            self.publisher.submit(event)  # type: ignore[union-attr]
-        for notification in decisions.notifications:
-            self.notifications.append(notification)
-            self.dispatcher.submit(notification)
+        if self.core.config.enabled:
+            decisions = self.core.tick(now, tuple(self.apps))
+            for event in decisions.events:
+                self._publish(event)
+            for notification in decisions.notifications:
+                self.notifications.append(notification)
+                self.dispatcher.submit(notification)
+        self.ticked_at = now
 
-    def _delivered(self, notification: Notification, outcome: str, attempts: int, error: str | None) -> None:
+    def _delivered(
+        self, notification: Notification, outcome: NotificationOutcome, attempts: int, error: str | None
+    ) -> None:
         log_entry = self.core.delivered(notification, outcome, time.time(), attempts, error)
-        self.publisher.submit(log_entry)  # type: ignore[union-attr]
+        self._publish(log_entry)
         self._wakeup.set()  # the group may have more to say now
+
+    def _publish(self, event: Event) -> None:
+        if self.publisher is None:
+            raise RuntimeError("the alerter publishes only once it runs")
+        self.publisher.submit(event)

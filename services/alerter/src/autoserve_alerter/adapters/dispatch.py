@@ -3,7 +3,12 @@
 A receiver gets at most ``PER_RECEIVER`` deliveries at a time, so a black-hole receiver
 ties up its own slots and timeouts only. A delivery retries (0.5 s doubling to 30 s) until
 it succeeds, fails permanently, or ``retry_for`` has passed; then ``on_done`` records the
-outcome (the notification log entry).
+outcome (the notification log entry). Every way a delivery ends reaches ``on_done``, an
+unexpected exception too (as ``failed``): otherwise the core would hold the notification in
+flight for ever and its group would never notify again.
+
+A retry after a timeout can repeat a message the receiver did take (the answer was lost):
+delivery is at least once, and every copy carries the same notification id.
 """
 
 from __future__ import annotations
@@ -11,10 +16,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import traceback
 from collections import defaultdict
 from collections.abc import Callable
+from pathlib import Path
 
 import structlog
+
+from autoserve_events.catalogue import NotificationOutcome
 
 from ..core.alerter import Notification
 from .receivers import DeliveryError, Receiver
@@ -22,7 +31,14 @@ from .receivers import DeliveryError, Receiver
 log = structlog.get_logger("autoserve.alerter.dispatch")
 
 PER_RECEIVER = 16
-OnDone = Callable[[Notification, str, int, str | None], None]
+OnDone = Callable[[Notification, NotificationOutcome, int, str | None], None]
+
+
+def _origin(exc: BaseException) -> str:
+    """``file.py:123`` where an exception was raised: enough to find the bug, and unlike the
+    message it cannot quote a secret (a receiver's url)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "unknown"
 
 
 class Dispatcher:
@@ -68,7 +84,7 @@ class Dispatcher:
                 try:
                     await asyncio.wait_for(receiver.send(n), receiver.timeout + 1)
                 except (DeliveryError, TimeoutError) as exc:
-                    error = str(exc) or "timed out"
+                    error = str(exc) or f"no answer within {receiver.timeout + 1:g}s"
                     permanent = isinstance(exc, DeliveryError) and exc.permanent
                     if permanent or time.monotonic() + delay > deadline:
                         self.failed += 1
@@ -82,6 +98,16 @@ class Dispatcher:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, self._max)
                     continue
+                except Exception as exc:
+                    # A bug, not an answer: trying again would repeat it, so it fails now, through
+                    # the same path as any failure (the group tries again a group_interval later).
+                    # Only the type and place are told: the message may quote the url.
+                    self.failed += 1
+                    error = f"unexpected {type(exc).__name__} in the alerter at {_origin(exc)}"
+                    log.error("notification failed", receiver=n.receiver, group=n.group_key,
+                              notification=n.notification_id, attempts=attempts, error=error)  # fmt: skip
+                    self._on_done(n, "failed", attempts, error)
+                    return
                 self.sent += 1
                 log.info("notification sent", receiver=n.receiver, group=n.group_key, status=n.status, tier=n.tier,
                          firing=len(n.firing), resolved=len(n.resolved), attempts=attempts)  # fmt: skip

@@ -2,27 +2,39 @@
 email over SMTP, and a Prometheus Alertmanager (its v2 API).
 
 Each ``send`` makes one attempt and raises ``DeliveryError`` (``permanent`` when trying
-again cannot help: a 4xx other than 408/429, a missing secret); the dispatcher retries.
-Every message carries the notification's id (``X-Autoserve-Notification-Id``, the email's
-``Message-ID``), the same on every retry and after a restart, so a receiver can drop a copy.
+again cannot help: a 4xx other than 408/429, a redirect, a missing secret); the dispatcher
+retries. Delivery is at least once: every message carries the notification's id
+(``X-Autoserve-Notification-Id``, the email's ``Message-ID``), the same on every retry and
+after a restart, so a receiver can drop a copy.
 
 Secrets (the HMAC key, the SMTP password) are read from the named environment variable or
-file when the receiver is built, and never logged or echoed.
+file when the receiver is built, and never logged or echoed. URLs can hold secrets too (a
+Slack token is the path, ``user:pass@`` the userinfo), so an error names only
+``scheme://host:port``; errors end up in logs and in ``NotificationLogged.error``.
+
+HTTP redirects are not followed: a 307/308 would re-send the signed body to wherever the
+``Location`` points. SMTP STARTTLS verifies the server's certificate and name against the
+system's CAs (``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` name others).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
 import os
 import smtplib
+import socket
+import ssl
+import threading
 import time
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -71,6 +83,29 @@ def _secret(env: str | None, file: str | None, what: str) -> tuple[bytes | None,
         except OSError as exc:
             return None, f"{what}: cannot read {file}: {exc.strerror}"
     return None, None
+
+
+def where(url: str) -> str:
+    """``scheme://host:port`` of a URL: what an error may show of it (no userinfo, path, query)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme, 0)
+    except ValueError:
+        return "<invalid url>"
+    host = f"[{parts.hostname}]" if parts.hostname and ":" in parts.hostname else parts.hostname
+    return f"{parts.scheme}://{host}:{port}"
+
+
+def scrub(text: str, url: str) -> str:
+    """``text`` (an exception's message) without the parts of ``url`` that may be secret."""
+    try:
+        parts = urlsplit(url)
+        secret = [url, parts.netloc.rpartition("@")[0], parts.password, parts.path, parts.query]
+    except ValueError:
+        secret = [url]
+    for value in sorted((v for v in secret if v and len(v) > 1), key=len, reverse=True):
+        text = text.replace(value, "...")
+    return text
 
 
 def _iso(ts: float | None) -> str | None:
@@ -145,14 +180,21 @@ def summary_text(n: Notification) -> str:
 
 async def _post(session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str], timeout: float) -> None:
     try:
-        async with session.post(url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+        async with session.post(
+            url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False
+        ) as resp:
             await resp.read()
             if resp.status < 300:
                 return
+            if resp.status < 400:
+                raise DeliveryError(
+                    f"HTTP {resp.status} (a redirect) from {where(url)}: not followed, the url must be the final one",
+                    permanent=True,
+                )
             permanent = 400 <= resp.status < 500 and resp.status not in (408, 429)
-            raise DeliveryError(f"HTTP {resp.status} from {url}", permanent=permanent)
+            raise DeliveryError(f"HTTP {resp.status} from {where(url)}", permanent=permanent)
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-        raise DeliveryError(f"{type(exc).__name__}: {exc} ({url})") from None
+        raise DeliveryError(f"{type(exc).__name__}: {scrub(str(exc), url)} ({where(url)})") from None
 
 
 class _Base:
@@ -168,9 +210,14 @@ class _Base:
         return {"Content-Type": "application/json", "User-Agent": USER_AGENT, ID_HEADER: n.notification_id,
                 **(self.config.headers or {})}  # fmt: skip
 
-    def _check(self) -> None:
+    async def send(self, n: Notification) -> None:
+        """One attempt; a receiver with a configuration problem fails it at once, whatever its kind."""
         if self.problem is not None:
             raise DeliveryError(f"receiver {self.name}: {self.problem}", permanent=True)
+        await self._send(n)
+
+    async def _send(self, n: Notification) -> None:
+        raise NotImplementedError
 
 
 class WebhookReceiver(_Base):
@@ -178,8 +225,7 @@ class WebhookReceiver(_Base):
         super().__init__(name, config, session)
         self.secret, self.problem = _secret(config.hmac_secret_env, config.hmac_secret_file, "hmac secret")
 
-    async def send(self, n: Notification) -> None:
-        self._check()
+    async def _send(self, n: Notification) -> None:
         body = json.dumps(webhook_payload(n), separators=(",", ":")).encode()
         headers = self._headers(n)
         if self.secret is not None:
@@ -190,7 +236,7 @@ class WebhookReceiver(_Base):
 
 
 class SlackReceiver(_Base):
-    async def send(self, n: Notification) -> None:
+    async def _send(self, n: Notification) -> None:
         payload: dict[str, Any] = {"text": summary_text(n)}
         if self.config.channel:
             payload["channel"] = self.config.channel
@@ -201,7 +247,7 @@ class AlertmanagerReceiver(_Base):
     """Forwards the alerts to ``POST /api/v2/alerts``; resolved ones carry their ``endsAt``.
     Alertmanager then routes, groups and notifies with its own configuration."""
 
-    async def send(self, n: Notification) -> None:
+    async def _send(self, n: Notification) -> None:
         alerts = []
         for a in (*n.firing, *n.resolved, *(d for d, _ in n.dependents)):
             item = _alert_json(a)
@@ -213,6 +259,15 @@ class AlertmanagerReceiver(_Base):
             alerts.append(body)
         url = (self.config.url or "").rstrip("/") + "/api/v2/alerts"
         await _post(self.session, url, json.dumps(alerts).encode(), self._headers(n), self.timeout)
+
+
+class _SMTP(smtplib.SMTP):
+    """smtplib's client, connected after it is made. STARTTLS checks the certificate against
+    the host given to the constructor, which connects at once; so ``connect`` names it."""
+
+    def connect(self, host: str = "localhost", port: int = 0, source_address: Any = None) -> tuple[int, bytes]:
+        self._host = host
+        return super().connect(host, port, source_address)
 
 
 class EmailReceiver(_Base):
@@ -237,26 +292,51 @@ class EmailReceiver(_Base):
         msg.set_content(summary_text(n))
         return msg
 
-    async def send(self, n: Notification) -> None:
-        self._check()
+    async def _send(self, n: Notification) -> None:
         msg = self.message(n)
         await asyncio.to_thread(self._send_sync, msg)
 
     def _send_sync(self, msg: EmailMessage) -> None:
+        """One SMTP session, over within ``timeout`` as a whole. smtplib's own timeout is per
+        socket operation, so a server answering a byte at a time could keep this thread (and
+        the message it may still accept) alive long after the dispatcher gave up and began a
+        retry; a watchdog shuts the socket at the deadline instead. What stays is at least
+        once: a server that took the message but whose reply was lost gets it again on the
+        retry, with the same ``Message-ID``."""
         host, _, port = (self.config.smarthost or "").rpartition(":")
+        smtp = _SMTP(timeout=self.timeout)  # connected below, once the watchdog runs
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            sock = smtp.sock
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)  # the blocked read returns; smtplib raises
+
+        watchdog = threading.Timer(self.timeout, expire)
+        watchdog.daemon = True
+        watchdog.start()
         try:
-            with smtplib.SMTP(host, int(port), timeout=self.timeout) as smtp:
-                if self.config.starttls:
-                    smtp.starttls()
-                if self.config.username:
-                    smtp.login(self.config.username, (self.password or b"").decode())
-                smtp.send_message(msg)
+            smtp.connect(host, int(port))
+            if self.config.starttls:
+                smtp.starttls(context=ssl.create_default_context())
+            if self.config.username:
+                smtp.login(self.config.username, (self.password or b"").decode())
+            smtp.send_message(msg)
+            with contextlib.suppress(smtplib.SMTPException, OSError):
+                smtp.quit()  # the message is taken: a lost goodbye is no failure
         except smtplib.SMTPResponseException as exc:
             raise DeliveryError(
                 f"SMTP {exc.smtp_code} from {host}:{port}", permanent=500 <= exc.smtp_code < 600
             ) from None
         except (smtplib.SMTPException, OSError) as exc:
+            if expired.is_set():
+                raise DeliveryError(f"SMTP session not done within {self.timeout:g}s ({host}:{port})") from None
             raise DeliveryError(f"{type(exc).__name__}: {exc} ({host}:{port})") from None
+        finally:
+            watchdog.cancel()
+            smtp.close()
 
 
 KINDS: dict[str, type[_Base]] = {

@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 from autoserve_config import AlertingConfig, AppSpec, parse_cron, parse_duration
 from autoserve_config.alerting import Cron
 from autoserve_events import (
     AlertAcknowledged,
     AlertChanged,
+    AlertStatus,
     BreakerStateChanged,
     Event,
     FailureDetected,
@@ -36,12 +39,15 @@ from autoserve_events import (
     SilenceCreated,
     derived_event_id,
 )
+from autoserve_events.catalogue import NotificationOutcome, Severity
 
 from .routing import Route, compile_routes, group_key, group_labels
 
 BREAKER_OPEN = "circuit_breaker_open"
-ACTIVE = ("firing", "acknowledged")
-SEVERITY_RANK = {"low": 0, "medium": 1, "high": 2, "critical": 3}
+ACTIVE: tuple[AlertStatus, ...] = ("firing", "acknowledged")
+SEVERITY_RANK: dict[Severity, int] = {"low": 0, "medium": 1, "high": 2, "critical": 3}
+NotificationStatus = Literal["firing", "resolved"]
+Emit = Callable[[Event], None]  # folds a decided event and queues it for publishing
 # Failures that are already a verdict (a crossing, a dead container): they fire at once.
 # Any other failure fires once the detector says the instance is unhealthy (its
 # failure_threshold), so one slow probe is not a page.
@@ -57,6 +63,8 @@ FIRE_AT_ONCE = frozenset(
     }
 )
 MAX_REMEMBERED_IDS = 200_000
+# How often ``tick`` drops per-instance memory older than ``history`` (core time, seconds).
+PRUNE_EVERY = 60.0
 
 
 def fingerprint(app: str, instance: str, failure_type: str) -> str:
@@ -70,12 +78,12 @@ class Alert:
     app: str
     instance: str
     failure_type: str
-    severity: str
+    severity: Severity
     message: str
     labels: dict[str, str]
     starts_at: float
     last_seen: float
-    status: str = "firing"
+    status: AlertStatus = "firing"
     ends_at: float | None = None
     acknowledged_by: str | None = None
     recovery: str = ""
@@ -93,10 +101,10 @@ class AlertView:
     app: str
     instance: str
     failure_type: str
-    severity: str
+    severity: Severity
     message: str
     labels: dict[str, str]
-    status: str
+    status: AlertStatus
     starts_at: float
     ends_at: float | None
     acknowledged_by: str | None
@@ -123,6 +131,8 @@ class Group:
     notified: set[str] = field(default_factory=set)  # sent as firing, so a resolve is sent too
     suppressed: dict[str, str] = field(default_factory=dict)  # recorded: alert_id -> why
     tier_seq: dict[tuple[int, str], int] = field(default_factory=dict)
+    # (tier, receiver) -> when a failed escalation is decided again (group_interval later)
+    tier_retry_at: dict[tuple[int, str], float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -172,15 +182,17 @@ class Notification:
         return (self.group_key, self.receiver, self.tier)
 
     @property
-    def status(self) -> str:
+    def status(self) -> NotificationStatus:
         return "firing" if self.firing else "resolved"
 
-    def logged(self, outcome: str, now: float, attempts: int = 1, error: str | None = None) -> NotificationLogged:
+    def logged(
+        self, outcome: NotificationOutcome, now: float, attempts: int = 1, error: str | None = None
+    ) -> NotificationLogged:
         return NotificationLogged(
             event_id=self.notification_id,
             receiver=self.receiver,
             group_key=self.group_key,
-            outcome=outcome,  # type: ignore[arg-type]
+            outcome=outcome,
             timestamp=now,
             app_name=self.app_name,
             tier=self.tier,
@@ -216,9 +228,12 @@ class Alerter:
         self._active: dict[str, str] = {}  # fingerprint -> alert_id
         self._by_instance: dict[tuple[str, str], set[str]] = defaultdict(set)
         self._by_app: dict[str, set[str]] = defaultdict(set)
+        # Per-instance memory; container ids change on every recreate, so ``tick`` prunes what
+        # is older than ``history`` (and instances of apps no longer configured).
         self._resolved_at: dict[str, float] = {}  # fingerprint -> last resolve: late failures ignored
-        self._unhealthy: set[tuple[str, str]] = set()
+        self._unhealthy: dict[tuple[str, str], float] = {}  # (app, instance) -> last sign of it failing
         self._pending: dict[tuple[str, str], dict[str, FailureDetected]] = {}
+        self._next_prune = float("-inf")
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._window_starts: dict[tuple[str, int], float | None] = {}  # (window, minute) -> start
         self.depends_on: dict[str, tuple[str, ...]] = {}
@@ -232,6 +247,7 @@ class Alerter:
         self.route = compile_routes(config)
         self.send_resolved = {name: r.send_resolved for name, r in config.receivers.items()}
         self.resolve_timeout = parse_duration(config.resolve_timeout)
+        self.history = parse_duration(config.history)
         self.windows = tuple(
             Window(w.name, parse_cron(w.schedule), parse_duration(w.duration), tuple(w.apps), w.reason)
             for w in config.maintenance_windows
@@ -365,12 +381,16 @@ class Alerter:
             elif log.outcome == "suppressed":
                 group.suppressed.update(log.suppressed)
         else:
+            slot = (log.tier, log.receiver)
             if log.outcome in ("sent", "failed"):
-                slot = (log.tier, log.receiver)
                 group.tier_seq[slot] = max(group.tier_seq.get(slot, 0), log.seq)
-            for alert_id in (*log.firing, *log.suppressed):
-                if (alert := self.alerts.get(alert_id)) is not None:
-                    alert.escalated.add((group.key, log.tier, log.receiver))
+            if log.outcome == "failed":
+                # Not escalated: decided again a group_interval later, as a failed tier 0 is.
+                group.tier_retry_at[slot] = log.timestamp + group.route.group_interval
+            else:
+                for alert_id in (*log.firing, *log.suppressed):
+                    if (alert := self.alerts.get(alert_id)) is not None:
+                        alert.escalated.add((group.key, log.tier, log.receiver))
         if not group.alerts and (group.key, group.receiver, 0) not in self.in_flight:
             del self.groups[group.key]
 
@@ -380,7 +400,7 @@ class Alerter:
         own = {"app": app, "instance": instance, "severity": severity, "failure_type": failure_type}
         return {**self.app_labels.get(app, {}), **own}
 
-    def _fire(self, app: str, instance: str, failure_type: str, severity: str, message: str, ts: float,
+    def _fire(self, app: str, instance: str, failure_type: str, severity: Severity, message: str, ts: float,
               cause: str, reason: str) -> AlertChanged:  # fmt: skip
         fp = fingerprint(app, instance, failure_type)
         return AlertChanged(
@@ -391,7 +411,7 @@ class Alerter:
             status="firing",
             previous_status=None,
             failure_type=failure_type,
-            severity=severity,  # type: ignore[arg-type]
+            severity=severity,
             message=message,
             timestamp=ts,
             starts_at=ts,
@@ -401,17 +421,17 @@ class Alerter:
             cause_event_id=cause,
         )
 
-    def _change(self, alert: Alert, status: str, ts: float, reason: str, event_id: str,
+    def _change(self, alert: Alert, status: AlertStatus, ts: float, reason: str, event_id: str,
                 by: str | None = None) -> AlertChanged:  # fmt: skip
         return AlertChanged(
             event_id=event_id,
             alert_id=alert.alert_id,
             app_name=alert.app,
             instance_id=alert.instance,
-            status=status,  # type: ignore[arg-type]
-            previous_status=alert.status,  # type: ignore[arg-type]
+            status=status,
+            previous_status=alert.status,
             failure_type=alert.failure_type,
-            severity=alert.severity,  # type: ignore[arg-type]
+            severity=alert.severity,
             message=alert.message,
             timestamp=ts,
             starts_at=alert.starts_at,
@@ -429,6 +449,9 @@ class Alerter:
     def _on_failure(self, e: FailureDetected) -> list[Event]:
         ft = str(e.failure_type)
         fp = fingerprint(e.app_name, e.instance_id, ft)
+        key = (e.app_name, e.instance_id)
+        if key in self._unhealthy:
+            self._unhealthy[key] = max(self._unhealthy[key], e.timestamp)  # still failing: still present
         active = self._active.get(fp)
         if active is not None:
             alert = self.alerts[active]
@@ -437,7 +460,6 @@ class Alerter:
             return []
         if e.timestamp <= self._resolved_at.get(fp, float("-inf")):
             return []  # older than the resolve: a late copy, not a new episode
-        key = (e.app_name, e.instance_id)
         if e.is_critical or SEVERITY_RANK[e.severity] >= 2 or e.failure_type in FIRE_AT_ONCE:
             reason = f"{e.severity} {ft}"
         elif key in self._unhealthy:
@@ -450,7 +472,7 @@ class Alerter:
     def _on_health(self, e: HealthChanged) -> list[Event]:
         key = (e.app_name, e.instance_id)
         if e.healthy:
-            self._unhealthy.discard(key)
+            self._unhealthy.pop(key, None)
             self._pending.pop(key, None)
             alerts = [self.alerts[i] for i in sorted(self._by_instance.get(key, ()))]
             return [
@@ -458,7 +480,7 @@ class Alerter:
                 for a in alerts
                 if a.failure_type != BREAKER_OPEN and a.starts_at <= e.timestamp
             ]
-        self._unhealthy.add(key)
+        self._unhealthy[key] = max(self._unhealthy.get(key, e.timestamp), e.timestamp)
         out: list[Event] = []
         for ft, failure in sorted(self._pending.pop(key, {}).items()):
             if e.timestamp - failure.timestamp <= self.resolve_timeout and fingerprint(*key, ft) not in self._active:
@@ -536,6 +558,9 @@ class Alerter:
         """Every timed decision due at ``now``. ``apps``: the configured apps, for
         maintenance windows that name none."""
         out = Decisions()
+        if now >= self._next_prune:
+            self._prune(now)
+            self._next_prune = now + PRUNE_EVERY
 
         def emit(event: Event) -> None:
             if self._remember(event.event_id):
@@ -572,6 +597,27 @@ class Alerter:
                 self._escalate(group, now, emit, out.notifications)
         return out
 
+    def _prune(self, now: float) -> None:
+        """Drop per-instance memory older than ``history``: a resolve time nothing late can
+        still hit, the unhealthy mark of an instance that stopped reporting (a recreated
+        container has a new id), failures that never fired; and keys of removed apps."""
+        horizon = now - self.history
+
+        def gone(app: str) -> bool:
+            return bool(self.app_labels) and app not in self.app_labels
+
+        for fp in [fp for fp, at in self._resolved_at.items() if at < horizon]:
+            del self._resolved_at[fp]
+        for key in [
+            k for k, at in self._unhealthy.items() if gone(k[0]) or (at < horizon and k not in self._by_instance)
+        ]:
+            del self._unhealthy[key]
+        for key, failures in list(self._pending.items()):
+            for ft in [ft for ft, f in failures.items() if f.timestamp < horizon]:
+                del failures[ft]
+            if not failures or gone(key[0]):
+                del self._pending[key]
+
     def _window_start(self, window: Window, now: float) -> float | None:
         minute = int(now // 60)
         key = (window.name, minute)
@@ -582,7 +628,7 @@ class Alerter:
             self._window_starts[key] = start if start is not None and now < start + window.duration else None
         return self._window_starts[key]
 
-    def _flush(self, group: Group, now: float, emit, notifications: list[Notification]) -> None:  # type: ignore[no-untyped-def]
+    def _flush(self, group: Group, now: float, emit: Emit, notifications: list[Notification]) -> None:
         send_resolved = self.send_resolved.get(group.receiver, True)
         firing: list[Alert] = []
         resolved: list[Alert] = []
@@ -635,12 +681,14 @@ class Alerter:
         self.in_flight.add(notification.key)
         notifications.append(notification)
 
-    def _escalate(self, group: Group, now: float, emit, notifications: list[Notification]) -> None:  # type: ignore[no-untyped-def]
+    def _escalate(self, group: Group, now: float, emit: Emit, notifications: list[Notification]) -> None:
         alerts = [self.alerts[i] for i in group.alerts]
         for tier_index, tier in enumerate(group.route.escalation, start=1):
             for receiver in tier.receivers:
                 if (group.key, receiver, tier_index) in self.in_flight:
                     continue
+                if now < group.tier_retry_at.get((tier_index, receiver), float("-inf")):
+                    continue  # failed a moment ago: tried again at the next group_interval
                 due = [
                     a for a in alerts
                     if a.status == "firing" and now >= a.starts_at + tier.after
@@ -648,7 +696,8 @@ class Alerter:
                 ]  # fmt: skip
                 if not due:
                     continue
-                firing, held = [], {}
+                firing: list[Alert] = []
+                held: dict[str, str] = {}
                 for alert in due:
                     why = self.suppression(alert, now)
                     if why is None:
@@ -684,7 +733,7 @@ class Alerter:
                 self.in_flight.add(notification.key)
                 notifications.append(notification)
 
-    def delivered(self, notification: Notification, outcome: str, now: float, attempts: int = 1,
+    def delivered(self, notification: Notification, outcome: NotificationOutcome, now: float, attempts: int = 1,
                   error: str | None = None) -> NotificationLogged:  # fmt: skip
         """The log entry for a delivery that ended; folded now, to be published."""
         log = notification.logged(outcome, now, attempts, error)

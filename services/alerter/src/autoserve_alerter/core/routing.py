@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from autoserve_config import AlertingConfig, RouteConfig, parse_duration
 from autoserve_config.alerting import ROOT_DEFAULTS
@@ -66,10 +66,10 @@ def compile_routes(config: AlertingConfig) -> Route:
         match=(),
         match_re=(),
         continue_=False,
-        group_by=tuple(ROOT_DEFAULTS["group_by"]),  # type: ignore[arg-type]
-        group_wait=parse_duration(ROOT_DEFAULTS["group_wait"]),  # type: ignore[arg-type]
-        group_interval=parse_duration(ROOT_DEFAULTS["group_interval"]),  # type: ignore[arg-type]
-        repeat_interval=parse_duration(ROOT_DEFAULTS["repeat_interval"]),  # type: ignore[arg-type]
+        group_by=tuple(ROOT_DEFAULTS["group_by"]),
+        group_wait=parse_duration(ROOT_DEFAULTS["group_wait"]),
+        group_interval=parse_duration(ROOT_DEFAULTS["group_interval"]),
+        repeat_interval=parse_duration(ROOT_DEFAULTS["repeat_interval"]),
         escalation=(),
     )
     return _node(root, defaults, "0", is_root=True)
@@ -95,7 +95,7 @@ def _node(cfg: RouteConfig, parent: Route, node_id: str, is_root: bool = False) 
         else parent.escalation,
     )
     children = tuple(_node(child, node, f"{node_id}.{i}") for i, child in enumerate(cfg.routes))
-    return Route(**{**node.__dict__, "routes": children})
+    return replace(node, routes=children)
 
 
 def group_labels(route: Route, labels: Mapping[str, str]) -> dict[str, str]:
