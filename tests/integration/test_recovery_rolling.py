@@ -11,7 +11,15 @@ from dataclasses import dataclass, field
 
 from nats.aio.client import Client
 
-from autoserve_events import RecoveryStrategy
+from autoserve_events import (
+    FailureDetected,
+    FailureType,
+    RecoveryExecuted,
+    RecoveryStrategy,
+    encode,
+    new_event_id,
+    subject_for,
+)
 from autoserve_prober.service import ProberService
 from autoserve_recovery.adapters.runtime import Member
 from autoserve_runtime import free_port
@@ -19,7 +27,16 @@ from autoserve_runtime import free_port
 from .conftest import LOCALHOST, Outputs, apply_yaml, wait_for
 from .test_recovery_claims import until, work_settled
 from .test_recovery_copies import copies_config, health_of, run_port_box
-from .test_recovery_docker import DockerEvents, app, docker_events, executed, recoveries, serving, system  # noqa: F401
+from .test_recovery_docker import (  # noqa: F401
+    DockerEvents,
+    app,
+    docker,
+    docker_events,
+    executed,
+    recoveries,
+    serving,
+    system,
+)
 from .test_recovery_nginx import Nginx, health_fails, nginx  # noqa: F401
 
 S = RecoveryStrategy
@@ -132,3 +149,110 @@ async def test_rolling_restart_restarts_one_replica_at_a_time_and_nginx_keeps_se
     during = [a for a in traffic.answers if rolling.timestamp <= a[0]]
     assert len(during) >= 10 and traffic.errors() == []
     assert {answer for _, answer in traffic.answers} == {f"box{i}-{p}" for i, (_, p) in enumerate(boxes)}
+
+
+def run_sick_box(image: str, app: str, port: int, name: str) -> str:
+    """Like ``run_port_box``, but a box with /www/sick starts without /www/health: a
+    restart does not make it healthy until the file is gone."""
+    script = (f"if [ -e /www/sick ]; then rm -f /www/health; else echo ok > /www/health; fi; "
+              f"echo {name}-$PORT > /www/who; exec /bin/busybox httpd -f -p 127.0.0.1:$PORT -h /www")  # fmt: skip
+    return docker("run", "-d", "--network", "host", "--label", f"autoserve.app={app}", "--label",
+                  f"autoserve.port={port}", "-e", f"PORT={port}", "--stop-timeout", "1", image,
+                  "/bin/busybox", "sh", "-c", script)  # fmt: skip
+
+
+async def sick_boxes(image: str, app: str, count: int) -> list[tuple[str, int]]:
+    started = []
+    for index in range(count):
+        port = free_port()
+        started.append((await asyncio.to_thread(run_sick_box, image, app, port, f"box{index}"), port))
+    return started
+
+
+def in_box(container: str, script: str) -> None:
+    docker("exec", container, "/bin/busybox", "sh", "-c", script)
+
+
+def left_out(outputs: Outputs, container: str) -> list[RecoveryExecuted]:
+    return [e for e in executed(outputs, S.REMOVE_FROM_LB, container[:12]) if e.details.get("left_out_by")]
+
+
+def restores(outputs: Outputs, container: str) -> list[RecoveryExecuted]:
+    return [e for e in executed(outputs, S.REMOVE_FROM_LB, container[:12]) if e.details.get("operation") == "restore"]
+
+
+def rollings(outputs: Outputs) -> list[RecoveryExecuted]:
+    return [e for e in executed(outputs, S.ROLLING_RESTART) if "member_of" not in e.details]
+
+
+async def test_a_member_that_does_not_come_back_stays_out_of_nginx_until_healthy_then_is_routed_to_again(
+    app: str, nc: Client, system: ProberService, recoveries, outputs: Outputs, busybox_image: str, nginx: Nginx,
+    docker_events: DockerEvents,
+) -> None:  # fmt: skip
+    (c0, p0), (c1, p1) = await sick_boxes(busybox_image, app, 2)
+    nginx.start(app, [Member(c0[:12], LOCALHOST, p0), Member(c1[:12], LOCALHOST, p1)])
+    # A long backoff: the failure's repeats wait, and the test looks at one rolling restart.
+    rules = {"action_timeout_seconds": 6, "backoff_initial_seconds": 300, "backoff_max_seconds": 300}
+    await apply_yaml(nc, copies_config(app, {"health_check_failed": ["rolling_restart"]}, **rules))
+    await recoveries(nginx=nginx.settings())
+    await wait_for(lambda: health_of(outputs, c0) and health_of(outputs, c1), timeout=30, what="both healthy")
+
+    await asyncio.to_thread(in_box, c1, "touch /www/sick; rm /www/health")  # a restart will not help
+    await wait_for(lambda: rollings(outputs), timeout=60, what="a rolling restart")
+    (rolling,) = rollings(outputs)
+    assert not rolling.success and rolling.instance_id == c1[:12]
+    assert f"{c1[:12]} does not answer its health check within action_timeout_seconds (6s)" in rolling.error
+    assert "Unexpected status code: 404" in rolling.error and "restarted: none" in rolling.error
+    # Left out of nginx, and recorded as an ejection: the normal restore will undo it.
+    (out,) = left_out(outputs, c1)
+    assert out.success and out.failure_event_id == rolling.failure_event_id and "404" in out.details["reason"]
+    assert nginx.down(app) == {c1[:12]}
+    await wait_for(lambda: nginx.spread() == {f"box0-{p0}"}, timeout=5, what="nginx routing around box1")
+    assert docker_events.count("restart", c1) == 1 and docker_events.count("restart", c0) == 0  # stopped there
+
+    await asyncio.to_thread(in_box, c1, "rm /www/sick; echo ok > /www/health")
+    await wait_for(lambda: nginx.down(app) == set(), timeout=30, what="box1 back in nginx once healthy")
+    await wait_for(lambda: nginx.spread() == {f"box0-{p0}", f"box1-{p1}"}, timeout=10, what="routing to both")
+    await wait_for(lambda: restores(outputs, c1), timeout=10, what="the restore recorded")  # after the reload
+    (restore,) = restores(outputs, c1)
+    back = [e.event_id for e in health_of(outputs, c1) if e.healthy]
+    assert restore.success and restore.failure_event_id == back[-1]  # the normal restore, on HealthChanged
+    assert [e.strategy for e in executed(outputs, instance=c0[:12])] == []  # box0 was never touched
+
+
+async def test_a_failed_member_the_detector_still_calls_healthy_goes_back_into_nginx_once_it_answers(
+    app: str, nc: Client, recoveries, outputs: Outputs, busybox_image: str, nginx: Nginx, docker_events: DockerEvents
+) -> None:
+    """No prober or detector here: no ``HealthChanged`` will ever say the member is back
+    (as when it fails for less than the detector's threshold), so only the rolling
+    restart's own watcher can put it back."""
+    (c0, p0), (c1, p1) = await sick_boxes(busybox_image, app, 2)
+    nginx.start(app, [Member(c0[:12], LOCALHOST, p0), Member(c1[:12], LOCALHOST, p1)])
+    await apply_yaml(nc, copies_config(app, {"health_check_failed": ["rolling_restart"]}, action_timeout_seconds=8))
+    await recoveries(nginx=nginx.settings())
+    await asyncio.to_thread(in_box, c1, "touch /www/sick")  # healthy now; after a restart it is not
+    failure = FailureDetected(
+        event_id=new_event_id(), failure_type=FailureType.HEALTH_CHECK_FAILED, instance_id=c0[:12], app_name=app,
+        severity="high", message="test: health check failed", timestamp=time.time(), consecutive_count=2,
+    )  # fmt: skip
+    await nc.jetstream().publish(subject_for(failure), encode(failure))
+
+    await wait_for(lambda: rollings(outputs), timeout=60, what="a rolling restart")
+    (rolling,) = rollings(outputs)
+    assert not rolling.success and f"{c1[:12]} does not answer its health check" in rolling.error
+    assert f"restarted: {c0[:12]}" in rolling.error
+    members = [e for e in executed(outputs, S.ROLLING_RESTART) if "member_of" in e.details]
+    (member,) = members  # the failed member is recorded too: its death was ours
+    assert (member.instance_id, member.success, member.details["member_of"]) == (c1[:12], False, c0[:12])
+    (out,) = left_out(outputs, c1)
+    assert out.failure_event_id == failure.event_id and nginx.down(app) == {c1[:12]}
+    await wait_for(lambda: nginx.spread() == {f"box0-{p0}"}, timeout=5, what="nginx routing around box1")
+
+    await asyncio.to_thread(in_box, c1, "rm /www/sick; echo ok > /www/health")
+    await wait_for(lambda: nginx.down(app) == set(), timeout=30, what="box1 back in nginx once it answers")
+    await wait_for(lambda: nginx.spread() == {f"box0-{p0}", f"box1-{p1}"}, timeout=10, what="routing to both")
+    await wait_for(lambda: restores(outputs, c1), timeout=10, what="the restore recorded")  # after the reload
+    (restore,) = restores(outputs, c1)
+    assert restore.success and restore.failure_event_id == failure.event_id
+    assert restore.details["after"] == "rolling_restart"
+    assert [docker_events.count("restart", c) for c in (c0, c1)] == [1, 1]

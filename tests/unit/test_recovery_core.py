@@ -10,6 +10,7 @@ import pytest
 
 from autoserve_config import RecoveryConfig
 from autoserve_events import FailureDetected, FailureType, HealthChanged, RecoveryStrategy
+from autoserve_recovery.adapters.runtime import RecoveryError
 from autoserve_recovery.core import (
     DEFAULT_STRATEGY_MAP,
     AppPolicy,
@@ -17,6 +18,7 @@ from autoserve_recovery.core import (
     RecoveryState,
     backoff_delay,
     decide,
+    left_out,
     panic_announcement,
     panic_restores,
     record,
@@ -26,6 +28,7 @@ from autoserve_recovery.core import (
     strategy_map,
     traffic_steps,
 )
+from autoserve_recovery.service import time_left
 
 S = RecoveryStrategy
 F = FailureType
@@ -367,3 +370,45 @@ def test_a_rolling_restart_member_makes_its_own_death_stale_without_spending_its
     assert decide(state, failure(11.1, instance="b"), pol, Limits(), 12).empty  # the die of the rolling restart
     assert decide(state, failure(13, instance="b"), pol, Limits(), 13).remediation is S.RESTART_CONTAINER
     assert state.is_done(cause.event_id, S.ROLLING_RESTART, "b")
+
+
+def test_a_failed_rolling_restart_member_is_recorded_and_its_death_is_still_ours() -> None:
+    state, pol = RecoveryState(), policy()
+    cause = failure(10, F.HEALTH_CHECK_FAILED, instance="a", consecutive=2)
+    member = rolling_member(cause, "b", started_at=11, duration_ms=8000, details={"effective_at": 11.2},
+                            error="b does not answer its health check")  # fmt: skip
+    assert (member.success, member.error) == (False, "b does not answer its health check")
+    assert member.details["member_of"] == "a"
+    state.apply(member)
+    assert decide(state, failure(11.1, instance="b"), pol, Limits(), 12).empty  # the die of its restart
+    assert len(state.instance("web", "b").attempts) == 0  # its own budgets are not spent
+
+
+def test_a_member_left_out_by_a_failed_rolling_restart_is_an_ejection_the_normal_restore_undoes() -> None:
+    state = RecoveryState()
+    cause = failure(10, F.HEALTH_CHECK_FAILED, instance="a", consecutive=2)
+    state.apply(health(9, False, "a"))
+    event = left_out(cause, "a", at=20, details={"down": ["a"]}, reason="a does not answer")
+    assert event.strategy is S.REMOVE_FROM_LB and event.success
+    assert event.details["left_out_by"] == "rolling_restart" and "operation" not in event.details
+    # Its own id: the cause's own remove_from_lb (if its plan had one) is another event.
+    own_removal = record(state, policy(), cause, S.REMOVE_FROM_LB, success=False, started_at=10, duration_ms=1)
+    assert event.event_id != own_removal.event_id
+    state.apply(event)
+    assert state.instance("web", "a").ejected and [s.lineage for s in state.ejected("web")] == ["a"]
+    back = health(30, True, "a")
+    state.apply(back)
+    assert restore_plan(state, back)
+    state.apply(record(state, policy(), back, S.REMOVE_FROM_LB, success=True, started_at=30, duration_ms=1,
+                       operation="restore"))  # fmt: skip
+    assert not state.instance("web", "a").ejected
+
+
+def test_a_rolling_restart_out_of_time_says_which_timeout_ran_out() -> None:
+    assert time_left(100.0, 97.5, 30, "b", ["a"]) == 2.5
+    for now in (100.0, 101.0):
+        with pytest.raises(RecoveryError) as raised:
+            time_left(100.0, now, 30, "b", ["a"])
+        assert str(raised.value) == (
+            "rolling_restart: action_timeout_seconds (30s) ran out before b was restarted; stopped there (restarted: a)"
+        )

@@ -42,6 +42,7 @@ from autoserve_runtime import EventPublisher, cancel_all, close_nats, connect, f
 
 from .adapters.claims import Claims, claims_bucket
 from .adapters.docker import DockerRuntime, PortPolicy, docker_socket_available
+from .adapters.health import HealthChecks
 from .adapters.nginx import NginxSettings, NginxUpstreams
 from .adapters.process import ProcessRuntime
 from .adapters.runtime import Member, Outcome, RecoveryError, Runtime
@@ -50,6 +51,7 @@ from .core import (
     Limits,
     RecoveryState,
     decide,
+    left_out,
     panic_announcement,
     panic_restores,
     record,
@@ -113,6 +115,7 @@ class RecoveryService:
         self.docker: DockerRuntime | None = None
         self.process = ProcessRuntime(self.settings.process_dir) if self.settings.process_dir else None
         self.lb = NginxUpstreams(self.settings.nginx) if self.settings.nginx else None
+        self.health = HealthChecks()  # the app's own health check, run directly (rolling restart)
         self._apps_loaded = asyncio.Event()
         self._advanced = asyncio.Event()
         self._healthy_waiters: dict[tuple[str, str], list[asyncio.Future[None]]] = defaultdict(list)
@@ -120,6 +123,7 @@ class RecoveryService:
         self._rolling: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)  # one rolling restart per app
         self._slots = asyncio.Semaphore(self.settings.concurrency)
         self._handlers: set[asyncio.Task[None]] = set()
+        self._watchers: set[asyncio.Task[None]] = set()  # left-out members waiting to answer
 
     # -- configuration -------------------------------------------------------------------
 
@@ -165,7 +169,8 @@ class RecoveryService:
             await stop.wait()
         finally:
             log.info("recovery stopping", replica=self.settings.replica)
-            await cancel_all([worker, watcher, *self._handlers])
+            await cancel_all([worker, watcher, *self._handlers, *self._watchers])
+            await self.health.close()
             # Every step is bounded: NATS may be going away at the same moment (``up`` stops
             # everything at once), and a drain against a dead server waits for its timeout.
             for sub in (work, state_sub):
@@ -576,7 +581,9 @@ class RecoveryService:
         if self._rolling[app].locked():
             raise RecoveryError(f"rolling_restart: a rolling restart of {app} is already running")
         async with self._rolling[app]:
-            deadline = time.monotonic() + timeout
+            # A little before ``_act``'s own limit: a member that does not come back is
+            # recorded (and left out of the LB) by us, not cut off by that cancellation.
+            deadline = time.monotonic() + timeout - min(1.0, timeout / 10)
             members = {m.instance_id: m for m in await self._members(app, spec)}
             order = sorted(await runtime.instances(app), key=lambda i: i != cause.instance_id)
             restarted: list[str] = []
@@ -585,49 +592,172 @@ class RecoveryService:
                 if self.state.is_done(cause.event_id, S.ROLLING_RESTART, member):
                     restarted.append(member)  # recorded before a takeover
                     continue
-                left = deadline - time.monotonic()
+                left = time_left(deadline, time.monotonic(), timeout, member, restarted)
                 async with contextlib.AsyncExitStack() as stack:
                     if member != cause.instance_id:
-                        await stack.enter_async_context(self._member_lease(app, member, cause.event_id, left))
-                    started, t0 = time.time(), time.monotonic()
-                    marked = self.lb is not None and self.lb.manages(app) and not self.lb.is_down(app, member)
-                    if marked:
-                        await self.lb.set_down(app, list(members.values()), member, True)  # type: ignore[union-attr]
-                    done = await runtime.restart(app, member, left)
-                    if member in members and not await _answers(members[member], spec, deadline):
-                        raise RecoveryError(
-                            f"rolling_restart: {member} does not answer its health check within {timeout:g}s; "
-                            f"stopped there (restarted: {', '.join(restarted) or 'none'})"
-                        )
-                    if marked:
-                        await self.lb.set_down(app, list(members.values()), member, False)  # type: ignore[union-attr]
+                        await stack.enter_async_context(self._member_lease(app, member, cause.event_id, left, timeout))
+                    details = await self._roll_one(cause, runtime, spec, members, member, deadline, timeout, restarted)
                     if member == cause.instance_id:
-                        own = done.details
-                    else:
-                        event = rolling_member(cause, member, started_at=started,
-                                               duration_ms=(time.monotonic() - t0) * 1000,
-                                               details={"replica": self.settings.replica, **done.details})  # fmt: skip
-                        await self._publish(event)
-                        self.state.apply(event)
-                        self.executed.append(event)
+                        own = details
                 restarted.append(member)
             return Outcome({**own, "restarted": restarted})
 
+    async def _roll_one(
+        self,
+        cause: FailureDetected,
+        runtime: Runtime,
+        spec: AppSpec,
+        members: dict[str, Member],
+        member: str,
+        deadline: float,
+        timeout: float,
+        restarted: list[str],
+    ) -> dict[str, object]:
+        """One member of a rolling restart. Taken out of the LB unless an ejection of its
+        own has it out (that one is undone by its own restore); put back once it answers.
+        One that fails is recorded, and stays out only as a recorded ejection."""
+        app = cause.app_name
+        started, t0 = time.time(), time.monotonic()
+        # Down in nginx without a recorded ejection is a rolling restart's mark (one that a
+        # crashed replica left): ours to put back, as much as a server that is up.
+        ours = self.lb is not None and self.lb.manages(app) and not self.state.instance(app, member).ejected
+        marked: dict[str, object] = {}
+        done: Outcome | None = None
+        stopped_there = f"stopped there (restarted: {', '.join(restarted) or 'none'})"
+        ran_out = f"rolling_restart: action_timeout_seconds ({timeout:g}s) ran out while restarting {member}"
+        left = time_left(deadline, time.monotonic(), timeout, member, restarted)  # (its lease took time)
+        try:
+            if ours:
+                marked = await self.lb.set_down(app, list(members.values()), member, True)  # type: ignore[union-attr]
+            try:
+                done = await runtime.restart(app, member, left)
+            except Exception as exc:
+                if time.monotonic() < deadline:
+                    raise
+                raise RecoveryError(f"{ran_out} ({exc or type(exc).__name__}); {stopped_there}") from None
+            if time.monotonic() >= deadline:  # restarted, but no time is left to see it answer
+                raise RecoveryError(f"{ran_out} (before its health check); {stopped_there}")
+            if member in members:
+                error = await self.health.answers(app, members[member], spec, deadline)
+                if error is not None:
+                    raise RecoveryError(
+                        f"rolling_restart: {member} does not answer its health check within action_timeout_seconds "
+                        f"({timeout:g}s): {error}; {stopped_there}"
+                    )
+            if ours:  # a failed reload here leaves it out, recorded: the watcher tries again
+                await self.lb.set_down(app, list(members.values()), member, False)  # type: ignore[union-attr]
+        except Exception as exc:
+            # Shielded: a cancellation now (``_act``'s timeout) must not cut the record of
+            # a member left out of the LB, or nothing would ever put it back.
+            await asyncio.shield(self._member_failed(cause, members, member, ours, marked, started, t0, done,
+                                                     str(exc)))  # fmt: skip
+            raise
+        if member != cause.instance_id:
+            event = rolling_member(cause, member, started_at=started, duration_ms=(time.monotonic() - t0) * 1000,
+                                   details={"replica": self.settings.replica, **done.details})  # fmt: skip
+            await self._record(event)
+        return done.details
+
+    async def _member_failed(
+        self,
+        cause: FailureDetected,
+        members: dict[str, Member],
+        member: str,
+        ours: bool,
+        marked: dict[str, object],
+        started: float,
+        t0: float,
+        done: Outcome | None,
+        error: str,
+    ) -> None:
+        """A member that failed: recorded like one that succeeded (its death during the
+        restart was ours), and, if we took it out of the LB, left out as a recorded
+        ejection, so the normal restore puts it back when it is healthy (``restore_plan``
+        on ``HealthChanged``), or, while the detector still calls it healthy (then no such
+        change will come), a watcher when it answers. Never raises: the member's own error
+        is what the rolling restart reports."""
+        app = cause.app_name
+        try:
+            if member != cause.instance_id:
+                details = {"replica": self.settings.replica, **(done.details if done else {})}
+                await self._record(rolling_member(cause, member, started_at=started, details=details,
+                                                  duration_ms=(time.monotonic() - t0) * 1000, error=error))  # fmt: skip
+            if not ours or not marked:
+                return
+            details = {"replica": self.settings.replica, **marked}
+            await self._record(left_out(cause, member, at=time.time(), details=details, reason=error))
+        except Exception as exc:  # not recorded: put it back rather than lose it out of the LB
+            log.warning("rolling restart member not recorded", app=app, member=member, error=str(exc))
+            if ours and marked and not self.state.instance(app, member).ejected:
+                with contextlib.suppress(Exception):
+                    await self.lb.set_down(app, list(members.values()), member, False)  # type: ignore[union-attr]
+            return
+        log.warning("rolling restart member left out of the LB until it answers", app=app, member=member)
+        if member in members and self.state.health.get(app, {}).get(member) is not False:
+            task = asyncio.create_task(self._watch_left_out(cause, members[member]))
+            self._watchers.add(task)
+            task.add_done_callback(self._watchers.discard)
+
+    async def _watch_left_out(self, cause: FailureDetected, member: Member) -> None:
+        """Back into the LB once it answers its health check, for a left-out member the
+        detector does not call unhealthy (no ``HealthChanged(healthy)`` will come for it).
+        Ends when it is back, when the detector calls it unhealthy (its recovery restores
+        it then), when something else restored it, or after ``history_seconds``."""
+        app, instance = cause.app_name, member.instance_id
+        end = time.monotonic() + self.settings.history_seconds
+        while time.monotonic() < end:
+            spec = self.apps.get(app)
+            if spec is None or not self.state.instance(app, instance).ejected:
+                return
+            if self.state.health.get(app, {}).get(instance) is False:
+                return
+            try:
+                answers = await self.health.check(app, member, spec) is None
+                if answers and await self._restore_left_out(cause, spec, instance):
+                    return
+            except Exception as exc:  # NATS away, say: look again next period
+                log.warning("left-out member not restored yet", app=app, member=instance, error=str(exc))
+            await asyncio.sleep(max(0.5, spec.health_check.period_seconds))  # the prober's pace
+
+    async def _restore_left_out(self, cause: FailureDetected, spec: AppSpec, instance: str) -> bool:
+        """The normal restore, under the instance's lease: False if another holds it."""
+        lineage = self.state.instance(cause.app_name, instance).lineage
+        async with self._locks[(cause.app_name, lineage)]:
+            key = f"i.{cause.app_name}.{lineage}"
+            lease = await self.claims.acquire(key, cause.event_id, reusable=True)
+            if lease is None:
+                return False
+            try:
+                await self._caught_up(await self._last_recovery_seq(cause.app_name, instance, lineage), 5)
+                if self.state.instance(cause.app_name, instance).ejected:
+                    async with self._renewing(key, lease[0], cause.event_id, None):
+                        await self._act(cause, S.REMOVE_FROM_LB, policy_for(spec), spec, operation="restore",
+                                        target=instance, extra={"after": str(S.ROLLING_RESTART)})  # fmt: skip
+            finally:
+                await self.claims.finish(key, lease[0], cause.event_id)
+        return True
+
+    async def _record(self, event: RecoveryExecuted) -> None:
+        await self._publish(event)
+        self.state.apply(event)
+        self.executed.append(event)
+
     @contextlib.asynccontextmanager
-    async def _member_lease(self, app: str, member: str, cause: str, timeout: float):  # type: ignore[no-untyped-def]
+    async def _member_lease(self, app: str, member: str, cause: str, left: float, timeout: float):  # type: ignore[no-untyped-def]
         """Another instance's lease, for one member of a rolling restart: waited for (its
-        own action may be running), bounded by ``timeout``."""
+        own action may be running), bounded by what is ``left`` of the action's time."""
         lineage = self.state.instance(app, member).lineage
         key = f"i.{app}.{lineage}"
+        busy = f"until action_timeout_seconds ({timeout:g}s) ran out"
         try:
-            await asyncio.wait_for(self._locks[(app, lineage)].acquire(), timeout)
+            await asyncio.wait_for(self._locks[(app, lineage)].acquire(), left)
         except TimeoutError:
-            raise RecoveryError(f"rolling_restart: {member} stayed busy with another action") from None
+            raise RecoveryError(f"rolling_restart: {member} stayed busy with another action {busy}") from None
         try:
-            deadline = time.monotonic() + timeout
+            deadline = time.monotonic() + left
             while (lease := await self.claims.acquire(key, cause, reusable=True)) is None:
                 if time.monotonic() > deadline:
-                    raise RecoveryError(f"rolling_restart: {member} is leased by another replica")
+                    raise RecoveryError(f"rolling_restart: {member} was leased by another replica {busy}")
                 await asyncio.sleep(0.1)  # its holder is acting; bounded by the deadline
             try:
                 async with self._renewing(key, lease[0], cause, None):
@@ -638,26 +768,16 @@ class RecoveryService:
             self._locks[(app, lineage)].release()
 
 
-async def _answers(member: Member, spec: AppSpec, deadline: float) -> bool:
-    """Until ``member`` passes the app's health check once (HTTP status, or a TCP connect),
-    checked directly: a restart this fast is often never seen failing by the prober, so
-    no ``HealthChanged`` would say it is back."""
-    check = spec.health_check
-    request = f"{check.method} {check.path} HTTP/1.0\r\nHost: {member.host}\r\n\r\n".encode()
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError, TimeoutError, IndexError, ValueError):
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(member.host, member.port), 1.0)
-            try:
-                if check.protocol == "TCP":
-                    return True
-                writer.write(request)
-                status = int((await asyncio.wait_for(reader.readline(), 1.0)).split()[1])
-                if status in check.expected_status_codes:
-                    return True
-            finally:
-                writer.close()
-        await asyncio.sleep(0.05)  # not up yet; bounded by the deadline
-    return False
+def time_left(deadline: float, now: float, timeout: float, member: str, restarted: list[str]) -> float:
+    """What a rolling restart has left for ``member``. None left is a timeout that says
+    so, instead of a step given no time failing with a misleading error of its own."""
+    left = deadline - now
+    if left <= 0:
+        raise RecoveryError(
+            f"rolling_restart: action_timeout_seconds ({timeout:g}s) ran out before {member} was restarted; "
+            f"stopped there (restarted: {', '.join(restarted) or 'none'})"
+        )
+    return left
 
 
 __all__ = ["LADDER", "RecoveryService", "RecoverySettings"]

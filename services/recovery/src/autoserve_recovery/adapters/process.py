@@ -2,7 +2,7 @@
 
 A process that may be restarted registers itself in ``<dir>/<app>/<instance>.json``:
 ``{"argv": [...], "pid": N, "port": P, "cwd": "...", "log": "..."}``. A restart stops
-the process (SIGTERM, then SIGKILL after the timeout; the exit is awaited on a pidfd,
+the process (SIGTERM, then SIGKILL after half the timeout; the exit is awaited on a pidfd,
 not polled), starts the same command again in its own session, writes the new pid, and
 waits until the port accepts connections.
 """
@@ -104,7 +104,8 @@ class ProcessRuntime:
 
     async def restart(self, app_name: str, instance_id: str, timeout: float) -> Outcome:
         record = self._record(app_name, instance_id)
-        await self._terminate(int(record["pid"]), min(timeout, 10))
+        deadline = time.monotonic() + timeout  # one budget for the stop and the start
+        await self._terminate(int(record["pid"]), min(timeout / 2, 10))  # SIGKILL after half: room to start
         spawned_at = time.time()
         try:
             child = await asyncio.to_thread(_spawn, record)
@@ -116,7 +117,7 @@ class ProcessRuntime:
         path = self._path(app_name, instance_id)
         path.with_suffix(".tmp").write_text(json.dumps(record))
         os.replace(path.with_suffix(".tmp"), path)
-        if not await _accepting(int(record["port"]), timeout):
+        if not await _accepting(int(record["port"]), deadline - time.monotonic()):
             raise RecoveryError(f"restarted {instance_id} (pid {child.pid}) but port {record['port']} does not accept")
         return Outcome({"pid": child.pid, "effective_at": spawned_at})
 

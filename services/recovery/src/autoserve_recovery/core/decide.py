@@ -289,21 +289,50 @@ def panic_restores(state: RecoveryState, event: HealthChanged, policy: AppPolicy
 
 
 def rolling_member(
-    cause: FailureDetected, instance_id: str, *, started_at: float, duration_ms: float, details: Mapping[str, object]
+    cause: FailureDetected,
+    instance_id: str,
+    *,
+    started_at: float,
+    duration_ms: float,
+    details: Mapping[str, object],
+    error: str | None = None,
 ) -> RecoveryExecuted:
     """One instance restarted by a rolling restart that another instance's failure caused:
     recorded (and stored) before its instance lease is released, so a failure reported
-    for it during the restart (its own death) is seen as handled, not restarted again."""
+    for it during the restart (its own death) is seen as handled, not restarted again.
+    A member that failed (``error``) is recorded too: its death was ours all the same."""
     return RecoveryExecuted(
         event_id=derived_event_id(cause.event_id, S.ROLLING_RESTART, instance_id),
         strategy=S.ROLLING_RESTART,
         failure_type=cause.failure_type,
         instance_id=instance_id,
         app_name=cause.app_name,
-        success=True,
+        success=error is None,
         timestamp=started_at,
         duration_ms=round(duration_ms, 3),
         details={**details, "member_of": cause.instance_id},
+        error=error,
+        failure_event_id=cause.event_id,
+    )
+
+
+def left_out(
+    cause: FailureDetected, instance_id: str, *, at: float, details: Mapping[str, object], reason: str
+) -> RecoveryExecuted:
+    """A member a failed rolling restart took out of the LB and leaves out (it does not
+    answer): recorded as an ejection, so the fold counts it (ejection cap, panic) and the
+    normal restore (``restore_plan`` on ``HealthChanged(healthy)``) puts it back. Its own
+    id: the cause may already have a ``remove_from_lb`` of its own."""
+    return RecoveryExecuted(
+        event_id=derived_event_id(cause.event_id, S.ROLLING_RESTART, "left_out", instance_id),
+        strategy=S.REMOVE_FROM_LB,
+        failure_type=cause.failure_type,
+        instance_id=instance_id,
+        app_name=cause.app_name,
+        success=True,
+        timestamp=at,
+        duration_ms=0.0,
+        details={**details, "left_out_by": str(S.ROLLING_RESTART), "reason": reason[:500]},
         failure_event_id=cause.event_id,
     )
 
