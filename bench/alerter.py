@@ -21,8 +21,8 @@ from aiohttp import web
 from autoserve_cli.apply import store_config
 from autoserve_config import load_config_text
 from autoserve_events import FailureDetected, FailureType, encode, headers_for, subject_for
-from autoserve_runtime import EmbeddedNatsServer, connect, free_port, provision, spawn_child, stop_child
-from bench.common import LOG_DIR, VENV_BIN, WORK_DIR, Table, cpu_seconds, fmt
+from autoserve_runtime import connect, free_port, provision, spawn_child, stop_child
+from bench.common import LOG_DIR, VENV_BIN, WORK_DIR, Table, cpu_seconds, fmt, nats_server
 
 SAMPLES = 200
 STORM_EVENTS, STORM_INSTANCES, STORM_APPS, STORM_SECONDS = 10_000, 1_000, 10, 10.0
@@ -59,7 +59,7 @@ async def _scenario(group_by: list[str], group_wait: str, body) -> dict:  # type
     await web.TCPSite(runner, "127.0.0.1", port).start()
     WORK_DIR.mkdir(parents=True, exist_ok=True)
     LOG_DIR.mkdir(parents=True, exist_ok=True)
-    server = EmbeddedNatsServer(WORK_DIR / f"alerter-nats-{port}").start()
+    server = nats_server("nats-alerter").start()
     process = None
     try:
         nc = await connect(server.url, "bench-alerter", timeout=10)

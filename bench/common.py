@@ -267,11 +267,13 @@ class Nginx:
             stop_child(self.process, 5.0)
 
 
-def nats_server() -> EmbeddedNatsServer:
-    """A fresh nats-server (not started yet) with its data under bench/.work/nats."""
-    data = WORK_DIR / "nats"
+def nats_server(name: str = "nats") -> EmbeddedNatsServer:
+    """A fresh nats-server (not started yet) with its data under bench/.work/<name>: a
+    stream or consumer left by an earlier run would change what a section measures."""
+    data = WORK_DIR / name
     shutil.rmtree(data, ignore_errors=True)
-    return EmbeddedNatsServer(data, log_file=LOG_DIR / "nats-server.log")
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    return EmbeddedNatsServer(data, log_file=LOG_DIR / f"{name}.log")
 
 
 def autoserve(*args: str, timeout: float = 120.0) -> str:

@@ -22,8 +22,8 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from autoserve_cli.apply import store_config
 from autoserve_config import load_config_text
 from autoserve_events import PROBES_STREAM, ErrorKind, ProbeCompleted, decode, derived_event_id, encode, subject_for
-from autoserve_runtime import EmbeddedNatsServer, connect, provision, spawn_child, stop_child
-from bench.common import LOG_DIR, VENV_BIN, WORK_DIR, Table, cpu_seconds, fmt
+from autoserve_runtime import connect, provision, spawn_child, stop_child
+from bench.common import LOG_DIR, VENV_BIN, Table, cpu_seconds, fmt, nats_server
 
 INSTANCES = 2000
 
@@ -114,7 +114,7 @@ async def wait(condition: Callable[[], Awaitable[bool]], timeout: float, what: s
 
 
 async def detector_tables(events: int = 150_000, rate: int = 5000, latency_seconds: float = 15.0) -> list[Table]:
-    server = EmbeddedNatsServer(WORK_DIR / "nats-detector", log_file=LOG_DIR / "nats-detector.log").start()
+    server = nats_server("nats-detector").start()
     nc = await connect(server.url, "bench-detector", timeout=10)
     detector: DetectorProcess | None = None
     try:

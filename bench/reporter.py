@@ -27,8 +27,8 @@ from autoserve_reporter.adapters.migrations import migrate
 from autoserve_reporter.adapters.queries import Reports
 from autoserve_reporter.core.rows import METRIC_COLUMNS, METRICS_TABLE, metric_rows
 from autoserve_reporter.service import ReporterSettings, consumer_specs
-from autoserve_runtime import EmbeddedNatsServer, connect, free_port, provision, spawn_child, stop_child
-from bench.common import LOG_DIR, VENV_BIN, WORK_DIR, Table, cpu_seconds, fmt
+from autoserve_runtime import connect, free_port, provision, spawn_child, stop_child
+from bench.common import LOG_DIR, VENV_BIN, WORK_DIR, Table, cpu_seconds, fmt, nats_server
 from bench.detector import publish_all
 
 # 10,000,000 probes: 100 apps x 100 instances, one probe a second each for 1,000 s; every
@@ -101,7 +101,7 @@ async def ingestion_table(events: int) -> Table:
         "Reporter: ingestion, JetStream → ClickHouse (chDB), one process",
         ["path", "events", "rows", "seconds", "rows/s", "events/s", "reporter CPU s"],
     )
-    server = EmbeddedNatsServer(WORK_DIR / "nats-reporter", log_file=LOG_DIR / "nats-reporter.log").start()
+    server = nats_server("nats-reporter").start()
     data = WORK_DIR / "reporter-ingest"
     shutil.rmtree(data, ignore_errors=True)
     nc = await connect(server.url, "bench-reporter", timeout=10)
@@ -203,7 +203,7 @@ async def latency_table(probes: int = 10_000_000, runs: int = 15) -> Table:
     finally:
         await store.close()
 
-    server = EmbeddedNatsServer(WORK_DIR / "nats-reporter-10m", log_file=LOG_DIR / "nats-reporter.log").start()
+    server = nats_server("nats-reporter-10m").start()
     reporter = ReporterProcess(server.url, data, "reporter-10m")
     try:
         await reporter.ready()
