@@ -22,7 +22,7 @@ from nats.aio.msg import Msg
 
 from autoserve_cli.apply import store_config
 from autoserve_config import load_config_text
-from autoserve_events import ProbeCompleted, decode, wildcard
+from autoserve_events import EVENTS_STREAM, ProbeCompleted, decode, wildcard
 from autoserve_prober.service import ProberService
 from autoserve_runtime import EmbeddedNatsServer, connect, free_port, provision
 
@@ -194,6 +194,36 @@ def tls_cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         check=True, capture_output=True,
     )  # fmt: skip
     return cert, key
+
+
+@pytest.fixture
+def named_cert(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate that names 127.0.0.1 in its subjectAltName, as a verifying
+    TLS client requires (trust it by pointing the client at it as its CA)."""
+    cert, key = tmp_path / "named-cert.pem", tmp_path / "named-key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+async def stored_events(nc: Client, kind: type) -> list:
+    """Everything of ``kind`` AUTOSERVE_EVENTS holds (JetStream dropped duplicates), read
+    back in full."""
+    js = nc.jetstream()
+    total = (await js.stream_info(EVENTS_STREAM)).state.messages
+    sub = await js.subscribe("autoserve.event.>", ordered_consumer=True)
+    found = []
+    try:
+        for _ in range(total):
+            event = decode((await sub.next_msg(timeout=10)).data)
+            if isinstance(event, kind):
+                found.append(event)
+    finally:
+        await sub.unsubscribe()
+    return found
 
 
 @pytest.fixture

@@ -471,18 +471,6 @@ async def test_an_exception_in_a_tick_is_logged_and_the_timer_goes_on(
     assert [entry["errors"] for entry in captured if entry["event"] == "alerter tick failed; ticking on"] == [1]
 
 
-@pytest.fixture
-def named_cert(tmp_path: Path) -> tuple[Path, Path]:
-    """A certificate that names 127.0.0.1 (subjectAltName), as a verifying client requires."""
-    cert, key = tmp_path / "named-cert.pem", tmp_path / "named-key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return cert, key
-
-
 async def test_starttls_verifies_the_smtp_server_certificate(
     tls_cert: tuple[Path, Path], named_cert: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:

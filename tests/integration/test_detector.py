@@ -16,20 +16,28 @@ from nats.aio.client import Client
 from nats.js.errors import NotFoundError
 
 from autoserve_events import (
-    EVENTS_STREAM,
     PROBES_STREAM,
     ErrorKind,
     FailureDetected,
     FailureType,
     HealthChanged,
     ProbeCompleted,
-    decode,
     encode,
     subject_for,
 )
 from autoserve_runtime import EmbeddedNatsServer
 
-from .conftest import LOCALHOST, HttpTarget, Outputs, ServiceRunner, apply_yaml, check, config_for, wait_for
+from .conftest import (
+    LOCALHOST,
+    HttpTarget,
+    Outputs,
+    ServiceRunner,
+    apply_yaml,
+    check,
+    config_for,
+    stored_events,
+    wait_for,
+)
 
 _seq = itertools.count()
 AUTOSERVE = str(Path(sys.executable).parent / "autoserve")
@@ -57,22 +65,6 @@ async def publish(nc: Client, *events: ProbeCompleted, msg_id: str | None = None
             except (nats.errors.TimeoutError, nats.js.errors.NoStreamResponseError):
                 assert time.monotonic() < deadline, "JetStream never accepted the publish"
                 await asyncio.sleep(0.1)
-
-
-async def stored_events(nc: Client, kind: type) -> list:
-    """What the audit trail holds (JetStream dropped duplicates), read back in full."""
-    js = nc.jetstream()
-    total = (await js.stream_info(EVENTS_STREAM)).state.messages
-    sub = await js.subscribe("autoserve.event.>", ordered_consumer=True)
-    found = []
-    try:
-        for _ in range(total):
-            event = decode((await sub.next_msg(timeout=5)).data)
-            if isinstance(event, kind):
-                found.append(event)
-    finally:
-        await sub.unsubscribe()
-    return found
 
 
 def caused_by(outputs: Outputs, cause: ProbeCompleted) -> list[FailureDetected]:

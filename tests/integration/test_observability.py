@@ -21,20 +21,18 @@ from nats.aio.client import Client
 from prometheus_client.parser import text_string_to_metric_families
 
 from autoserve_events import (
-    EVENTS_STREAM,
     PROBES_STREAM,
     ErrorKind,
     FailureDetected,
     FailureType,
     ProbeCompleted,
-    decode,
     encode,
     subject_for,
 )
 from autoserve_runtime import EmbeddedNatsServer, free_port, observability
 from autoserve_runtime.observability import Endpoint, HealthServer
 
-from .conftest import LOCALHOST, HttpTarget, Outputs, apply_yaml, check, config_for, wait_for
+from .conftest import LOCALHOST, HttpTarget, Outputs, apply_yaml, check, config_for, stored_events, wait_for
 
 AUTOSERVE = str(Path(sys.executable).parent / "autoserve")
 _seq = itertools.count()
@@ -207,22 +205,6 @@ async def test_a_taken_port_leaves_the_service_running_without_the_endpoint() ->
         await server.stop()
 
 
-async def stored(nc: Client, kind: type) -> list:
-    """Everything of ``kind`` the audit trail holds, read back in full."""
-    js = nc.jetstream()
-    total = (await js.stream_info(EVENTS_STREAM)).state.messages
-    sub = await js.subscribe("autoserve.event.>", ordered_consumer=True)
-    found = []
-    try:
-        for _ in range(total):
-            event = decode((await sub.next_msg(timeout=10)).data)
-            if isinstance(event, kind):
-                found.append(event)
-    finally:
-        await sub.unsubscribe()
-    return found
-
-
 async def test_sigterm_under_load_loses_no_event(
     tmp_path: Path, nats_server: EmbeddedNatsServer, nc: Client, outputs: Outputs
 ) -> None:
@@ -283,7 +265,9 @@ async def test_sigterm_under_load_loses_no_event(
             code = await asyncio.to_thread(stop_and_wait, second)
             assert code == 0
 
-    failures = [f for f in await stored(nc, FailureDetected) if f.failure_type is FailureType.HEALTH_CHECK_FAILED]
+    failures = [
+        f for f in await stored_events(nc, FailureDetected) if f.failure_type is FailureType.HEALTH_CHECK_FAILED
+    ]
     causes = Counter(f.cause_event_id for f in failures)
     assert set(causes) == {p.event_id for p in probes}, "a probe got no failure event: an event was lost"
     assert max(causes.values()) == 1, "a probe was processed twice into the audit trail"

@@ -384,20 +384,8 @@ async def test_a_service_without_create_rights_waits_for_the_admin_to_provision(
         await detector.close()
 
 
-@pytest.fixture
-def server_cert(tmp_path: Path) -> tuple[Path, Path]:
-    """A self-signed server certificate for 127.0.0.1 (with the subjectAltName TLS checks)."""
-    cert, key = tmp_path / "server.pem", tmp_path / "server-key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return cert, key
-
-
 async def test_credentials_from_files_and_tls(
-    tmp_path: Path, secure_nats: SecureNats, server_cert: tuple[Path, Path]
+    tmp_path: Path, secure_nats: SecureNats, named_cert: tuple[Path, Path]
 ) -> None:
     env = secure_nats.env("prober", tmp_path)
     auth = NatsAuth.from_env(env)
@@ -406,7 +394,7 @@ async def test_credentials_from_files_and_tls(
     nc = await connect(secure_nats.url, "from-file", timeout=10, auth=auth)
     await nc.close()
     # TLS: a server with the (optional) tls block, a client trusting its CA.
-    cert, key = server_cert
+    cert, key = named_cert
     conf = tmp_path / "tls.conf"
     conf.write_text(NATS_CONF.read_text() + f'tls {{ cert_file: "{cert}", key_file: "{key}", timeout: 2 }}\n')
     tls_server = SecureNats(tmp_path / "tls-nats", conf=conf, passwords=secure_nats.passwords).start()
