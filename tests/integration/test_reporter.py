@@ -16,12 +16,7 @@ from nats.aio.client import Client
 
 from autoserve_events import (
     PROBES_STREAM,
-    FailureDetected,
-    FailureType,
-    HealthChanged,
     ProbeCompleted,
-    RecoveryExecuted,
-    RecoveryStrategy,
     encode,
     subject_for,
 )
@@ -30,6 +25,7 @@ from autoserve_reporter.core.rows import METRICS_TABLE
 from autoserve_reporter.service import ReporterService, ReporterSettings, consumer_specs
 from autoserve_runtime import EmbeddedNatsServer, free_port, provision
 
+from ..incidents import incident_events
 from .conftest import LOCALHOST, HttpTarget, ServiceRunner, apply_yaml, check, config_for, wait_for
 
 
@@ -188,42 +184,6 @@ async def test_report_api_errors_and_openapi(nc: Client, reporter: Reporter) -> 
 
 
 # -- idempotency: duplicates and replays ----------------------------------------------------
-
-
-def incident_events(app: str, instance: str, at: float, ttr: float) -> list:
-    failure = FailureDetected(failure_type=FailureType.HEALTH_CHECK_FAILED, instance_id=instance, app_name=app,
-                              severity="low", message="503", timestamp=at)  # fmt: skip
-    return [
-        failure,
-        HealthChanged(
-            instance_id=instance,
-            app_name=app,
-            healthy=False,
-            previous=True,
-            consecutive=3,
-            reason="3 failures",
-            timestamp=at + 1,
-        ),
-        RecoveryExecuted(
-            strategy=RecoveryStrategy.RESTART_CONTAINER,
-            failure_type=FailureType.HEALTH_CHECK_FAILED,
-            instance_id=instance,
-            app_name=app,
-            success=True,
-            timestamp=at + 2,
-            duration_ms=300.0,
-            failure_event_id=failure.event_id,
-        ),
-        HealthChanged(
-            instance_id=instance,
-            app_name=app,
-            healthy=True,
-            previous=False,
-            consecutive=1,
-            reason="ok",
-            timestamp=at + ttr,
-        ),
-    ]
 
 
 async def test_duplicates_and_replay_change_no_report(

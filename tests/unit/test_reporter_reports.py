@@ -15,11 +15,7 @@ from hypothesis import strategies as st
 
 from autoserve_events import (
     ErrorKind,
-    FailureDetected,
-    FailureType,
-    HealthChanged,
     ProbeCompleted,
-    RecoveryExecuted,
     RecoveryStrategy,
 )
 from autoserve_reporter.adapters.batcher import BatchWriter
@@ -35,6 +31,8 @@ from autoserve_reporter.core.rows import (
     event_row,
     metric_rows,
 )
+
+from ..incidents import incident_events
 
 NOW = 1_800_000_000.0
 _apps = itertools.count()
@@ -209,45 +207,10 @@ async def test_incidents_with_known_recovery_times(store: Store) -> None:
     app = f"app{next(_apps)}"
     t = NOW - 3000
 
-    def incident(instance: str, at: float, strategy: RecoveryStrategy, ttr: float) -> list:
-        failure = FailureDetected(failure_type=FailureType.PORT_NOT_LISTENING, instance_id=instance, app_name=app,
-                                  severity="low", message="refused", timestamp=at)  # fmt: skip
-        return [
-            failure,
-            HealthChanged(
-                instance_id=instance,
-                app_name=app,
-                healthy=False,
-                previous=True,
-                consecutive=3,
-                reason="3 failures",
-                timestamp=at + 2,
-            ),
-            RecoveryExecuted(
-                strategy=strategy,
-                failure_type=FailureType.PORT_NOT_LISTENING,
-                instance_id=instance,
-                app_name=app,
-                success=True,
-                timestamp=at + 3,
-                duration_ms=500.0,
-                failure_event_id=failure.event_id,
-            ),
-            HealthChanged(
-                instance_id=instance,
-                app_name=app,
-                healthy=True,
-                previous=False,
-                consecutive=1,
-                reason="recovered",
-                timestamp=at + ttr,
-            ),
-        ]
-
     events = (
-        incident("a1", t, RecoveryStrategy.RESTART_CONTAINER, 12.0)
-        + incident("a2", t + 100, RecoveryStrategy.RESTART_CONTAINER, 20.0)
-        + incident("a1", t + 500, RecoveryStrategy.RECREATE_CONTAINER, 45.0)
+        incident_events(app, "a1", t, 12.0, RecoveryStrategy.RESTART_CONTAINER)
+        + incident_events(app, "a2", t + 100, 20.0, RecoveryStrategy.RESTART_CONTAINER)
+        + incident_events(app, "a1", t + 500, 45.0, RecoveryStrategy.RECREATE_CONTAINER)
     )
     rows = [event_row(e) for e in events]
     await write(store, EVENTS_TABLE, EVENT_COLUMNS, rows)

@@ -1,0 +1,48 @@
+"""One incident as the audit trail records it: failure → unhealthy → recovery → healthy."""
+
+from __future__ import annotations
+
+from autoserve_events import Event, FailureDetected, FailureType, HealthChanged, RecoveryExecuted, RecoveryStrategy
+
+
+def incident_events(
+    app: str,
+    instance: str,
+    at: float,
+    ttr: float,
+    strategy: RecoveryStrategy = RecoveryStrategy.RESTART_CONTAINER,
+) -> list[Event]:
+    """The events of one incident starting at ``at`` and healthy again ``ttr`` seconds later."""
+    failure = FailureDetected(failure_type=FailureType.PORT_NOT_LISTENING, instance_id=instance, app_name=app,
+                              severity="low", message="refused", timestamp=at)  # fmt: skip
+    return [
+        failure,
+        HealthChanged(
+            instance_id=instance,
+            app_name=app,
+            healthy=False,
+            previous=True,
+            consecutive=3,
+            reason="3 failures",
+            timestamp=at + 1,
+        ),
+        RecoveryExecuted(
+            strategy=strategy,
+            failure_type=failure.failure_type,
+            instance_id=instance,
+            app_name=app,
+            success=True,
+            timestamp=at + 2,
+            duration_ms=300.0,
+            failure_event_id=failure.event_id,
+        ),
+        HealthChanged(
+            instance_id=instance,
+            app_name=app,
+            healthy=True,
+            previous=False,
+            consecutive=1,
+            reason="recovered",
+            timestamp=at + ttr,
+        ),
+    ]
