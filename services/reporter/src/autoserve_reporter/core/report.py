@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import msgspec
 
@@ -98,8 +99,9 @@ class Checks(msgspec.Struct, frozen=True):
     p95_response_time_ms: float | None
 
 
-class InstanceReport(msgspec.Struct):
-    instance_id: str
+class CheckSummary(msgspec.Struct, kw_only=True):
+    """What the seed's report says of a set of probes: an app's, or one instance's."""
+
     status: str
     uptime_percent: float | None
     total_health_checks: int
@@ -110,20 +112,16 @@ class InstanceReport(msgspec.Struct):
     error_breakdown: dict[str, int]
 
 
-class HealthReport(msgspec.Struct):
+class InstanceReport(CheckSummary, kw_only=True):
+    instance_id: str
+
+
+class HealthReport(CheckSummary, kw_only=True):
     """The seed's report keys, plus ``status``, the window, and per-instance reports.
     With no probes in the window, ``status`` is "no data" and the numbers are null."""
 
     app_name: str
     report_period_hours: float
-    status: str
-    uptime_percent: float | None
-    total_health_checks: int
-    successful_checks: int
-    failed_checks: int
-    avg_response_time_ms: float | None
-    p95_response_time_ms: float | None
-    error_breakdown: dict[str, int]
     generated_at: float
     period_start: float
     period_end: float
@@ -157,18 +155,22 @@ def breakdown(rows: Iterable[tuple[str, int]]) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
+def summary(c: Checks, errors: dict[str, int]) -> dict[str, Any]:
+    """The ``CheckSummary`` fields of an aggregate row."""
+    return {
+        "status": "ok" if c.total else NO_DATA,
+        "uptime_percent": uptime(c),
+        "total_health_checks": c.total,
+        "successful_checks": c.successful,
+        "failed_checks": c.failed,
+        "avg_response_time_ms": c.avg_response_time_ms,
+        "p95_response_time_ms": c.p95_response_time_ms,
+        "error_breakdown": errors,
+    }
+
+
 def instance_report(instance_id: str, c: Checks, errors: dict[str, int]) -> InstanceReport:
-    return InstanceReport(
-        instance_id=instance_id,
-        status="ok" if c.total else NO_DATA,
-        uptime_percent=uptime(c),
-        total_health_checks=c.total,
-        successful_checks=c.successful,
-        failed_checks=c.failed,
-        avg_response_time_ms=c.avg_response_time_ms,
-        p95_response_time_ms=c.p95_response_time_ms,
-        error_breakdown=errors,
-    )
+    return InstanceReport(instance_id=instance_id, **summary(c, errors))
 
 
 def health_report(
@@ -187,14 +189,7 @@ def health_report(
     return HealthReport(
         app_name=app,
         report_period_hours=w.hours,
-        status="ok" if app_checks.total else NO_DATA,
-        uptime_percent=uptime(app_checks),
-        total_health_checks=app_checks.total,
-        successful_checks=app_checks.successful,
-        failed_checks=app_checks.failed,
-        avg_response_time_ms=app_checks.avg_response_time_ms,
-        p95_response_time_ms=app_checks.p95_response_time_ms,
-        error_breakdown=breakdown(app_errors),
+        **summary(app_checks, breakdown(app_errors)),
         generated_at=now,
         period_start=w.since,
         period_end=w.until,
