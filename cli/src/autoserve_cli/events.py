@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
-import re
 import signal
 import sys
 import time
@@ -31,7 +30,9 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
+from autoserve_config import parse_duration
 from autoserve_events import (
+    EVENT_TYPES,
     EVENTS_STREAM,
     PROBES_STREAM,
     AlertAcknowledged,
@@ -39,7 +40,6 @@ from autoserve_events import (
     BreakerStateChanged,
     BreakerTrialAdmitted,
     ContainerObserved,
-    Event,
     FailureDetected,
     HealthChanged,
     MalformedEvent,
@@ -48,27 +48,12 @@ from autoserve_events import (
     RecoveryExecuted,
     SilenceCreated,
     decode,
+    is_valid_name,
     wildcard,
 )
 from autoserve_runtime import connect
 
 DEAD_LETTER = "DeadLetter"  # not an event type: a message parked by a service, with its reason
-EVENT_TYPES: dict[str, type[Event]] = {
-    kind.__name__: kind
-    for kind in (
-        HealthChanged,
-        FailureDetected,
-        RecoveryExecuted,
-        BreakerStateChanged,
-        BreakerTrialAdmitted,
-        ProbeCompleted,
-        ContainerObserved,
-        AlertChanged,
-        AlertAcknowledged,
-        SilenceCreated,
-        NotificationLogged,
-    )
-}
 ALIASES = {
     "health": "HealthChanged",
     "failure": "FailureDetected",
@@ -92,8 +77,6 @@ ALERTING_SUBJECTS = {
 }
 # The audit trail: what ``autoserve events`` shows without ``--type``.
 DEFAULT_TYPES = ("HealthChanged", "FailureDetected", "RecoveryExecuted", "BreakerStateChanged", "BreakerTrialAdmitted")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 class UsageError(ValueError):
@@ -119,16 +102,16 @@ def parse_since(text: str | None, now: float) -> float | None:
     """``--since 90s|10m|2h|1d`` (a bare number is seconds) -> the epoch time to start at."""
     if text is None:
         return None
-    match = _DURATION.match(text)
-    if not match:
-        raise UsageError(f"--since: expected a duration such as 30s, 10m, 2h or 1d, got {text!r}")
-    return now - float(match.group(1)) * _UNITS[match.group(2)]
+    try:
+        return now - parse_duration(text)
+    except ValueError:
+        raise UsageError(f"--since: expected a duration such as 30s, 10m, 2h or 1d, got {text!r}") from None
 
 
 def _token(value: str | None, what: str) -> str:
     if value is None:
         return "*"
-    if not re.fullmatch(r"[A-Za-z0-9_-]{1,128}", value):
+    if not is_valid_name(value):
         raise UsageError(f"--{what}: {value!r} is not a valid name ([A-Za-z0-9_-])")
     return value
 
