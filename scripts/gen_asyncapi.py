@@ -88,13 +88,13 @@ def publishes() -> dict[str, list[type]]:
 
 
 def consumes() -> dict[str, list[str]]:
-    reporter = [f for spec in consumer_specs(ReporterSettings(clickhouse_url="chdb://")) for f in spec.filter_subjects]
+    reporter = [spec.filter_subject for spec in consumer_specs(ReporterSettings(clickhouse_url="chdb://"))]
     return {
-        "detector": list(DETECTOR_CONSUMER.filter_subjects),
+        "detector": [DETECTOR_CONSUMER.filter_subject],
         "breaker": [wildcard(ProbeCompleted), BREAKER_EVENTS_WILDCARD],
         "recovery": list(WORK_SUBJECTS),
         "reporter": reporter,
-        "alerter": list(ALERTER_CONSUMER.filter_subjects),
+        "alerter": [ALERTER_CONSUMER.filter_subject],
     }
 
 

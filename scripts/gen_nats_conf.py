@@ -167,7 +167,7 @@ def password_var(user: str) -> str:
 
 def users() -> list[User]:
     def pull(stream: str, durable: str) -> ConsumerSpec:
-        return ConsumerSpec(stream, durable, ())
+        return ConsumerSpec(stream, durable, "")
 
     prober = (
         User("prober", "prober: probe results and container observations")
@@ -194,7 +194,7 @@ def users() -> list[User]:
         .ordered(PROBES_STREAM, why="the replay before consuming")
     )
     for durable in BREAKER_DURABLES:
-        breaker.durable(ConsumerSpec(PROBES_STREAM, durable, ()))
+        breaker.durable(ConsumerSpec(PROBES_STREAM, durable, ""))
 
     recovery = (
         User("recovery", "recovery: recovery actions; panic mode is announced as a critical FailureDetected")

@@ -55,7 +55,10 @@ ProcessFn = Callable[[AnyEvent], Sequence[Output]]
 class ConsumerSpec:
     stream: str
     durable: str
-    filter_subjects: tuple[str, ...]
+    # One subject, a wildcard: nats-server delivers a consumer with several filter subjects
+    # about 15x slower (3,200 against 50,000 msgs/s measured; nats-io/nats-server#7014), so
+    # a service takes one wildcard and its fold ignores the types it does not use.
+    filter_subject: str
     max_ack_pending: int = 20_000
     ack_wait_seconds: float = 30.0
 
@@ -72,7 +75,7 @@ class ConsumerSpec:
             ack_policy=AckPolicy.ALL,
             ack_wait=self.ack_wait_seconds,
             max_ack_pending=self.max_ack_pending,
-            filter_subjects=list(self.filter_subjects),
+            filter_subject=self.filter_subject,
             flow_control=True,
             idle_heartbeat=5.0,
         )

@@ -99,7 +99,7 @@ class BreakerService:
             self.replayed["breakers"] = await self.follower.start()
             probes = wildcard(ProbeCompleted)
             self.consumer = EventConsumer(
-                js, publisher, ConsumerSpec(PROBES_STREAM, self.durable, (probes,)), SERVICE, self.core.probe
+                js, publisher, ConsumerSpec(PROBES_STREAM, self.durable, probes), SERVICE, self.core.probe
             )
             floor = await self.consumer.ack_floor()
             self.replayed["probes"] = await self.consumer.replay(time.time() - self.replay_seconds, floor, probes)

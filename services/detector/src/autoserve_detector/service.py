@@ -35,7 +35,7 @@ log = structlog.get_logger("autoserve.detector")
 CONSUMER = ConsumerSpec(
     stream=PROBES_STREAM,
     durable="autoserve-detector",
-    filter_subjects=(PROBES_WILDCARD,),
+    filter_subject=PROBES_WILDCARD,
 )
 
 

@@ -64,13 +64,13 @@ def consumer_specs(settings: ReporterSettings) -> tuple[ConsumerSpec, ConsumerSp
         ConsumerSpec(
             stream=PROBES_STREAM,
             durable=f"{settings.durable_prefix}-probes",
-            filter_subjects=(PROBES_WILDCARD,),
+            filter_subject=PROBES_WILDCARD,
             max_ack_pending=settings.max_ack_pending,
         ),
         ConsumerSpec(
             stream=EVENTS_STREAM,
             durable=f"{settings.durable_prefix}-events",
-            filter_subjects=(EVENTS_WILDCARD,),  # not autoserve.deadletter.>: ours would loop
+            filter_subject=EVENTS_WILDCARD,  # not autoserve.deadletter.>: ours would loop
             max_ack_pending=settings.max_ack_pending,
         ),
     )
