@@ -106,6 +106,11 @@ def spawn_recovery(nats_url: str, replica: str, data_dir: Path) -> subprocess.Po
                             env=env, stdout=log, stderr=log)  # fmt: skip
 
 
+def replica_logs(data_dir: Path) -> str:
+    """The tail of each spawned replica's log: what a failure in CI is read from."""
+    return "\n".join(f"--- {log.name}\n{log.read_text()[-4000:]}" for log in sorted(data_dir.glob("*.log")))
+
+
 async def consumer_bound(nc: Client) -> bool:
     try:
         await nc.jetstream().consumer_info(EVENTS_STREAM, WORK_DURABLE)
@@ -178,8 +183,11 @@ async def test_a_replica_that_crashes_mid_action_loses_nothing_another_takes_ove
         processes[owner].send_signal(signal.SIGKILL)
         await asyncio.to_thread(processes[owner].wait, 10)
         survivor = "p2" if owner == "p1" else "p1"
-        await wait_for(lambda: executed(outputs), timeout=30, what="the incident finished by the survivor")
-        await until(lambda: work_settled(nc), 30, "the failure acknowledged")
+        try:
+            await wait_for(lambda: executed(outputs), timeout=30, what="the incident finished by the survivor")
+            await until(lambda: work_settled(nc), 30, "the failure acknowledged")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{replica_logs(tmp_path)}") from None
     finally:
         for process in processes.values():
             process.terminate()
@@ -194,6 +202,34 @@ async def test_a_replica_that_crashes_mid_action_loses_nothing_another_takes_ove
         capture_output=True, text=True,
     )  # fmt: skip
     assert left.stdout.split() == [container]
+
+
+async def test_an_action_claim_that_outlives_its_crashed_owners_instance_lease_is_retried_not_dropped(
+    app: str, nc: Client, recoveries, outputs: Outputs, busybox_image: str, docker_events: DockerEvents
+) -> None:
+    # A replica killed right after claiming: its instance lease has run out (nothing
+    # renews it) but its action claim, taken a moment later, has not. The survivor holds
+    # the instance lease and meets that claim; it must look again when the claim runs out,
+    # not acknowledge the failure with nothing done (CI caught that once).
+    await apply_yaml(nc, app_config(app))
+    container = await asyncio.to_thread(run_box, busybox_image, app, port=free_port())
+    failure = stopped(app, container)
+    kv = await nc.jetstream().key_value(CLAIMS_BUCKET)
+    ghost_until = time.time() + 3
+    ghost = Lease("ghost", ghost_until, failure.event_id, action="restart_container", since=time.time())
+    await kv.create(f"f.{failure.event_id}.restart_container", msgspec.json.encode(ghost))
+    await recoveries("r1")
+    await publish_copies(nc, failure, 1)
+    await wait_for(lambda: executed(outputs), timeout=30, what="the restart after the ghost's claim ran out")
+    await until(lambda: work_settled(nc), 30, "the failure acknowledged")
+    (event,) = executed(outputs)
+    assert event.success and event.strategy is S.RESTART_CONTAINER and event.details["replica"] == "r1"
+    assert event.timestamp >= ghost_until - 0.01  # not before the ghost's claim ran out
+    assert "already_done" not in event.details  # the container had not restarted since the claim
+    await wait_for(lambda: docker_events.count("restart", container) >= 1, what="docker restart")
+    assert docker_events.count("restart", container) == 1
+    lease = msgspec.json.decode((await kv.get(f"f.{failure.event_id}.restart_container")).value, type=Lease)
+    assert lease.done and lease.owner == "r1"
 
 
 def kill_on_docker_event(container: str, action: str, process: subprocess.Popen[bytes]) -> threading.Thread:

@@ -40,7 +40,7 @@ from autoserve_events import (
 )
 from autoserve_runtime import EventPublisher, cancel_all, close_nats, connect, follow_apps, provision
 
-from .adapters.claims import Claims, claims_bucket
+from .adapters.claims import ClaimHeld, Claims, claims_bucket
 from .adapters.docker import DockerRuntime, PortPolicy, docker_socket_available
 from .adapters.health import HealthChecks
 from .adapters.nginx import NginxSettings, NginxUpstreams
@@ -304,6 +304,10 @@ class RecoveryService:
             else:
                 delay = None
             await (msg.nak(delay=delay) if delay is not None else msg.ack())
+        except ClaimHeld as held:
+            log.info("action claimed by a replica that stopped renewing; retrying when it runs out", reason=str(held))
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=held.retry_in)
         except Exception as exc:  # a bug or an outage must not kill the worker: try later
             log.exception("recovery handler failed; will retry", error=str(exc))
             with contextlib.suppress(Exception):
@@ -400,9 +404,9 @@ class RecoveryService:
         listed = DEFAULT_STRATEGY_MAP.get(failure.failure_type, (S.RESTART_CONTAINER,))
         strategy = next((s for s in listed if s not in TRAFFIC), listed[0])
         key = f"f.{failure.event_id}.{strategy}"
-        claim = await self.claims.acquire(key, failure.event_id, action=str(strategy))
+        claim = await self.claims.claim_action(key, failure.event_id, str(strategy))
         if claim is None:
-            return  # a copy of this failure is being (or was) answered
+            return  # a copy of this failure was answered
         error = f"unknown app {failure.app_name!r}: not in the {APPS_BUCKET} bucket; nothing to act on"
         event = record(self.state, AppPolicy(), failure, strategy, success=False, started_at=time.time(),
                        duration_ms=0.0, error=error)  # fmt: skip
@@ -451,9 +455,9 @@ class RecoveryService:
         if self.state.is_done(cause.event_id, op, target):
             return None
         key = f"f.{cause.event_id}.{op}" + (f".{target}" if target != cause.instance_id else "")
-        claim = await self.claims.acquire(key, cause.event_id, action=op)
+        claim = await self.claims.claim_action(key, cause.event_id, op)
         if claim is None:
-            return None  # done, or in progress elsewhere
+            return None  # done
         held = claim[1]
         started, t0 = time.time(), time.monotonic()
         details: dict[str, object] = {"replica": self.settings.replica, **(extra or {})}

@@ -49,6 +49,16 @@ async def claims_bucket(js: JetStreamContext, max_age_seconds: float = 86_400) -
         )
 
 
+class ClaimHeld(Exception):
+    """An action claim another replica still holds while this one holds the instance's
+    lease: its owner died after its instance lease ran out and before its action claim
+    did. Not done, so not dropped: the input is looked at again once the claim runs out."""
+
+    def __init__(self, key: str, held: Lease) -> None:
+        super().__init__(f"{key} is held by {held.owner} until {held.until:.3f}")
+        self.retry_in = max(0.05, held.until - time.time())
+
+
 class Claims:
     def __init__(self, kv: KeyValue, owner: str, lease_seconds: float) -> None:
         self.kv = kv
@@ -96,6 +106,15 @@ class Claims:
             return await self._write(key, self._lease(key, cause, action=action), entry.revision), held
         except KeyWrongLastSequenceError:
             return None  # another replica took it first
+
+    async def claim_action(self, key: str, cause: str, action: str) -> tuple[int, Lease | None] | None:
+        """An action claim, as ``acquire``; None only when that action was done. One another
+        replica holds raises ``ClaimHeld``: the caller holds the instance's lease (or acts
+        on nothing), so that owner is gone or finishing, and the input must not be dropped."""
+        claim = await self.acquire(key, cause, action=action)
+        if claim is None and (held := await self.peek(key)) is not None and not held.done:
+            raise ClaimHeld(key, held)
+        return claim
 
     async def peek(self, key: str) -> Lease | None:
         try:
