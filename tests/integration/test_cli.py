@@ -204,3 +204,37 @@ def test_a_service_still_waiting_for_nats_stops_on_sigterm(tmp_path: Path, servi
     finally:
         if process.poll() is None:
             process.kill()
+
+
+STUBBORN = """
+import asyncio
+from autoserve_runtime.lifecycle import serve
+
+async def run(stop):
+    print("running", flush=True)  # the signal handlers are installed before run starts
+    await stop.wait()
+    print("stopping", flush=True)
+    try:
+        await asyncio.sleep(60)
+    except asyncio.CancelledError:
+        print("cancellation swallowed", flush=True)  # as Python 3.11's wait_for can
+    await asyncio.sleep(60)
+
+raise SystemExit(serve("stubborn", run, grace_seconds=0.5))
+"""
+
+
+def test_a_service_that_swallows_its_cancellation_is_cancelled_again_and_stops(tmp_path: Path) -> None:
+    env = {**os.environ, "AUTOSERVE_METRICS_PORT": "0"}
+    log = tmp_path / "service.log"
+    with log.open("w") as out:
+        process = subprocess.Popen([sys.executable, "-c", STUBBORN], env=env, stdout=out, stderr=out)
+    try:
+        wait_until(lambda: "running" in log.read_text() or process.poll() is not None, 30, "started")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0, log.read_text()[-2000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    text = log.read_text()
+    assert "cancellation swallowed" in text and text.count("stopping by cancellation") == 1, text[-2000:]

@@ -57,10 +57,16 @@ def serve(
         task = asyncio.ensure_future(run(stop))
         loop = asyncio.get_running_loop()
 
-        def cancel(why: str) -> None:
-            if not task.done():
+        def cancel(why: str, again: bool = False) -> None:
+            if task.done():
+                return
+            if not again:
                 log.warning("stopping by cancellation", service=name, why=why)
-                task.cancel()
+            task.cancel()
+            # A cancellation can be swallowed: Python 3.11's wait_for loses it when its inner
+            # future finishes at the same moment (a refused connect while waiting for NATS,
+            # seen in CI). So ask again until the service has stopped.
+            loop.call_later(1.0, cancel, why, True)
 
         def on_signal() -> None:
             if stop.is_set():
