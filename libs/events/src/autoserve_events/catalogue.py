@@ -82,8 +82,12 @@ def derived_event_id(*parts: object) -> str:
     return hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=16).hexdigest()
 
 
-class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=True):
-    """Envelope shared by every event. ``event_id`` doubles as the ``Nats-Msg-Id``."""
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=True, gc=False):
+    """Envelope shared by every event. ``event_id`` doubles as the ``Nats-Msg-Id``.
+
+    ``gc=False``: an event never refers back to anything that refers to it, so the cycle
+    collector need not track the hundreds of thousands a consumer decodes; fewer tracked
+    allocations mean fewer collections in the hot path."""
 
     event_id: str = msgspec.field(default_factory=new_event_id)
     schema_version: int = SCHEMA_VERSION

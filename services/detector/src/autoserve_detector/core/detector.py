@@ -45,7 +45,7 @@ DEFAULT_THRESHOLDS = AppThresholds()
 ERROR_RATE_REPEAT_SECONDS = 60.0
 
 
-@dataclass
+@dataclass(slots=True)
 class InstanceState:
     window_seconds: float
     health: HealthRun = field(default_factory=HealthRun)

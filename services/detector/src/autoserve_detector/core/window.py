@@ -13,44 +13,54 @@ whole window or more restarts the window there.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from array import array
 
-
-@dataclass(slots=True)
-class _Bucket:
-    index: int
-    first_at: float
-    counts: dict[str, int] = field(default_factory=dict)
+EMPTY = -(2**62)  # a slot that holds no bucket
 
 
 class BucketWindow:
+    """Per-slot arrays of machine numbers, not an object per bucket: a window allocates
+    nothing that lives on as it slides, and the cycle collector has nothing in it to
+    traverse. A detector's state (thousands of instances, each with windows 60 buckets
+    long) used to make every full collection slow and frequent, the detector's latency
+    spikes (measured: 25 to 110 ms each); see ``bench/RESULTS.md``."""
+
+    __slots__ = ("_buckets", "_counts", "_first", "_index", "_newest", "_totals", "_width", "window_seconds")
+
     def __init__(self, window_seconds: float, buckets: int = 60) -> None:
         self.window_seconds = window_seconds
         self._width = window_seconds / buckets
         self._buckets = buckets
-        self._slots: list[_Bucket | None] = [None] * buckets
-        self._newest = -1  # the highest bucket index seen; the window ends there
+        self._index = array("q", [EMPTY]) * buckets  # the bucket each slot holds
+        self._first = array("d", [0.0]) * buckets  # the earliest time added to each slot
+        self._counts: dict[str, array[int]] = {}  # key -> its count in each slot
         self._totals: dict[str, int] = {}
+        self._newest = -1  # the highest bucket index seen; the window ends there
 
     def add(self, at: float, key: str, n: int = 1) -> None:
         index = self._advance(at)
         slot = index % self._buckets
-        bucket = self._slots[slot]
-        if bucket is None:
-            bucket = self._slots[slot] = _Bucket(index, at)
-        elif at < bucket.first_at:
-            bucket.first_at = at
-        bucket.counts[key] = bucket.counts.get(key, 0) + n
+        if self._index[slot] != index:
+            self._clear(slot)
+            self._index[slot] = index
+            self._first[slot] = at
+        elif at < self._first[slot]:
+            self._first[slot] = at
+        counts = self._counts.get(key)
+        if counts is None:
+            counts = self._counts[key] = array("q", [0]) * self._buckets
+        counts[slot] += n
         self._totals[key] = self._totals.get(key, 0) + n
 
     def count(self, now: float, key: str) -> int:
         index = self._advance(now)
         if index == self._newest:
             return self._totals.get(key, 0)
-        return sum(b.counts.get(key, 0) for b in self._live(index))
+        counts = self._counts.get(key)
+        return sum(counts[slot] for slot in self._live(index)) if counts else 0
 
     def first_at(self, now: float) -> float | None:
-        times = [b.first_at for b in self._live(self._advance(now))]
+        times = [self._first[slot] for slot in self._live(self._advance(now))]
         return min(times) if times else None
 
     def _advance(self, at: float) -> int:
@@ -60,19 +70,25 @@ class BucketWindow:
         or the window would stay blind until real time caught up."""
         index = int(at // self._width)
         if index <= self._newest - self._buckets:
-            self._slots = [None] * self._buckets
+            self._index = array("q", [EMPTY]) * self._buckets
+            self._counts = {}
             self._totals = {}
             self._newest = index
         elif index > self._newest:
             keep_from = index - self._buckets + 1
-            for slot, bucket in enumerate(self._slots):
-                if bucket is not None and bucket.index < keep_from:
-                    for key, n in bucket.counts.items():
-                        self._totals[key] -= n
-                    self._slots[slot] = None
+            for slot, held in enumerate(self._index):
+                if held != EMPTY and held < keep_from:
+                    self._clear(slot)
             self._newest = index
         return index
 
-    def _live(self, index: int) -> list[_Bucket]:
+    def _clear(self, slot: int) -> None:
+        for key, counts in self._counts.items():
+            if counts[slot]:
+                self._totals[key] -= counts[slot]
+                counts[slot] = 0
+        self._index[slot] = EMPTY
+
+    def _live(self, index: int) -> list[int]:
         oldest = index - self._buckets + 1
-        return [b for b in self._slots if b is not None and oldest <= b.index <= index]
+        return [slot for slot, held in enumerate(self._index) if oldest <= held <= index]
