@@ -22,10 +22,20 @@ class BucketWindow:
     """Per-slot arrays of machine numbers, not an object per bucket: a window allocates
     nothing that lives on as it slides, and the cycle collector has nothing in it to
     traverse. A detector's state (thousands of instances, each with windows 60 buckets
-    long) used to make every full collection slow and frequent, the detector's latency
-    spikes (measured: 25 to 110 ms each); see ``bench/RESULTS.md``."""
+    long) used to make every full collection slow and frequent: the detector's latency
+    spikes (139-172 ms a collection at 5,000 instances; see ``bench/RESULTS.md``)."""
 
-    __slots__ = ("_buckets", "_counts", "_first", "_index", "_newest", "_totals", "_width", "window_seconds")
+    __slots__ = (
+        "_buckets",
+        "_counts",
+        "_earliest",
+        "_first",
+        "_index",
+        "_newest",
+        "_totals",
+        "_width",
+        "window_seconds",
+    )
 
     def __init__(self, window_seconds: float, buckets: int = 60) -> None:
         self.window_seconds = window_seconds
@@ -36,6 +46,7 @@ class BucketWindow:
         self._counts: dict[str, array[int]] = {}  # key -> its count in each slot
         self._totals: dict[str, int] = {}
         self._newest = -1  # the highest bucket index seen; the window ends there
+        self._earliest: float | None = None  # first_at(newest) when known: asked on every failure
 
     def add(self, at: float, key: str, n: int = 1) -> None:
         index = self._advance(at)
@@ -46,6 +57,8 @@ class BucketWindow:
             self._first[slot] = at
         elif at < self._first[slot]:
             self._first[slot] = at
+        if self._earliest is not None and at < self._earliest:
+            self._earliest = at
         counts = self._counts.get(key)
         if counts is None:
             counts = self._counts[key] = array("q", [0]) * self._buckets
@@ -60,8 +73,13 @@ class BucketWindow:
         return sum(counts[slot] for slot in self._live(index)) if counts else 0
 
     def first_at(self, now: float) -> float | None:
-        times = [self._first[slot] for slot in self._live(self._advance(now))]
-        return min(times) if times else None
+        index = self._advance(now)
+        if index == self._newest and self._earliest is not None:
+            return self._earliest
+        earliest = min((self._first[slot] for slot in self._live(index)), default=None)
+        if index == self._newest:
+            self._earliest = earliest
+        return earliest
 
     def _advance(self, at: float) -> int:
         """Move the window's end to ``at`` if that is later, dropping the buckets that
@@ -73,6 +91,7 @@ class BucketWindow:
             self._index = array("q", [EMPTY]) * self._buckets
             self._counts = {}
             self._totals = {}
+            self._earliest = None
             self._newest = index
         elif index > self._newest:
             keep_from = index - self._buckets + 1
@@ -88,6 +107,7 @@ class BucketWindow:
                 self._totals[key] -= counts[slot]
                 counts[slot] = 0
         self._index[slot] = EMPTY
+        self._earliest = None
 
     def _live(self, index: int) -> list[int]:
         oldest = index - self._buckets + 1
