@@ -673,3 +673,41 @@ def test_every_deploy_file_gives_each_user_its_own_inbox_prefix() -> None:
     assert (
         "Environment=AUTOSERVE_NATS_USER=%i\n" in unit and "Environment=AUTOSERVE_NATS_INBOX_PREFIX=_INBOX_%i\n" in unit
     )
+
+
+async def test_an_nkey_user_connects_with_its_seed_file_and_a_wrong_seed_is_refused(tmp_path: Path) -> None:
+    """AUTOSERVE_NATS_NKEY: the server knows the user only by its public key; the client
+    signs the server's nonce with the seed (nats-py's nkeys extra, installed)."""
+    import nkeys
+
+    def seed_file(name: str) -> tuple[Path, str]:
+        seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+        path = tmp_path / f"{name}.nk"
+        path.write_bytes(seed + b"\n")
+        path.chmod(0o600)
+        return path, nkeys.from_seed(bytearray(seed)).public_key.decode()
+
+    good, public = seed_file("service")
+    wrong, _ = seed_file("stranger")
+    conf = tmp_path / "nkey.conf"
+    conf.write_text(f'jetstream {{}}\nauthorization {{ users = [ {{ nkey: "{public}" }} ] }}\n')
+    server = SecureNats(tmp_path / "nkey-nats", conf=conf).start()
+    try:
+        auth = NatsAuth.from_env({"AUTOSERVE_NATS_NKEY": str(good)})
+        assert repr(auth) == "nkey" and good.read_text().strip() not in repr(auth) + str(auth.describe())
+        nc = await connect(server.url, "nkey", timeout=10, auth=auth)
+        got: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+        async def on_message(msg: Msg) -> None:
+            if not got.done():
+                got.set_result(msg.data)
+
+        await nc.subscribe("autoserve.nkey.check", cb=on_message)
+        await nc.publish("autoserve.nkey.check", b"signed in")
+        assert await asyncio.wait_for(got, 10) == b"signed in"
+        await nc.close()
+        with pytest.raises((nats.errors.Error, OSError)):
+            await connect(server.url, "stranger", timeout=5, auth=NatsAuth.from_env({"AUTOSERVE_NATS_NKEY": str(wrong)}),
+                          max_reconnect_attempts=0, allow_reconnect=False)  # fmt: skip
+    finally:
+        server.stop()
