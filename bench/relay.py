@@ -1,8 +1,9 @@
 """The detector's bare peer for detection latency: a nats-py relay with no fold and no
 bookkeeping. It reads AUTOSERVE_PROBES from a push consumer and, for each failing probe,
-publishes the two outputs the detector would (ids derived the same way) as JetStream
-publishes, acknowledging its input every 200 messages. What is left of the detector's
-latency beside it is the price of its logic and its guarantees.
+publishes a failure and a health output with the ids the detector derives (the detector
+publishes the health one only on a transition, so the relay does at least its I/O) as
+JetStream publishes, acknowledging its input every 200 messages. What is left of the
+detector's latency beside it is the price of its logic and its guarantees.
 
 ``python -m bench.relay <nats url>``; prints "relay started" once consuming.
 """
