@@ -7,6 +7,9 @@ waits for the admin to provision."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import json
 import os
 import secrets
 import ssl
@@ -17,6 +20,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import nats
 import nats.errors
@@ -708,6 +712,76 @@ async def test_an_nkey_user_connects_with_its_seed_file_and_a_wrong_seed_is_refu
         await nc.close()
         with pytest.raises((nats.errors.Error, OSError)):
             await connect(server.url, "stranger", timeout=5, auth=NatsAuth.from_env({"AUTOSERVE_NATS_NKEY": str(wrong)}),
+                          max_reconnect_attempts=0, allow_reconnect=False)  # fmt: skip
+    finally:
+        server.stop()
+
+
+def signed_jwt(issuer: Any, subject: str, name: str, nats_claims: dict[str, Any]) -> str:
+    """A NATS JWT (v2) signed by ``issuer``'s nkey, as ``nsc`` writes them."""
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+    claims = {"iat": int(time.time()), "iss": issuer.public_key.decode(), "name": name, "sub": subject,
+              "nats": {"version": 2, **nats_claims}}  # fmt: skip
+    claims["jti"] = base64.b32encode(hashlib.sha256(json.dumps(claims).encode()).digest()).decode().rstrip("=")
+    header = b64(json.dumps({"typ": "JWT", "alg": "ed25519-nkey"}).encode())
+    signed = f"{header}.{b64(json.dumps(claims).encode())}"
+    return f"{signed}.{b64(issuer.sign(signed.encode()))}"
+
+
+async def test_a_creds_file_signs_in_on_an_operator_mode_server_and_an_untrusted_one_is_refused(tmp_path: Path) -> None:
+    """AUTOSERVE_NATS_CREDS: a user JWT and its seed in one file (the decentralised auth of
+    ``nsc``). The operator trusts one account; a user issued by another is refused."""
+    import nkeys
+
+    def keypair(prefix: int) -> tuple[bytes, Any]:
+        seed = nkeys.encode_seed(os.urandom(32), prefix)
+        return seed, nkeys.from_seed(bytearray(seed))
+
+    unlimited = {"subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1, "wildcards": True,
+                 "conn": -1, "leaf": -1}  # fmt: skip
+    _, operator = keypair(nkeys.PREFIX_BYTE_OPERATOR)
+    _, account = keypair(nkeys.PREFIX_BYTE_ACCOUNT)
+    _, stranger = keypair(nkeys.PREFIX_BYTE_ACCOUNT)
+    account_pub = account.public_key.decode()
+    conf = tmp_path / "operator.conf"
+    conf.write_text(
+        f'operator: "{signed_jwt(operator, operator.public_key.decode(), "test", {"type": "operator"})}"\n'
+        f"resolver: MEMORY\n"
+        f'resolver_preload: {{ {account_pub}: "{signed_jwt(operator, account_pub, "autoserve", {"type": "account", "limits": unlimited})}" }}\n'
+    )
+
+    def creds(name: str, issuer: Any) -> Path:
+        seed, user = keypair(nkeys.PREFIX_BYTE_USER)
+        token = signed_jwt(issuer, user.public_key.decode(), name, {"type": "user", "pub": {}, "sub": {},
+                                                                     "subs": -1, "data": -1, "payload": -1})  # fmt: skip
+        path = tmp_path / f"{name}.creds"
+        path.write_text(f"-----BEGIN NATS USER JWT-----\n{token}\n------END NATS USER JWT------\n\n"
+                        f"-----BEGIN USER NKEY SEED-----\n{seed.decode()}\n------END USER NKEY SEED------\n")  # fmt: skip
+        path.chmod(0o600)
+        return path
+
+    good, untrusted = creds("prober", account), creds("intruder", stranger)
+    server = SecureNats(tmp_path / "operator-nats", conf=conf).start()
+    try:
+        auth = NatsAuth.from_env({"AUTOSERVE_NATS_CREDS": str(good)})
+        assert repr(auth) == "creds file"
+        nc = await connect(server.url, "creds", timeout=10, auth=auth)
+        got: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+        async def on_message(msg: Msg) -> None:
+            if not got.done():
+                got.set_result(msg.data)
+
+        await nc.subscribe("autoserve.creds.check", cb=on_message)
+        await nc.publish("autoserve.creds.check", b"signed in")
+        assert await asyncio.wait_for(got, 10) == b"signed in"
+        await nc.close()
+        with pytest.raises((nats.errors.Error, OSError)):
+            await connect(server.url, "intruder", timeout=5,
+                          auth=NatsAuth.from_env({"AUTOSERVE_NATS_CREDS": str(untrusted)}),
                           max_reconnect_attempts=0, allow_reconnect=False)  # fmt: skip
     finally:
         server.stop()
