@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import platform
 import subprocess
+import time
 from importlib.metadata import version
 from pathlib import Path
 
@@ -34,6 +35,32 @@ def versions() -> str:
     return "; ".join(parts)
 
 
+def machine_speed_ms(probes: int = 20_000) -> float:
+    """A fixed single-thread workload: a fresh detector core folds ``probes`` probes; the
+    fastest of 3, in ms. Taken at the start and the end of a run, it says how fast this
+    shared machine was then, so runs on different days can be compared by it."""
+    from autoserve_detector.core.detector import Detector
+
+    from bench.detector import probe
+
+    inputs = [probe(n, 2000, 1_800_000_000.0 + n / 2000) for n in range(probes)]
+    best = float("inf")
+    for _ in range(3):
+        detector = Detector()
+        started = time.perf_counter()
+        for event in inputs:
+            detector.apply(event)
+        best = min(best, time.perf_counter() - started)
+    return best * 1000
+
+
+def speed_line(before_ms: float, after_ms: float) -> str:
+    return (
+        f"- Machine speed: a fixed workload (one detector core folding 20,000 probes) took {before_ms:.0f} ms at "
+        f"the start and {after_ms:.0f} ms at the end (lower is faster; compare runs by it)"
+    )
+
+
 def write_report(
     path: Path,
     title: str,
@@ -42,6 +69,7 @@ def write_report(
     wall_s: float,
     started: datetime.datetime,
     detail: str = "",
+    speed_ms: tuple[float, float] | None = None,
 ) -> None:
     cpus, model = machine()
     lines = [
@@ -53,6 +81,7 @@ def write_report(
         f"- Machine: nproc {cpus}, {model}, {machine_memory()}, {platform.system()} {platform.release()}",
         f"- Command: `{command}` (from the repository root){detail}",
         f"- Wall time of the run: {wall_s:.0f} s",
+        *([speed_line(*speed_ms)] if speed_ms else []),
         f"- Versions: {versions()}",
         "- Every process (nginx, nats-server, blackbox_exporter, wrk, the prober) runs on this machine "
         "and talks to 127.0.0.1 only.",

@@ -31,7 +31,7 @@ from bench.common import BENCH_DIR, LOG_DIR, WORK_DIR, Table, apply_config, envi
 from bench.detector import detector_tables
 from bench.probe_cost import probe_cost_samples, probe_cost_table
 from bench.recovery import recovery_tables
-from bench.report import write_report
+from bench.report import machine_speed_ms, write_report
 from bench.reporter import reporter_tables
 from bench.scale import ScaleResult, run_scale, scale_table
 from bench.transports import VARIANTS, run_variant
@@ -150,7 +150,9 @@ def main() -> int:
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     started = datetime.datetime.now(datetime.UTC)
     wall0 = time.monotonic()
+    speed_before = machine_speed_ms()
     tables = asyncio.run(run(args))
+    speed = (speed_before, machine_speed_ms())
     wall = time.monotonic() - wall0
     CONSOLE.print(f"wall time {wall:.0f} s; logs and scratch files under {WORK_DIR}")
     if not args.no_write:
@@ -158,7 +160,8 @@ def main() -> int:
             command, detail = f".venv/bin/python bench/run.py {' '.join(sys.argv[1:])}", ""
         else:
             command, detail = "make bench", ", which runs `.venv/bin/python bench/run.py`"
-        write_report(BENCH_DIR / "RESULTS.md", "AutoServe Health benchmarks", command, tables, wall, started, detail)
+        write_report(BENCH_DIR / "RESULTS.md", "AutoServe Health benchmarks", command, tables, wall, started, detail,
+                     speed)  # fmt: skip
         CONSOLE.print(f"wrote {BENCH_DIR / 'RESULTS.md'}")
     return 0
 
