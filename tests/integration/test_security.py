@@ -679,6 +679,20 @@ def test_every_deploy_file_gives_each_user_its_own_inbox_prefix() -> None:
     )
 
 
+async def signed_in_round_trip(nc: Client) -> None:
+    """A message published and received on the signed-in connection, which is then closed."""
+    got: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    async def on_message(msg: Msg) -> None:
+        if not got.done():
+            got.set_result(msg.data)
+
+    await nc.subscribe("autoserve.auth.check", cb=on_message)
+    await nc.publish("autoserve.auth.check", b"signed in")
+    assert await asyncio.wait_for(got, 10) == b"signed in"
+    await nc.close()
+
+
 async def test_an_nkey_user_connects_with_its_seed_file_and_a_wrong_seed_is_refused(tmp_path: Path) -> None:
     """AUTOSERVE_NATS_NKEY: the server knows the user only by its public key; the client
     signs the server's nonce with the seed (nats-py's nkeys extra, installed)."""
@@ -700,16 +714,7 @@ async def test_an_nkey_user_connects_with_its_seed_file_and_a_wrong_seed_is_refu
         auth = NatsAuth.from_env({"AUTOSERVE_NATS_NKEY": str(good)})
         assert repr(auth) == "nkey" and good.read_text().strip() not in repr(auth) + str(auth.describe())
         nc = await connect(server.url, "nkey", timeout=10, auth=auth)
-        got: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-
-        async def on_message(msg: Msg) -> None:
-            if not got.done():
-                got.set_result(msg.data)
-
-        await nc.subscribe("autoserve.nkey.check", cb=on_message)
-        await nc.publish("autoserve.nkey.check", b"signed in")
-        assert await asyncio.wait_for(got, 10) == b"signed in"
-        await nc.close()
+        await signed_in_round_trip(nc)
         with pytest.raises((nats.errors.Error, OSError)):
             await connect(server.url, "stranger", timeout=5, auth=NatsAuth.from_env({"AUTOSERVE_NATS_NKEY": str(wrong)}),
                           max_reconnect_attempts=0, allow_reconnect=False)  # fmt: skip
@@ -769,16 +774,7 @@ async def test_a_creds_file_signs_in_on_an_operator_mode_server_and_an_untrusted
         auth = NatsAuth.from_env({"AUTOSERVE_NATS_CREDS": str(good)})
         assert repr(auth) == "creds file"
         nc = await connect(server.url, "creds", timeout=10, auth=auth)
-        got: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-
-        async def on_message(msg: Msg) -> None:
-            if not got.done():
-                got.set_result(msg.data)
-
-        await nc.subscribe("autoserve.creds.check", cb=on_message)
-        await nc.publish("autoserve.creds.check", b"signed in")
-        assert await asyncio.wait_for(got, 10) == b"signed in"
-        await nc.close()
+        await signed_in_round_trip(nc)
         with pytest.raises((nats.errors.Error, OSError)):
             await connect(server.url, "intruder", timeout=5,
                           auth=NatsAuth.from_env({"AUTOSERVE_NATS_CREDS": str(untrusted)}),
