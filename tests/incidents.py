@@ -13,19 +13,16 @@ def incident_events(
     strategy: RecoveryStrategy = RecoveryStrategy.RESTART_CONTAINER,
 ) -> list[Event]:
     """The events of one incident starting at ``at`` and healthy again ``ttr`` seconds later."""
+
+    def health(healthy: bool, consecutive: int, reason: str, timestamp: float) -> HealthChanged:
+        return HealthChanged(instance_id=instance, app_name=app, healthy=healthy, previous=not healthy,
+                             consecutive=consecutive, reason=reason, timestamp=timestamp)  # fmt: skip
+
     failure = FailureDetected(failure_type=FailureType.PORT_NOT_LISTENING, instance_id=instance, app_name=app,
                               severity="low", message="refused", timestamp=at)  # fmt: skip
     return [
         failure,
-        HealthChanged(
-            instance_id=instance,
-            app_name=app,
-            healthy=False,
-            previous=True,
-            consecutive=3,
-            reason="3 failures",
-            timestamp=at + 1,
-        ),
+        health(False, 3, "3 failures", at + 1),
         RecoveryExecuted(
             strategy=strategy,
             failure_type=failure.failure_type,
@@ -36,13 +33,5 @@ def incident_events(
             duration_ms=300.0,
             failure_event_id=failure.event_id,
         ),
-        HealthChanged(
-            instance_id=instance,
-            app_name=app,
-            healthy=True,
-            previous=False,
-            consecutive=1,
-            reason="recovered",
-            timestamp=at + ttr,
-        ),
+        health(True, 1, "recovered", at + ttr),
     ]
