@@ -1,16 +1,20 @@
 -- AutoServe Health: ClickHouse users and roles for a ClickHouse server (not chDB, the
 -- embedded engine, which has no users). Run once as an administrator:
 --   clickhouse-client --multiquery --param_reporter_password="$(cat secrets/clickhouse-reporter.password)" \
---                     --param_reader_password="$(cat secrets/clickhouse-reader.password)" < deploy/clickhouse-users.sql
+--                     --param_reader_password="$(cat secrets/clickhouse-reader.password)" \
+--                     --param_migrator_password="$(cat secrets/clickhouse-migrator.password)" < deploy/clickhouse-users.sql
 -- Passwords arrive as query parameters, never in this file (ClickHouse stores only a hash).
 --
--- Least privilege, per database `autoserve`:
---   autoserve_writer   INSERT on autoserve.* only                (the reporter's batches)
---   autoserve_reader   SELECT on autoserve.* only                (reports, dashboards, people)
---   autoserve_schema   CREATE TABLE and ALTER TTL on autoserve.*  (the reporter's start-up
---                      migrations and retention; no DROP, no TRUNCATE, no ALTER DELETE/UPDATE)
--- The reporter gets writer + reader (its report API reads) + schema; a person or a
--- dashboard gets reader only, with readonly = 1 so no setting can widen it.
+-- Least privilege, per database `autoserve`; each user has one role:
+--   reporter  autoserve_writer  INSERT on autoserve.* only: the reporter's batches
+--             (AUTOSERVE_CLICKHOUSE_URL, with AUTOSERVE_REPORTER_MIGRATE=false)
+--   reader    autoserve_reader  SELECT on autoserve.* only, readonly = 1 so no setting can
+--             widen it: the reporter's report API (AUTOSERVE_CLICKHOUSE_READ_URL),
+--             dashboards and people
+--   migrator  autoserve_schema  CREATE TABLE and ALTER TTL on autoserve.*, and its own
+--             migrations log: `autoserve migrate` before the reporter starts (no DROP, no
+--             TRUNCATE, no ALTER DELETE/UPDATE)
+-- tests/integration/test_reporter_privileges.py runs these grants on the real engine.
 
 CREATE DATABASE IF NOT EXISTS autoserve;
 
@@ -22,14 +26,15 @@ GRANT SELECT ON autoserve.* TO autoserve_reader;
 
 CREATE ROLE IF NOT EXISTS autoserve_schema;
 GRANT CREATE TABLE, ALTER TTL ON autoserve.* TO autoserve_schema;
+GRANT SELECT, INSERT ON autoserve.autoserve_schema_migrations TO autoserve_schema;
 
 CREATE SETTINGS PROFILE IF NOT EXISTS autoserve_readonly SETTINGS readonly = 1;
 
 CREATE USER IF NOT EXISTS reporter
     IDENTIFIED WITH sha256_password BY {reporter_password:String}
     DEFAULT DATABASE autoserve;
-GRANT autoserve_writer, autoserve_reader, autoserve_schema TO reporter;
-SET DEFAULT ROLE autoserve_writer, autoserve_reader, autoserve_schema TO reporter;
+GRANT autoserve_writer TO reporter;
+SET DEFAULT ROLE autoserve_writer TO reporter;
 
 CREATE USER IF NOT EXISTS reader
     IDENTIFIED WITH sha256_password BY {reader_password:String}
@@ -37,3 +42,9 @@ CREATE USER IF NOT EXISTS reader
     SETTINGS PROFILE autoserve_readonly;
 GRANT autoserve_reader TO reader;
 SET DEFAULT ROLE autoserve_reader TO reader;
+
+CREATE USER IF NOT EXISTS migrator
+    IDENTIFIED WITH sha256_password BY {migrator_password:String}
+    DEFAULT DATABASE autoserve;
+GRANT autoserve_schema TO migrator;
+SET DEFAULT ROLE autoserve_schema TO migrator;

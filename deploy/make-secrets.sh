@@ -8,7 +8,7 @@ mkdir -p "$dir"
 chmod 700 "$dir"
 umask 077
 : > "$dir/nats.env.tmp"
-for user in prober detector breaker recovery reporter alerter admin operator client clickhouse-reporter clickhouse-reader; do
+for user in prober detector breaker recovery reporter alerter admin operator client clickhouse-reporter clickhouse-reader clickhouse-migrator; do
   file="$dir/$user.password"
   [ -s "$file" ] || head -c 24 /dev/urandom | base64 | tr -d '/+=\n' > "$file"
   case "$user" in
@@ -17,7 +17,14 @@ for user in prober detector breaker recovery reporter alerter admin operator cli
   esac
 done
 mv "$dir/nats.env.tmp" "$dir/nats.env"
-# The reporter's ClickHouse URL carries its password (the reporter logs it redacted).
-printf 'AUTOSERVE_CLICKHOUSE_URL=http://reporter:%s@clickhouse:8123/autoserve\n' \
-  "$(cat "$dir/clickhouse-reporter.password")" > "$dir/reporter-clickhouse.env"
+# ClickHouse URLs carry their passwords (logged redacted): the reporter writes as `reporter`
+# (INSERT only) and reads its reports as `reader` (SELECT only); `autoserve migrate` creates
+# the tables as `migrator`. See clickhouse-users.sql.
+ch() { printf 'http://%s:%s@clickhouse:8123/autoserve' "$1" "$(cat "$dir/clickhouse-$1.password")"; }
+{
+  printf 'AUTOSERVE_CLICKHOUSE_URL=%s\n' "$(ch reporter)"
+  printf 'AUTOSERVE_CLICKHOUSE_READ_URL=%s\n' "$(ch reader)"
+  printf 'AUTOSERVE_REPORTER_MIGRATE=false\n'
+} > "$dir/reporter-clickhouse.env"
+printf 'AUTOSERVE_CLICKHOUSE_URL=%s\n' "$(ch migrator)" > "$dir/migrator-clickhouse.env"
 echo "secrets in $dir"

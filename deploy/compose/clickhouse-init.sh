@@ -4,4 +4,5 @@ set -eu
 clickhouse-client --multiquery \
   --param_reporter_password="$(cat /run/secrets/clickhouse_reporter_password)" \
   --param_reader_password="$(cat /run/secrets/clickhouse_reader_password)" \
+  --param_migrator_password="$(cat /run/secrets/clickhouse_migrator_password)" \
   < /etc/autoserve/clickhouse-users.sql

@@ -86,6 +86,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--clickhouse-url", help="reporter: env AUTOSERVE_CLICKHOUSE_URL; default chdb://<data dir>/clickhouse"
     )
+    run.add_argument(
+        "--clickhouse-read-url",
+        help="reporter: where reports read, e.g. a SELECT-only user (env AUTOSERVE_CLICKHOUSE_READ_URL; "
+        "default the --clickhouse-url)",
+    )
     run.add_argument("--data-dir", help="reporter: env AUTOSERVE_DATA_DIR (default ./.autoserve)")
     run.add_argument(
         "--listen", help="reporter: report API HOST:PORT (env AUTOSERVE_REPORTER_LISTEN; default 127.0.0.1:8710)"
@@ -104,6 +109,17 @@ def _parser() -> argparse.ArgumentParser:
     docker.add_argument("--no-docker", dest="docker", action="store_false", help="turn Docker discovery off")
     # env AUTOSERVE_DOCKER=true|false; unset: use Docker if its socket is there
     run.set_defaults(docker={"true": True, "1": True, "false": False, "0": False}.get(_env("AUTOSERVE_DOCKER", "")))
+
+    migrate = commands.add_parser(
+        "migrate", help="create or upgrade the reporter's ClickHouse tables, set their retention, and exit"
+    )
+    migrate.add_argument(
+        "--clickhouse-url", help="env AUTOSERVE_CLICKHOUSE_URL (a user with CREATE TABLE and ALTER TTL); "
+        "default chdb://<data dir>/clickhouse"
+    )  # fmt: skip
+    migrate.add_argument("--data-dir", help="env AUTOSERVE_DATA_DIR (default ./.autoserve)")
+    migrate.add_argument("--metrics-retention-days", help="env AUTOSERVE_METRICS_RETENTION_DAYS (default 30)")
+    migrate.add_argument("--events-retention-days", help="env AUTOSERVE_EVENTS_RETENTION_DAYS (default 90)")
 
     for name, text in (
         ("check", "validate a config file"),
@@ -227,6 +243,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         request_endpoint(args.metrics_host, args.metrics_port)
         return importlib.import_module(SERVICES[args.service]).run_service(args)
+    if args.command == "migrate":
+        from autoserve_reporter.main import run_migrations
+
+        return run_migrations(args)
     if args.command == "status":
         from .status import show_status
 

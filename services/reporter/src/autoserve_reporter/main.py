@@ -1,15 +1,20 @@
-"""``autoserve run reporter``."""
+"""``autoserve run reporter`` and ``autoserve migrate``."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
+import sys
 from pathlib import Path
+
+from clickhouse_connect.driver.exceptions import ClickHouseError
 
 from autoserve_runtime import serve
 
 from .adapters.api import DEFAULT_LISTEN
-from .adapters.clickhouse import default_url
+from .adapters.clickhouse import Store, default_url, describe
+from .adapters.migrations import apply_retention, migrate
 from .service import ReporterService, ReporterSettings
 
 
@@ -23,6 +28,13 @@ def _days(name: str, value: object) -> int:
     return days
 
 
+def _flag(name: str, value: str) -> bool:
+    truth = {"true": True, "1": True, "false": False, "0": False}.get(value.strip().lower())
+    if truth is None:
+        raise SystemExit(f"autoserve run reporter: {name}: must be true or false, got {value!r}")
+    return truth
+
+
 def settings_from(args: argparse.Namespace) -> ReporterSettings:
     """Flags first, then the environment, then defaults (``up`` passes AUTOSERVE_DATA_DIR)."""
     env = os.environ.get
@@ -31,6 +43,8 @@ def settings_from(args: argparse.Namespace) -> ReporterSettings:
         clickhouse_url=getattr(args, "clickhouse_url", None)
         or env("AUTOSERVE_CLICKHOUSE_URL")
         or default_url(data_dir),
+        clickhouse_read_url=getattr(args, "clickhouse_read_url", None) or env("AUTOSERVE_CLICKHOUSE_READ_URL"),
+        migrate=_flag("AUTOSERVE_REPORTER_MIGRATE", env("AUTOSERVE_REPORTER_MIGRATE") or "true"),
         listen=getattr(args, "listen", None) or env("AUTOSERVE_REPORTER_LISTEN") or DEFAULT_LISTEN,
         metrics_retention_days=_days(
             "metrics retention",
@@ -49,3 +63,27 @@ def run_service(args: argparse.Namespace) -> int:
     except ValueError as exc:  # a bad URL or listen address: say which, do not start
         raise SystemExit(f"autoserve run reporter: {exc}") from None
     return serve("reporter", service.run)
+
+
+def run_migrations(args: argparse.Namespace) -> int:
+    """Create or upgrade the tables and set their retention, then exit: the one step that
+    needs CREATE TABLE and ALTER TTL, so the reporter itself can run with INSERT only."""
+    settings = settings_from(args)
+
+    async def main() -> list[int]:
+        store = Store(settings.clickhouse_url)
+        try:
+            applied = await migrate(store)
+            await apply_retention(store, settings.metrics_retention_days, settings.events_retention_days)
+            return applied
+        finally:
+            await store.close()
+
+    where = describe(settings.clickhouse_url)
+    try:
+        applied = asyncio.run(main())
+    except ClickHouseError as exc:  # refused, unreachable, or not allowed: say so, change nothing more
+        print(f"autoserve migrate: {where}: {exc}", file=sys.stderr)
+        return 1
+    print(f"{where}: migrations applied: {applied}" if applied else f"{where}: schema up to date")
+    return 0

@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import structlog
 from aiohttp import web
@@ -36,7 +37,7 @@ from autoserve_runtime import (
 from .adapters.api import DEFAULT_LISTEN, build_app, parse_listen
 from .adapters.batcher import BatchWriter
 from .adapters.clickhouse import Store, describe
-from .adapters.migrations import apply_retention, migrate
+from .adapters.migrations import SchemaNotReady, apply_retention, check_schema, migrate
 from .adapters.queries import Reports
 from .core.rows import EVENT_COLUMNS, EVENTS_TABLE, METRIC_COLUMNS, METRICS_TABLE, event_row, metric_rows
 
@@ -48,6 +49,12 @@ SERVICE = "reporter"
 @dataclass(frozen=True)
 class ReporterSettings:
     clickhouse_url: str
+    # Reports read through this URL when given (a SELECT-only user); batches are written
+    # through clickhouse_url. With chDB both are the one engine of this process.
+    clickhouse_read_url: str | None = None
+    # Off in a least-privilege deployment: `autoserve migrate` creates the tables, and the
+    # reporter only checks them (see adapters/migrations.py).
+    migrate: bool = True
     listen: str = DEFAULT_LISTEN
     metrics_retention_days: int = 30
     events_retention_days: int = 90
@@ -82,7 +89,16 @@ class ReporterService:
         self.settings = settings
         self.host, self.port = parse_listen(settings.listen)
         self.store = Store(settings.clickhouse_url)
-        self.reports = Reports(self.store)
+        self.read_store = self.store
+        read_url = settings.clickhouse_read_url
+        if read_url and read_url != settings.clickhouse_url:
+            if "chdb" in (urlsplit(read_url).scheme, urlsplit(settings.clickhouse_url).scheme):
+                raise ValueError(
+                    f"clickhouse read url {describe(read_url)!r}: chDB is one engine per process, "
+                    "so a separate read URL needs ClickHouse servers (http or https) for both"
+                )
+            self.read_store = Store(read_url)
+        self.reports = Reports(self.read_store)
         self.metrics: BatchWriter | None = None
         self.events: BatchWriter | None = None
         self.consumers: list[EventConsumer] = []
@@ -118,11 +134,23 @@ class ReporterService:
 
     # -- lifecycle -------------------------------------------------------------------------
 
+    async def _prepare_schema(self) -> list[int]:
+        s = self.settings
+        if s.migrate:
+            applied = await migrate(self.store)
+            await apply_retention(self.store, s.metrics_retention_days, s.events_retention_days)
+            return applied
+        try:
+            await check_schema(self.store)
+        except SchemaNotReady as exc:
+            log.error("reporter cannot start", reason=str(exc))
+            raise SystemExit(f"autoserve run reporter: {exc}") from None
+        return []
+
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
         started = time.monotonic()
-        applied = await migrate(self.store)
-        await apply_retention(self.store, s.metrics_retention_days, s.events_retention_days)
+        applied = await self._prepare_schema()
         nc = await connect(self.nats_url, "autoserve-reporter")
         js = nc.jetstream()
         await provision(js)
@@ -154,5 +182,6 @@ class ReporterService:
             await publisher.close()
             await cancel_all([watcher])
             await close_nats(nc)
-            await self.store.close()
+            for store in {self.store, self.read_store}:
+                await store.close()
             log.info("reporter stopped", **self.status())

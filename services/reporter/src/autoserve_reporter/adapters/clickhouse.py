@@ -1,6 +1,10 @@
 """ClickHouse through clickhouse-connect: ``chdb://<path>`` (the engine in-process) or
 ``http(s)://host:8123`` (a server), one code path.
 
+A chDB URL's query holds engine options: ``database`` picks the database, and any other
+key is passed to the engine as ``--key=value`` (``config-file=users.xml`` gives the engine
+users and grants, as a server has). One process holds one chDB engine.
+
 clickhouse-connect is synchronous, so every call runs on one dedicated thread: the event
 loop keeps consuming while a batch is written (chDB releases the GIL while it works), and
 one thread means one client is never used by two callers at once.
@@ -14,7 +18,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import clickhouse_connect
 import structlog
@@ -43,6 +47,16 @@ def describe(url: str) -> str:
     return url.replace(f":{password}@", ":***@") if password else url
 
 
+def _client_for(url: str) -> Client:
+    if not url.startswith("chdb://"):
+        return clickhouse_connect.get_client(dsn=url, compress=False)
+    parts = urlsplit(url)
+    options = dict(parse_qsl(parts.query))
+    database = options.pop("database", None)
+    Path(parts.path).mkdir(parents=True, exist_ok=True)
+    return clickhouse_connect.get_client(dsn=f"chdb://{parts.path}", database=database, chdb_options=options or None)
+
+
 class Store:
     def __init__(self, url: str) -> None:
         self.url = check_url(url)
@@ -51,9 +65,7 @@ class Store:
 
     def _connect(self) -> Client:
         if self._client is None:
-            if self.url.startswith("chdb://"):
-                Path(urlsplit(self.url).path).mkdir(parents=True, exist_ok=True)
-            self._client = clickhouse_connect.get_client(dsn=self.url, compress=False)
+            self._client = _client_for(self.url)
         return self._client
 
     def _call(self, fn: Callable[[Client], T]) -> T:

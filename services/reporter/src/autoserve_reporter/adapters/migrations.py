@@ -9,6 +9,11 @@ Dedupe: both tables are ReplacingMergeTree whose sorting key ends in ``event_id`
 replayed or redelivered event (identical key) collapses to one row; reports read with
 ``FINAL``. Insert dedup tokens would only drop a whole identical batch, and a replay never
 cuts batches at the same places.
+
+Least privilege: migrations need CREATE TABLE and ALTER TTL, the reporter's batches only
+INSERT. A deployment runs ``autoserve migrate`` as a schema user and the reporter with
+``AUTOSERVE_REPORTER_MIGRATE=false``, which only checks that the tables it writes exist with
+the columns it writes (``system.columns`` shows them to a user with INSERT on the table).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from ..core.rows import EVENTS_TABLE, METRICS_TABLE
+from ..core.rows import EVENT_COLUMNS, EVENTS_TABLE, METRIC_COLUMNS, METRICS_TABLE
 from .clickhouse import Store
 
 log = structlog.get_logger("autoserve.reporter.migrations")
@@ -119,6 +124,24 @@ async def migrate(store: Store) -> list[int]:
         log.info("migration applied", version=migration.version, name=migration.name)
         applied.append(migration.version)
     return applied
+
+
+class SchemaNotReady(RuntimeError):
+    """The tables the reporter writes are missing or older than this code."""
+
+
+async def check_schema(store: Store) -> None:
+    for table, columns in ((METRICS_TABLE, METRIC_COLUMNS), (EVENTS_TABLE, EVENT_COLUMNS)):
+        rows = await store.query(
+            "SELECT name FROM system.columns WHERE database = currentDatabase() AND table = {t:String}", {"t": table}
+        )
+        missing = sorted(set(columns) - {row[0] for row in rows})
+        if missing:
+            what = "does not exist" if not rows else f"lacks columns {missing}"
+            raise SchemaNotReady(
+                f"ClickHouse table {table} {what} (or this user may not insert into it): run `autoserve migrate` "
+                "as a user with CREATE TABLE and ALTER TTL, or start the reporter with AUTOSERVE_REPORTER_MIGRATE=true"
+            )
 
 
 async def apply_retention(store: Store, metrics_days: int, events_days: int) -> None:
