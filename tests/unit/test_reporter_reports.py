@@ -232,3 +232,39 @@ async def test_migrations_are_idempotent_and_retention_configurable(store: Store
     assert "toIntervalDay(7)" in engines[METRICS_TABLE] and "toIntervalDay(120)" in engines[EVENTS_TABLE]
     assert "ReplacingMergeTree" in engines[METRICS_TABLE]
     await apply_retention(store, metrics_days=30, events_days=90)
+
+
+# -- where a batch closes ---------------------------------------------------------------
+
+
+def _probe_rows(app: str, n: int) -> list[tuple]:
+    return [r for i in range(n) for r in metric_rows(ProbeCompleted(
+        instance_id="i-1", app_name=app, check_type="http", is_healthy=True, response_time_ms=1.0, timestamp=NOW + i,
+    ))][:n]  # fmt: skip
+
+
+async def test_a_batch_closes_when_it_is_full_without_waiting_for_its_time(store: Store) -> None:
+    writer = BatchWriter(store, METRICS_TABLE, METRIC_COLUMNS, max_rows=3, max_delay=3600).start()
+    rows = _probe_rows(f"full-{next(_apps)}", 4)
+    try:
+        full = writer.add(rows[:3])
+        assert await asyncio.wait_for(full, 30) is True  # an hour's time limit did not hold it
+        left = writer.add(rows[3:])
+        assert left is not full and not left.done()
+        assert (writer.stats.batches_stored, writer.stats.rows_stored, writer.stats.buffered_rows) == (1, 3, 1)
+        assert await writer.flush(30)
+        assert (writer.stats.batches_stored, writer.stats.rows_stored) == (2, 4)
+    finally:
+        await writer.close()
+
+
+async def test_rows_added_within_the_time_limit_go_in_one_batch(store: Store) -> None:
+    writer = BatchWriter(store, METRICS_TABLE, METRIC_COLUMNS, max_rows=10_000, max_delay=0.3).start()
+    rows = _probe_rows(f"timed-{next(_apps)}", 5)
+    try:
+        futures = [writer.add([row]) for row in rows]
+        assert len({id(f) for f in futures}) == 1  # one open batch, closed by its time limit
+        await asyncio.wait_for(futures[0], 30)
+        assert (writer.stats.batches_stored, writer.stats.rows_stored) == (1, 5)
+    finally:
+        await writer.close()
