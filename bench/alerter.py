@@ -2,6 +2,9 @@
 
 - Latency: ``FailureDetected`` published to JetStream -> the webhook receiver has the
   notification, with ``group_wait: 0`` and one group per instance, one failure at a time.
+  The peer, in the same run: a real Prometheus Alertmanager (Debian's
+  ``/usr/bin/prometheus-alertmanager``) with ``group_wait: 0``, one group per instance and
+  a webhook receiver; an alert POSTed to its ``/api/v2/alerts`` -> its webhook received.
 - Storm: 10,000 failures across 1,000 instances (10 apps) in 10 s, grouped by app; the
   notifications the webhook gets, and the CPU time of the alerter process.
 
@@ -12,11 +15,16 @@ the webhook receiver is an aiohttp server in this process. All on 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import shutil
 import statistics
+import subprocess
 import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
 import yaml
-from aiohttp import web
+from aiohttp import ClientError, ClientSession, web
 
 from autoserve_cli.apply import store_config
 from autoserve_config import load_config_text
@@ -25,6 +33,7 @@ from autoserve_runtime import connect, free_port, provision, spawn_child, stop_c
 from bench.common import LOG_DIR, VENV_BIN, WORK_DIR, Table, cpu_seconds, fmt, nats_server
 
 SAMPLES = 200
+ALERTMANAGER = "/usr/bin/prometheus-alertmanager"
 STORM_EVENTS, STORM_INSTANCES, STORM_APPS, STORM_SECONDS = 10_000, 1_000, 10, 10.0
 
 
@@ -44,8 +53,9 @@ def _failure(app: str, instance: str) -> FailureDetected:
                            severity="critical", message="exit code 137", timestamp=time.time(), is_critical=True)  # fmt: skip
 
 
-async def _scenario(group_by: list[str], group_wait: str, body) -> dict:  # type: ignore[no-untyped-def]
-    received: list[tuple[float, dict]] = []
+@contextlib.asynccontextmanager
+async def _webhook(received: list[tuple[float, dict]]) -> AsyncIterator[int]:
+    """A webhook receiver (aiohttp, in this process) on 127.0.0.1: (arrival, JSON) of each POST."""
 
     async def hook(request: web.Request) -> web.Response:
         received.append((time.perf_counter(), await request.json()))
@@ -57,6 +67,20 @@ async def _scenario(group_by: list[str], group_wait: str, body) -> dict:  # type
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield port
+    finally:
+        await runner.cleanup()
+
+
+async def _scenario(group_by: list[str], group_wait: str, body) -> dict:  # type: ignore[no-untyped-def]
+    received: list[tuple[float, dict]] = []
+    async with _webhook(received) as port:
+        return await _run_alerter(port, received, group_by, group_wait, body)
+
+
+async def _run_alerter(port: int, received: list[tuple[float, dict]], group_by: list[str], group_wait: str,
+                       body) -> dict:  # type: ignore[no-untyped-def]  # fmt: skip
     WORK_DIR.mkdir(parents=True, exist_ok=True)
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     server = nats_server("nats-alerter").start()
@@ -87,7 +111,6 @@ async def _scenario(group_by: list[str], group_wait: str, body) -> dict:  # type
             process.terminate()
             stop_child(process)
         server.stop()
-        await runner.cleanup()
 
 
 async def latency() -> list[float]:
@@ -106,6 +129,95 @@ async def latency() -> list[float]:
         return {"samples": samples}
 
     return (await _scenario(["app", "instance"], "0s", body))["samples"]
+
+
+def _am_alert(instance: str) -> dict:
+    now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    return {"labels": {"alertname": "container_stopped", "app": "app1", "instance": instance, "severity": "critical"},
+            "annotations": {"description": "exit code 137"}, "startsAt": now, "generatorURL": ""}  # fmt: skip
+
+
+async def alertmanager_latency() -> list[float]:
+    """The peer: one alert at a time POSTed to a real Alertmanager's ``/api/v2/alerts``, each a
+    new group (grouped by instance, ``group_wait: 0``) -> its webhook receiver has it."""
+    received: list[tuple[float, dict]] = []
+    async with _webhook(received) as port:
+        work = WORK_DIR / "alertmanager"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        LOG_DIR.mkdir(parents=True, exist_ok=True)
+        am_port = free_port()
+        (work / "am.yml").write_text(yaml.safe_dump({
+            "route": {"receiver": "hook", "group_by": ["instance"], "group_wait": "0s", "group_interval": "10s",
+                      "repeat_interval": "4h"},
+            "receivers": [{"name": "hook", "webhook_configs": [{"url": f"http://127.0.0.1:{port}/hook",
+                                                                "send_resolved": False}]}],
+        }))  # fmt: skip
+        url = f"http://127.0.0.1:{am_port}"
+        with (LOG_DIR / "alertmanager.log").open("ab") as log:
+            process = spawn_child([ALERTMANAGER, f"--config.file={work / 'am.yml'}", f"--storage.path={work / 'data'}",
+                                   f"--web.listen-address=127.0.0.1:{am_port}", "--cluster.listen-address="],
+                                  stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        try:
+            async with ClientSession() as session:
+
+                async def post(alert: dict) -> None:
+                    async with session.post(f"{url}/api/v2/alerts", json=[alert]) as resp:
+                        resp.raise_for_status()
+
+                deadline = time.monotonic() + 30
+                for _ in range(600):  # ready? bounded in looks and by the deadline
+                    with contextlib.suppress(ClientError, OSError):
+                        async with session.get(f"{url}/-/ready") as resp:
+                            if resp.status == 200:
+                                break
+                    if time.monotonic() > deadline or process.poll() is not None:
+                        raise RuntimeError("alertmanager did not become ready")
+                    await asyncio.sleep(0.05)
+                else:
+                    raise RuntimeError("alertmanager did not become ready")
+                await post(_am_alert("warmup"))
+                deadline = time.monotonic() + 30
+                while not received:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("alertmanager never notified the warm-up alert")
+                    await asyncio.sleep(0.02)
+                received.clear()
+                samples = []
+                for i in range(SAMPLES):
+                    alert = _am_alert(f"lat-{i}")
+                    started = time.perf_counter()
+                    await post(alert)
+                    deadline = time.monotonic() + 5
+                    while len(received) <= i and time.monotonic() < deadline:
+                        await asyncio.sleep(0.0005)
+                    if len(received) > i:
+                        samples.append((received[i][0] - started) * 1000)
+                    await asyncio.sleep(0.01)
+                return samples
+        finally:
+            stop_child(process)
+
+
+def _quantiles(samples: list[float]) -> list[float]:
+    ordered = sorted(samples)
+    return statistics.quantiles(ordered, n=100) if len(ordered) > 1 else [ordered[0]] * 99
+
+
+def _latency_row(table: Table, system: str, samples: list[float], base: list[float] | None, goal: str) -> None:
+    q = _quantiles(samples)
+    b = _quantiles(base) if base else None
+    p50_ratio, p99_ratio = (f"{q[49] / b[49]:.2f}x", f"{q[98] / b[98]:.2f}x") if b else ("-", "-")
+    table.add(system, fmt(len(samples)), fmt(q[49], 1), fmt(q[89], 1), fmt(q[98], 1), fmt(max(samples), 1),
+              p50_ratio, p99_ratio, goal.format(met="met" if q[98] < 100 else "NOT met"))  # fmt: skip
+
+
+def _am_version() -> str:
+    """``0.25.0`` from ``--version`` (the first line), or ``?``."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError, IndexError):
+        out = subprocess.run([ALERTMANAGER, "--version"], capture_output=True, text=True, timeout=10)
+        return (out.stdout or out.stderr).split()[2]
+    return "?"
 
 
 async def storm() -> dict:
@@ -139,17 +251,21 @@ async def storm() -> dict:
 
 async def alerter_tables() -> list[Table]:
     samples = await latency()
+    peer = await alertmanager_latency()
+    base = peer or None
     table = Table(
-        "Alerter: notification latency, FailureDetected published -> webhook received (group_wait 0)",
-        ["samples", "p50 ms", "p90 ms", "p99 ms", "max ms", "goal"],
+        "Alerter: notification latency at group_wait 0, event in -> webhook received, vs Prometheus Alertmanager",
+        ["system", "samples", "p50 ms", "p90 ms", "p99 ms", "max ms", "p50 vs AM", "p99 vs AM", "goal"],
     )
-    ordered = sorted(samples)
-    q = statistics.quantiles(ordered, n=100) if len(ordered) > 1 else [ordered[0]] * 99
-    table.add(fmt(len(samples)), fmt(q[49], 1), fmt(q[89], 1), fmt(q[98], 1), fmt(ordered[-1], 1),
-              "p99 < 100 ms: " + ("met" if q[98] < 100 else "NOT met"))  # fmt: skip
+    _latency_row(table, "autoserve alerter", samples, base, "p99 < 100 ms: {met}")
+    if peer:
+        _latency_row(table, f"Alertmanager {_am_version()}", peer, base, "-")
     table.notes.append(
-        f"{SAMPLES} failures one at a time, each a new group (grouped by app and instance); the alerter is the "
-        "real `autoserve run alerter` process; the webhook is aiohttp in the benchmark process."
+        f"{SAMPLES} alerts one at a time, each a new group (grouped by app and instance; Alertmanager by instance), "
+        "10 ms apart; the alerter is the real `autoserve run alerter` process, Alertmanager Debian's "
+        "`prometheus-alertmanager` (no cluster); both notify the same kind of webhook, aiohttp in the benchmark "
+        "process. Ours starts at the JetStream publish (acked) and includes the consumer, the fold and the "
+        "publishing of AlertChanged; Alertmanager's at its HTTP API."
     )
     result = await storm()
     storm_table = Table(

@@ -10,8 +10,10 @@ import json
 import ssl
 import subprocess
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -230,10 +232,35 @@ async def test_restart_in_the_middle_sends_no_duplicate_and_misses_no_escalation
     assert len({p["notificationId"] for p in hook.payloads()}) == 4
     await alerter.stop()
     service = await alerter.start()  # nothing new: a second restart sends nothing
-    due = service.core.next_due()
+    due = service.core.next_due(time.time())
     assert due is not None
     await wait_for(lambda: (service.ticked_at or 0) >= due, what="a tick at the group's next due time")
     assert list(service.notifications) == [] and len(hook.received) == 4
+
+
+async def test_an_idle_alerter_sleeps_until_something_is_due_and_wakes_for_input(
+    nc: Client, alerter: ServiceRunner, hook: Hook, outputs: Outputs, black_hole: int
+) -> None:
+    """Once the first notification is out, nothing is due for an hour (group_interval,
+    repeat_interval, resolve_timeout), and the black hole's delivery is in flight (it wakes
+    the timer when it ends): the timer sleeps instead of ticking every 50 ms (or, before,
+    every 2 ms while a group waited on a delivery in flight). A new failure wakes it at once."""
+    receivers = {"slow": webhook(f"http://{LOCALHOST}:{black_hole}/hook", timeout="20s"), "team": webhook(hook.url)}
+    route = {"group_by": ["app", "instance"], "group_interval": "1h",
+             "routes": [{"match": {"app": "web"}, "receiver": "slow", "continue": True},
+                        {"match": {"app": "web"}, "receiver": "team"}]}  # fmt: skip
+    await apply_yaml(nc, config(receivers, route=route, resolve_timeout="1h"))
+    service = await alerter.start()
+    await publish(nc, crash())
+    await wait_for(lambda: len(logs(outputs, "sent")) == 1, what="the first notification, logged")
+    assert "slow" in {receiver for _, receiver, _ in service.core.in_flight}
+    before, window_ends = service.ticks, time.time() + 2.0
+    await wait_for(lambda: time.time() >= window_ends, what="two idle seconds")
+    idle_ticks = service.ticks - before
+    assert idle_ticks <= 2, f"{idle_ticks} ticks in two idle seconds"  # 50 ms ticks would be 40
+    await publish(nc, crash("web-2"))  # a new group, group_wait 0: the sleeping timer is woken for it
+    await wait_for(lambda: len(hook.received) == 2, what="the new alert notified")
+    assert service.ticks - before - idle_ticks <= 5
 
 
 async def test_poison_messages_are_dead_lettered_and_the_consumer_goes_on(
@@ -281,44 +308,77 @@ async def test_email_over_smtp(nc: Client, alerter: ServiceRunner) -> None:
         controller.stop()
 
 
+AM_RESOLVE_TIMEOUT = "1s"  # Alertmanager's own: an alert sent without endsAt resolves after this
+
+
 @pytest.fixture
-def alertmanager(tmp_path: Path) -> Iterator[str]:
+def alertmanager(tmp_path: Path, hook: Hook) -> Iterator[str]:
+    """A real Alertmanager with a short ``resolve_timeout``, notifying ``hook`` at once."""
     port = free_port()
-    (tmp_path / "am.yml").write_text(yaml.safe_dump({"route": {"receiver": "null"}, "receivers": [{"name": "null"}]}))
+    am_config = {
+        "global": {"resolve_timeout": AM_RESOLVE_TIMEOUT},
+        "route": {"receiver": "hook", "group_by": ["instance"], "group_wait": "0s", "group_interval": "1s",
+                  "repeat_interval": "1h"},
+        "receivers": [{"name": "hook", "webhook_configs": [{"url": hook.url, "send_resolved": True}]}],
+    }  # fmt: skip
+    (tmp_path / "am.yml").write_text(yaml.safe_dump(am_config))
     process = subprocess.Popen(
         ["/usr/bin/prometheus-alertmanager", f"--config.file={tmp_path / 'am.yml'}",
          f"--storage.path={tmp_path / 'am-data'}", f"--web.listen-address={LOCALHOST}:{port}",
          "--cluster.listen-address="],
         stdout=subprocess.DEVNULL, stderr=(tmp_path / "am.log").open("wb"),
     )  # fmt: skip
+    url = f"http://{LOCALHOST}:{port}"
     try:
-        yield f"http://{LOCALHOST}:{port}"
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1, never a proxy
+        deadline = time.monotonic() + 30
+        for _ in range(300):
+            with contextlib.suppress(OSError), direct.open(f"{url}/-/ready", timeout=2) as resp:
+                if resp.status == 200:
+                    break
+            assert time.monotonic() < deadline and process.poll() is None, "alertmanager did not start"
+            time.sleep(0.1)  # a sync fixture: the test's loop is not running yet
+        else:
+            raise AssertionError("alertmanager not ready after 300 looks")
+        yield url
     finally:
         process.terminate()
         process.wait(10)
 
 
-async def test_forwarding_to_a_real_alertmanager(nc: Client, alerter: ServiceRunner, alertmanager: str) -> None:
+def _when(iso: str) -> float:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+async def test_forwarding_to_a_real_alertmanager_stays_active_while_firing_and_resolves_with_ours(
+    nc: Client, alerter: ServiceRunner, alertmanager: str, hook: Hook, outputs: Outputs
+) -> None:
+    """Alertmanager resolves an alert without ``endsAt`` after its ``resolve_timeout`` (1 s
+    here); re-sent every second, valid for four, ours stays active past it, across a restart
+    of the alerter, until it resolves here: then Alertmanager has our real end."""
     async with ClientSession() as session:
-
-        async def ready() -> bool:
-            with contextlib.suppress(OSError, Exception):
-                async with session.get(f"{alertmanager}/-/ready") as resp:
-                    return resp.status == 200
-            return False
-
-        deadline = time.monotonic() + 30
-        while not await ready():
-            assert time.monotonic() < deadline, "alertmanager did not start"
-            await asyncio.sleep(0.1)
-        await apply_yaml(nc, config({"am": {"type": "alertmanager", "url": alertmanager}}))
-        await alerter.start()
-        await publish(nc, crash())
 
         async def forwarded() -> list[dict]:
             async with session.get(f"{alertmanager}/api/v2/alerts") as resp:
                 return await resp.json()
 
+        async def stays_active(seconds: float, what: str) -> str:
+            """Poll for ``seconds``: the alert is active at every look; the last endsAt."""
+            until = time.time() + seconds
+            ends_at = ""
+            for _ in range(int(seconds * 20) + 50):  # bounded; each look is at least 50 ms apart
+                if time.time() >= until:
+                    return ends_at
+                [alert] = await forwarded()
+                assert alert["status"]["state"] == "active", (what, alert)
+                ends_at = alert["endsAt"]
+                await asyncio.sleep(0.05)
+            raise AssertionError(f"{what}: polling did not end")
+
+        receiver = {"type": "alertmanager", "url": alertmanager, "resend_interval": "1s"}
+        await apply_yaml(nc, config({"am": receiver}, resolve_timeout="1h"))
+        await alerter.start()
+        await publish(nc, crash())
         deadline = time.monotonic() + 20
         while not (alerts := await forwarded()):
             assert time.monotonic() < deadline, "the alert never reached Alertmanager"
@@ -326,6 +386,24 @@ async def test_forwarding_to_a_real_alertmanager(nc: Client, alerter: ServiceRun
         [alert] = alerts
         assert alert["labels"]["alertname"] == "container_stopped" and alert["labels"]["instance"] == "web-1"
         assert alert["status"]["state"] == "active" and alert["annotations"]["autoserve_alert_id"]
+        first_end = _when(alert["endsAt"])
+        assert first_end > time.time()  # sent with an endsAt: valid for four resend intervals
+        # past Alertmanager's resolve_timeout and past the first endsAt: still active, re-sent
+        last = await stays_active(first_end - time.time() + 2, "while firing")
+        assert _when(last) > first_end
+        await alerter.stop()
+        service = await alerter.start()  # a re-send is not logged: the restarted alerter re-sends at once
+        await wait_for(lambda: any(n.resend for n in service.notifications), what="a re-send after the restart")
+        await stays_active(float(AM_RESOLVE_TIMEOUT.rstrip("s")) + 4, "after the restart")
+        assert [p["status"] for p in hook.payloads()] == ["firing"]  # Alertmanager never resolved it itself
+        await publish(nc, healthy())
+        await wait_for(lambda: len(hook.received) == 2, what="Alertmanager's resolved notification")
+        [resolved] = [e for e in outputs.events(AlertChanged) if e.status == "resolved"]
+        [am_alert] = hook.payloads()[1]["alerts"]
+        assert hook.payloads()[1]["status"] == "resolved" and am_alert["status"] == "resolved"
+        assert resolved.ends_at is not None and abs(_when(am_alert["endsAt"]) - resolved.ends_at) < 0.001
+        assert await forwarded() == []
+        assert len([e for e in logs(outputs, "sent") if e.receiver == "am"]) >= 1  # the forward, logged
 
 
 # -- review fixes: redirects, secrets in errors, bugs in a receiver or the timer, TLS, bounds -------

@@ -122,7 +122,9 @@ class ReceiverConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     - ``slack``: ``url`` (an incoming webhook), optional ``channel``;
     - ``email``: ``smarthost`` (host:port), ``from``, ``to``; optional ``starttls``,
       ``username`` with ``password_env`` or ``password_file``;
-    - ``alertmanager``: ``url`` of a Prometheus Alertmanager (its v2 API).
+    - ``alertmanager``: ``url`` of a Prometheus Alertmanager (its v2 API); optional
+      ``resend_interval`` (default 1m): firing alerts are sent again this often, valid for
+      four times as long, as Prometheus does (its ``resend_delay``).
 
     Secrets are read from the named variable or file by the alerter, never stored here.
     """
@@ -144,6 +146,7 @@ class ReceiverConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     timeout: Duration = "10s"
     # Retries with backoff (0.5 s doubling to 30 s) for this long, then it is logged failed.
     retry_for: Duration = "10m"
+    resend_interval: Duration | None = None  # alertmanager only; None: 1m
 
 
 class EscalationTier(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -222,6 +225,9 @@ def _duration_problem(path: str, value: Duration | None, minimum: float = 0.0) -
 def _receiver(receiver: ReceiverConfig, path: str) -> list[str]:
     problems = _duration_problem(f"{path}.timeout", receiver.timeout, 0.001)
     problems += _duration_problem(f"{path}.retry_for", receiver.retry_for)
+    problems += _duration_problem(f"{path}.resend_interval", receiver.resend_interval, 0.1)
+    if receiver.resend_interval is not None and receiver.type != "alertmanager":
+        problems.append(f"{path}.resend_interval: only an alertmanager receiver re-sends its alerts")
     needs = {
         "webhook": ("url",),
         "slack": ("url",),

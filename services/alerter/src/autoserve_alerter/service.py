@@ -20,7 +20,16 @@ import structlog
 from nats.js import JetStreamContext
 
 from autoserve_config import AlertingConfig, AppSpec, parse_duration
-from autoserve_events import APPS_BUCKET, EVENTS_STREAM, SETTINGS_BUCKET, AnyEvent, Event
+from autoserve_events import (
+    APPS_BUCKET,
+    EVENTS_STREAM,
+    SETTINGS_BUCKET,
+    AlertAcknowledged,
+    AnyEvent,
+    Event,
+    HealthChanged,
+    SilenceCreated,
+)
 from autoserve_events.catalogue import NotificationOutcome
 from autoserve_events.subjects import EVENTS_WILDCARD
 from autoserve_runtime import (
@@ -48,17 +57,30 @@ CONSUMER = ConsumerSpec(
     filter_subject=EVENTS_WILDCARD,  # the fold ignores the few types it does not use
 )
 CONFIG_WAIT_SECONDS = 10.0
+# The timer sleeps until the core's next due time, woken at once by inputs and ended
+# deliveries; this bounds the sleep anyway (a due time the core did not foresee, a clock step).
+MAX_SLEEP_SECONDS = 60.0
 TICK_ERROR_LOG_EVERY = 60.0  # a tick that keeps failing is logged once a minute, with a count
+# Inputs that can make something due sooner even when they cause no event themselves: a
+# silence (its end), an acknowledgement, a health verdict (a dependency's state).
+WAKING = (SilenceCreated, AlertAcknowledged, HealthChanged)
 
 
 class AlerterService:
     def __init__(
-        self, nats_url: str, *, tick_seconds: float = 0.05, backoff: tuple[float, float] = (0.5, 30.0)
+        self,
+        nats_url: str,
+        *,
+        tick_seconds: float = 0.05,
+        backoff: tuple[float, float] = (0.5, 30.0),
+        max_sleep: float = MAX_SLEEP_SECONDS,
     ) -> None:
         self.nats_url = nats_url
         self.core = Alerter()
         self.apps: dict[str, AppSpec] = {}
-        self.tick_seconds = tick_seconds
+        self.tick_seconds = tick_seconds  # the wait when the core's due time is already past (never a spin)
+        self.max_sleep = max_sleep
+        self.ticks = 0  # ticks that ran (tests: an idle alerter does not tick)
         self.ready = asyncio.Event()
         self.consumer: EventConsumer | None = None
         self.publisher: EventPublisher | None = None
@@ -78,6 +100,7 @@ class AlerterService:
         self.apps = apps
         self.core.set_apps(apps)
         self._apps_loaded.set()
+        self._wakeup.set()  # dependencies or apps changed: what is due may have too
 
     def _on_settings(self, config: AlertingConfig) -> None:
         self.core.configure(config)
@@ -90,6 +113,7 @@ class AlerterService:
         log.info("alerting settings loaded", receivers=sorted(config.receivers), enabled=config.enabled,
                  windows=[w.name for w in config.maintenance_windows])  # fmt: skip
         self._settings_loaded.set()
+        self._wakeup.set()  # new timers (group_wait, windows, resend intervals)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -148,29 +172,42 @@ class AlerterService:
 
     def _process(self, event: AnyEvent) -> list[Event]:
         out = self.core.handle(event)
-        if out:
-            self._wakeup.set()  # a new alert may be due at once (group_wait 0)
+        # Wake the timer when something may be due sooner: a new alert (group_wait 0), a
+        # resolve, an acknowledgement, a silence. A failure that only keeps an alert alive
+        # moves its due time later, so an alert storm does not tick once per event.
+        if out or isinstance(event, WAKING):
+            self._wakeup.set()
         return out
 
     # -- the timer -------------------------------------------------------------------------
 
     async def _tick_forever(self) -> None:
+        """Tick, then sleep until the core's next due time (at most ``max_sleep``) or until
+        woken: by an input that may make something due sooner (``_process``), a delivery
+        that ended (``_delivered``), or new settings. The wake flag is cleared before the
+        tick, so an input folded while it runs wakes the next sleep at once."""
         logged_at = float("-inf")
         while True:
-            due: float | None = None
+            self._wakeup.clear()
+            now = time.time()
+            wait = self.tick_seconds  # after a failed tick: try again soon, not in a spin
             try:
-                self.tick(time.time())
-                due = self.core.next_due()
+                self.tick(now)
+                if self.core.config.enabled:
+                    due = self.core.next_due(now)
+                    wait = self.max_sleep if due is None else due - time.time()
+                    if wait <= 0:
+                        wait = self.tick_seconds  # due but not done (cannot be, as the core goes): no spin
+                else:
+                    wait = self.max_sleep  # disabled: settings wake it
             except Exception:
                 # One bad decision must not stop every later notification: log it and go on.
                 self.tick_errors += 1
                 if time.monotonic() - logged_at >= TICK_ERROR_LOG_EVERY:
                     logged_at = time.monotonic()
                     log.exception("alerter tick failed; ticking on", errors=self.tick_errors)
-            wait = self.tick_seconds if due is None else min(self.tick_seconds, max(0.002, due - time.time()))
-            self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), wait)
+                await asyncio.wait_for(self._wakeup.wait(), min(wait, self.max_sleep))
 
     def tick(self, now: float) -> None:
         if self.core.config.enabled:
@@ -181,12 +218,14 @@ class AlerterService:
                 self.notifications.append(notification)
                 self.dispatcher.submit(notification)
         self.ticked_at = now
+        self.ticks += 1
 
     def _delivered(
         self, notification: Notification, outcome: NotificationOutcome, attempts: int, error: str | None
     ) -> None:
         log_entry = self.core.delivered(notification, outcome, time.time(), attempts, error)
-        self._publish(log_entry)
+        if log_entry is not None:  # a re-send to Alertmanager is not logged
+            self._publish(log_entry)
         self._wakeup.set()  # the group may have more to say now
 
     def _publish(self, event: Event) -> None:

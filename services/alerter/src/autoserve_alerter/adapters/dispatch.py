@@ -75,7 +75,8 @@ class Dispatcher:
             self.failed += 1
             self._on_done(n, "failed", 0, f"receiver {n.receiver!r} is not configured")
             return
-        deadline = time.monotonic() + receiver.retry_for
+        retry_for = receiver.retry_for if n.retry_for is None else min(receiver.retry_for, n.retry_for)
+        deadline = time.monotonic() + retry_for
         delay, attempts = self._initial, 0
         async with self._slots[n.receiver]:
             while True:
@@ -109,7 +110,8 @@ class Dispatcher:
                     self._on_done(n, "failed", attempts, error)
                     return
                 self.sent += 1
-                log.info("notification sent", receiver=n.receiver, group=n.group_key, status=n.status, tier=n.tier,
-                         firing=len(n.firing), resolved=len(n.resolved), attempts=attempts)  # fmt: skip
+                report = log.debug if n.resend else log.info  # a re-send to Alertmanager every minute: no news
+                report("notification sent", receiver=n.receiver, group=n.group_key, status=n.status, tier=n.tier,
+                       firing=len(n.firing), resolved=len(n.resolved), attempts=attempts, resend=n.resend)  # fmt: skip
                 self._on_done(n, "sent", attempts, None)
                 return

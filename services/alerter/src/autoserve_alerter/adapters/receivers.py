@@ -244,11 +244,14 @@ class SlackReceiver(_Base):
 
 
 class AlertmanagerReceiver(_Base):
-    """Forwards the alerts to ``POST /api/v2/alerts``; resolved ones carry their ``endsAt``.
-    Alertmanager then routes, groups and notifies with its own configuration."""
+    """Forwards the alerts to ``POST /api/v2/alerts``. Alertmanager then routes, groups and
+    notifies with its own configuration. As Prometheus does, a firing alert's ``endsAt`` is
+    ``valid_for`` (four resend intervals) after this attempt, and the core re-sends it every
+    interval while it fires; a resolved one carries its real ``endsAt``."""
 
     async def _send(self, n: Notification) -> None:
         alerts = []
+        valid_until = _iso(time.time() + n.valid_for) if n.valid_for is not None else None
         for a in (*n.firing, *n.resolved, *(d for d, _ in n.dependents)):
             item = _alert_json(a)
             body = {"labels": {k: v for k, v in item["labels"].items() if v}, "annotations": item["annotations"],
@@ -256,6 +259,8 @@ class AlertmanagerReceiver(_Base):
             body["annotations"]["autoserve_alert_id"] = a.alert_id
             if a.status == "resolved":
                 body["endsAt"] = item["endsAt"]
+            elif valid_until is not None:
+                body["endsAt"] = valid_until
             alerts.append(body)
         url = (self.config.url or "").rstrip("/") + "/api/v2/alerts"
         await _post(self.session, url, json.dumps(alerts).encode(), self._headers(n), self.timeout)

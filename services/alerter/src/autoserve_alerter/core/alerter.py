@@ -63,6 +63,13 @@ FIRE_AT_ONCE = frozenset(
     }
 )
 MAX_REMEMBERED_IDS = 200_000
+# Alertmanager forwarding, as Prometheus: firing alerts are sent again every resend interval
+# (its ``resend_delay``, 1m) and are valid for four of them (``endsAt``), so Alertmanager
+# neither resolves them by its own ``resolve_timeout`` while they fire nor keeps them long
+# after a lost resolve.
+DEFAULT_RESEND_INTERVAL = 60.0
+VALID_FOR_RESENDS = 4
+RESEND_TIER = -1  # in-flight key of a re-send: it is no group's tier
 # How often ``tick`` drops per-instance memory older than ``history`` (core time, seconds).
 PRUNE_EVERY = 60.0
 
@@ -133,6 +140,9 @@ class Group:
     tier_seq: dict[tuple[int, str], int] = field(default_factory=dict)
     # (tier, receiver) -> when a failed escalation is decided again (group_interval later)
     tier_retry_at: dict[tuple[int, str], float] = field(default_factory=dict)
+    # (tier, receiver) -> alert_id -> why: escalations due but held back (recorded), sent once
+    # the hold ends if the alert still fires unacknowledged
+    tier_held: dict[tuple[int, str], dict[str, str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -176,10 +186,15 @@ class Notification:
     # Alerts of apps that depend on a failing app here: held back, reported under it.
     dependents: tuple[tuple[AlertView, str], ...]
     created_at: float
+    # Alertmanager receivers: firing alerts are valid this long from when they are sent (endsAt).
+    valid_for: float | None = None
+    # A re-send of what an Alertmanager receiver was told (not logged: not a notification).
+    resend: bool = False
+    retry_for: float | None = None  # bounds the receiver's retry_for (a re-send: until the next)
 
     @property
     def key(self) -> tuple[str, str, int]:
-        return (self.group_key, self.receiver, self.tier)
+        return (self.group_key, self.receiver, RESEND_TIER if self.resend else self.tier)
 
     @property
     def status(self) -> NotificationStatus:
@@ -238,6 +253,11 @@ class Alerter:
         self._window_starts: dict[tuple[str, int], float | None] = {}  # (window, minute) -> start
         self.depends_on: dict[str, tuple[str, ...]] = {}
         self.app_labels: dict[str, dict[str, str]] = {}
+        # Alertmanager receiver -> the alerts it was told of as firing (a sent log entry) and has
+        # not yet heard resolved; re-sent every resend interval, from ``_resend_at`` on.
+        self.forwarded: dict[str, dict[str, None]] = {}
+        self._resend_at: dict[str, float] = {}
+        self.resend_every: dict[str, float] = {}
         self.configure(config or AlertingConfig())
 
     # -- configuration ---------------------------------------------------------------------
@@ -246,6 +266,16 @@ class Alerter:
         self.config = config
         self.route = compile_routes(config)
         self.send_resolved = {name: r.send_resolved for name, r in config.receivers.items()}
+        self.resend_every = {
+            name: parse_duration(r.resend_interval) if r.resend_interval is not None else DEFAULT_RESEND_INTERVAL
+            for name, r in config.receivers.items()
+            if r.type == "alertmanager"
+        }
+        for receiver in [r for r in self.forwarded if r not in self.resend_every]:
+            self._resend_at.pop(receiver, None)
+            for alert_id in self.forwarded.pop(receiver):
+                if (alert := self.alerts.get(alert_id)) is not None:
+                    self._forget_if_done(alert)
         self.resolve_timeout = parse_duration(config.resolve_timeout)
         self.history = parse_duration(config.history)
         self.windows = tuple(
@@ -333,6 +363,9 @@ class Alerter:
             self._by_app[alert.app].discard(alert.alert_id)
             if not self._by_app[alert.app]:
                 del self._by_app[alert.app]
+            for receiver, alerts in self.forwarded.items():
+                if alert.alert_id in alerts:  # the resolve goes to Alertmanager at once
+                    self._resend_at[receiver] = min(self._resend_at.get(receiver, alert.ends_at), alert.ends_at)
             self._forget_if_done(alert)
 
     def _join_groups(self, alert: Alert, now: float) -> None:
@@ -352,17 +385,42 @@ class Alerter:
         group.alerts.pop(alert_id, None)
         group.notified.discard(alert_id)
         group.suppressed.pop(alert_id, None)
+        for held in group.tier_held.values():
+            held.pop(alert_id, None)
         alert = self.alerts.get(alert_id)
         if alert is not None:
             alert.groups.discard(group.key)
             self._forget_if_done(alert)
 
     def _forget_if_done(self, alert: Alert) -> None:
-        if alert.status == "resolved" and not alert.groups:
+        if alert.status == "resolved" and not alert.groups and not self._is_forwarded(alert.alert_id):
             self.alerts.pop(alert.alert_id, None)
+
+    def _is_forwarded(self, alert_id: str) -> bool:
+        return any(alert_id in alerts for alerts in self.forwarded.values())
+
+    def _forwarded_log(self, log: NotificationLogged) -> None:
+        """An Alertmanager receiver took these alerts: it is told again until they resolve."""
+        interval = self.resend_every[log.receiver]
+        alerts = self.forwarded.setdefault(log.receiver, {})
+        for alert_id in log.firing:
+            alerts[alert_id] = None
+            if (alert := self.alerts.get(alert_id)) is not None and alert.status == "resolved":
+                self._resend_at[log.receiver] = log.timestamp  # resolved while in flight: tell it now
+        for alert_id in log.resolved:
+            alerts.pop(alert_id, None)
+            if (alert := self.alerts.get(alert_id)) is not None:
+                self._forget_if_done(alert)
+        if not alerts:
+            del self.forwarded[log.receiver]
+            self._resend_at.pop(log.receiver, None)
+        else:
+            self._resend_at.setdefault(log.receiver, log.timestamp + interval)
 
     def _apply_log(self, log: NotificationLogged) -> None:
         self.in_flight.discard((log.group_key, log.receiver, log.tier))
+        if log.outcome == "sent" and log.receiver in self.resend_every:
+            self._forwarded_log(log)
         group = self.groups.get(log.group_key)
         if group is None:
             return
@@ -387,8 +445,13 @@ class Alerter:
             if log.outcome == "failed":
                 # Not escalated: decided again a group_interval later, as a failed tier 0 is.
                 group.tier_retry_at[slot] = log.timestamp + group.route.group_interval
+            elif log.outcome == "suppressed":
+                # Held back, not escalated: it goes when the hold ends (recorded once per reason).
+                group.tier_held.setdefault(slot, {}).update(log.suppressed)
             else:
-                for alert_id in (*log.firing, *log.suppressed):
+                held = group.tier_held.get(slot, {})
+                for alert_id in log.firing:
+                    held.pop(alert_id, None)
                     if (alert := self.alerts.get(alert_id)) is not None:
                         alert.escalated.add((group.key, log.tier, log.receiver))
         if not group.alerts and (group.key, group.receiver, 0) not in self.in_flight:
@@ -590,6 +653,8 @@ class Alerter:
         for silence_id, silence in list(self.silences.items()):
             if now - silence.ends_at > 86400:
                 del self.silences[silence_id]
+        for receiver in self.resend_every:
+            self._resend(receiver, now, out.notifications)
         for group in list(self.groups.values()):
             if group.next_flush <= now and (group.key, group.receiver, 0) not in self.in_flight:
                 self._flush(group, now, emit, out.notifications)
@@ -600,8 +665,20 @@ class Alerter:
     def _prune(self, now: float) -> None:
         """Drop per-instance memory older than ``history``: a resolve time nothing late can
         still hit, the unhealthy mark of an instance that stopped reporting (a recreated
-        container has a new id), failures that never fired; and keys of removed apps."""
+        container has a new id), failures that never fired; and keys of removed apps. A
+        resolve an Alertmanager receiver never took (down for all of ``history``) is given up:
+        its alert expired there long ago (four resend intervals after the last re-send)."""
         horizon = now - self.history
+        for receiver, alerts in list(self.forwarded.items()):
+            for alert_id in list(alerts):
+                alert = self.alerts.get(alert_id)
+                if alert is None or (alert.ends_at is not None and alert.ends_at < horizon):
+                    del alerts[alert_id]
+                    if alert is not None:
+                        self._forget_if_done(alert)
+            if not alerts:
+                del self.forwarded[receiver]
+                self._resend_at.pop(receiver, None)
 
         def gone(app: str) -> bool:
             return bool(self.app_labels) and app not in self.app_labels
@@ -677,9 +754,75 @@ class Alerter:
             resolved=tuple(AlertView.of(a) for a in resolved),
             dependents=self._dependents({a.app for a in firing}, now),
             created_at=now,
+            valid_for=self._valid_for(group.receiver),
         )
         self.in_flight.add(notification.key)
         notifications.append(notification)
+
+    def _valid_for(self, receiver: str) -> float | None:
+        interval = self.resend_every.get(receiver)
+        return None if interval is None else VALID_FOR_RESENDS * interval
+
+    def _resend(self, receiver: str, now: float, notifications: list[Notification]) -> None:
+        """Tell an Alertmanager receiver again what it was told: the alerts still active, valid
+        for four more resend intervals, and the ones resolved since, with their ``endsAt``.
+        Not a notification (no log entry): Alertmanager deduplicates, and a restarted alerter
+        re-sends once at once, which is what a lost re-send needs anyway."""
+        alerts = self.forwarded.get(receiver)
+        if not alerts or now < self._resend_at.get(receiver, now) or ("", receiver, RESEND_TIER) in self.in_flight:
+            return
+        firing: list[Alert] = []
+        resolved: list[Alert] = []
+        for alert_id in list(alerts):
+            alert = self.alerts.get(alert_id)
+            if alert is None:
+                del alerts[alert_id]  # forgotten (older than history at a restart): nothing to tell
+            else:
+                (resolved if alert.status == "resolved" else firing).append(alert)
+        if not alerts:
+            del self.forwarded[receiver]
+            self._resend_at.pop(receiver, None)
+            return
+        interval = self.resend_every[receiver]
+        notification = Notification(
+            notification_id=derived_event_id("resend", receiver, now),
+            receiver=receiver,
+            group_key="",
+            group_labels={},
+            route_id="",
+            tier=0,
+            seq=0,
+            app_name="",
+            firing=tuple(AlertView.of(a) for a in firing),
+            resolved=tuple(AlertView.of(a) for a in resolved),
+            dependents=self._dependents({a.app for a in firing}, now),
+            created_at=now,
+            valid_for=VALID_FOR_RESENDS * interval,
+            resend=True,
+            retry_for=interval,  # the next re-send supersedes this one
+        )
+        self.in_flight.add(notification.key)
+        notifications.append(notification)
+
+    def _resent(self, notification: Notification, outcome: NotificationOutcome, now: float) -> None:
+        self.in_flight.discard(notification.key)
+        receiver = notification.receiver
+        alerts = self.forwarded.get(receiver)
+        if alerts is None:
+            return
+        if outcome == "sent":
+            for view in notification.resolved:
+                alerts.pop(view.alert_id, None)
+                if (alert := self.alerts.get(view.alert_id)) is not None:
+                    self._forget_if_done(alert)
+        if not alerts:
+            del self.forwarded[receiver]
+            self._resend_at.pop(receiver, None)
+        else:
+            due = now + self.resend_every.get(receiver, DEFAULT_RESEND_INTERVAL)
+            resolved_since = [a for a in alerts if (x := self.alerts.get(a)) is not None and x.status == "resolved"
+                              and all(v.alert_id != a for v in notification.resolved)]  # fmt: skip
+            self._resend_at[receiver] = now if resolved_since else due
 
     def _escalate(self, group: Group, now: float, emit: Emit, notifications: list[Notification]) -> None:
         alerts = [self.alerts[i] for i in group.alerts]
@@ -698,12 +841,13 @@ class Alerter:
                     continue
                 firing: list[Alert] = []
                 held: dict[str, str] = {}
+                known = group.tier_held.get((tier_index, receiver), {})
                 for alert in due:
                     why = self.suppression(alert, now)
                     if why is None:
-                        firing.append(alert)
-                    else:
-                        held[alert.alert_id] = f"escalation held back: {why}"
+                        firing.append(alert)  # an escalation held back before goes now, once
+                    elif known.get(alert.alert_id) != (why := f"escalation held back: {why}"):
+                        held[alert.alert_id] = why  # newly held (or for another reason): recorded
                 app_name = group.labels.get("app", "")
                 if held:
                     items = sorted(held.items())
@@ -729,13 +873,18 @@ class Alerter:
                     resolved=(),
                     dependents=self._dependents({a.app for a in firing}, now),
                     created_at=now,
+                    valid_for=self._valid_for(receiver),
                 )
                 self.in_flight.add(notification.key)
                 notifications.append(notification)
 
     def delivered(self, notification: Notification, outcome: NotificationOutcome, now: float, attempts: int = 1,
-                  error: str | None = None) -> NotificationLogged:  # fmt: skip
-        """The log entry for a delivery that ended; folded now, to be published."""
+                  error: str | None = None) -> NotificationLogged | None:  # fmt: skip
+        """The log entry for a delivery that ended; folded now, to be published. A re-send
+        has none: it only sets when the next one is due."""
+        if notification.resend:
+            self._resent(notification, outcome, now)
+            return None
         log = notification.logged(outcome, now, attempts, error)
         if self._remember(log.event_id):
             self._apply(log)
@@ -743,9 +892,43 @@ class Alerter:
             self.in_flight.discard(notification.key)
         return log
 
-    def next_due(self) -> float | None:
-        """When ``tick`` next has something to do, as far as the groups know."""
-        return min((g.next_flush for g in self.groups.values()), default=None)
+    def next_due(self, now: float) -> float | None:
+        """When ``tick`` next has something to do, unless an input comes first (an event, a
+        delivery that ended, new settings: the timer is woken for those). Called after a
+        tick at ``now``; what waits on a delivery in flight or on an input is left out, so
+        an idle alerter sleeps.
+
+        Due: a group flush; an alert's ``resolve_timeout``; an escalation tier's time (or its
+        retry after a failure); the end of an active silence (held escalations go then); an
+        Alertmanager re-send; the memory prune; the next minute while maintenance windows
+        are configured (a window is looked for once a minute)."""
+        due: list[float] = [self._next_prune]
+        if self.windows:
+            due.append((now // 60 + 1) * 60)
+        for group in self.groups.values():
+            if (group.key, group.receiver, 0) not in self.in_flight:
+                due.append(group.next_flush)
+        for alert in self.alerts.values():
+            if alert.status in ACTIVE and alert.failure_type != BREAKER_OPEN:
+                due.append(alert.last_seen + self.resolve_timeout)
+        due += [s.ends_at for s in self.silences.values() if s.starts_at <= now < s.ends_at]
+        due += [s.starts_at for s in self.silences.values() if now < s.starts_at]
+        for receiver, at in self._resend_at.items():
+            if self.forwarded.get(receiver) and ("", receiver, RESEND_TIER) not in self.in_flight:
+                due.append(at)
+        for group in self.groups.values():
+            for tier_index, tier in enumerate(group.route.escalation, start=1):
+                for receiver in tier.receivers:
+                    if (group.key, receiver, tier_index) in self.in_flight:
+                        continue
+                    retry = group.tier_retry_at.get((tier_index, receiver), float("-inf"))
+                    for alert_id in group.alerts:
+                        alert = self.alerts[alert_id]
+                        if alert.status == "firing" and (group.key, tier_index, receiver) not in alert.escalated:
+                            at = max(alert.starts_at + tier.after, retry)
+                            if at > now:  # due already: held back, it waits for an input or a silence's end
+                                due.append(at)
+        return min(due, default=None)
 
     # -- views -----------------------------------------------------------------------------------
 
