@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -17,22 +18,29 @@ from pathlib import Path
 import aiohttp
 import nats.errors
 import nats.js.errors
+import pytest
 from nats.aio.client import Client
 from prometheus_client.parser import text_string_to_metric_families
 
 from autoserve_events import (
+    BREAKER_REPORT_PREFIX,
     PROBES_STREAM,
     ErrorKind,
     FailureDetected,
     FailureType,
+    HealthChanged,
     ProbeCompleted,
+    RecoveryExecuted,
     encode,
+    subject,
     subject_for,
 )
 from autoserve_runtime import EmbeddedNatsServer, free_port, observability
 from autoserve_runtime.observability import Endpoint, HealthServer
 
 from .conftest import LOCALHOST, HttpTarget, Outputs, apply_yaml, check, config_for, stored_events, wait_for
+from .test_recovery_claims import publish_copies, stopped
+from .test_recovery_docker import app_config
 
 AUTOSERVE = str(Path(sys.executable).parent / "autoserve")
 _seq = itertools.count()
@@ -59,9 +67,16 @@ async def publish(nc: Client, *events: ProbeCompleted) -> None:
 
 
 def start_detector(url: str, port: int, log: Path) -> subprocess.Popen[bytes]:
+    return start_service("detector", url, port, log)
+
+
+def start_service(name: str, url: str, port: int, log: Path, *args: str) -> subprocess.Popen[bytes]:
+    """``autoserve run NAME`` with its endpoint on ``port``; its data (recovery's process
+    records, the reporter's chDB) next to ``log``, JSON logs."""
+    env = {**os.environ, "AUTOSERVE_DATA_DIR": str(log.parent / f"{name}-data"), "AUTOSERVE_LOG_FORMAT": "json"}
     with log.open("ab") as out:
-        command = [AUTOSERVE, "run", "detector", "--nats-url", url, "--metrics-port", str(port)]
-        return subprocess.Popen(command, stdout=out, stderr=out)
+        command = [AUTOSERVE, "run", name, "--nats-url", url, "--metrics-port", str(port), *args]
+        return subprocess.Popen(command, stdout=out, stderr=out, env=env)
 
 
 async def get(port: int, path: str) -> tuple[int | None, str]:
@@ -297,4 +312,147 @@ async def test_events_by_type_dead_letters_and_handler_latency(
         assert value(page, "autoserve_handler_seconds_count", service="detector") == 2  # 130 // 64
     finally:
         code = stop_and_wait(detector)
+    assert code == 0
+
+
+# -- every service, and what the recovery service, the breaker and the reporter count --------
+
+SERVICE_ARGS: dict[str, tuple[str, ...]] = {
+    "prober": ("--no-docker",),
+    "detector": (),
+    "breaker": (),
+    "recovery": ("--no-docker",),
+    "reporter": (),  # its report API on a free port: added below
+    "alerter": (),
+}
+
+
+@pytest.mark.parametrize("name", list(SERVICE_ARGS))
+async def test_every_service_serves_health_readiness_and_metrics_and_drains_on_sigterm(
+    name: str, tmp_path: Path, nats_server: EmbeddedNatsServer, nc: Client
+) -> None:
+    await apply_yaml(nc, config_for(WEB))
+    port, log = free_port(), tmp_path / f"{name}.log"
+    args = SERVICE_ARGS[name] + (("--listen", f"{LOCALHOST}:{free_port()}") if name == "reporter" else ())
+    process = start_service(name, nats_server.url, port, log, *args)
+    try:
+        assert await wait_status(port, "/healthz", 200) == "ok\n"
+        ready = json.loads(await wait_status(port, "/readyz", 200, timeout=60))
+        assert ready["service"] == name and ready["ready"] is True and all(ready["checks"].values()), ready
+        page = samples(await wait_status(port, "/metrics", 200))
+        assert value(page, "autoserve_service_info", service=name) == 1
+        assert value(page, "autoserve_ready") == 1
+        assert any(key[0] == "autoserve_publish_submitted_total" and ("service", name) in key[1] for key in page)
+        assert ("process_resident_memory_bytes", frozenset()) in page
+    finally:
+        code = await asyncio.to_thread(stop_and_wait, process)
+    assert code == 0, log.read_text()[-3000:]
+    assert "stopping by cancellation" not in log.read_text()  # drained within the grace
+
+
+RECOVERY = {"service": "recovery", "consumer": "autoserve-recovery"}
+
+
+async def test_recovery_metrics_count_inputs_outputs_dead_letters_latency_and_lag(
+    tmp_path: Path, nats_server: EmbeddedNatsServer, nc: Client, outputs: Outputs
+) -> None:
+    """The recovery service fetches from its own pull consumer: its inputs, outputs, dead
+    letters, handling time and the work queue's lag are exported all the same. Docker is
+    off, so a restart of a container fails (an output) and backs off: the next failure of
+    that instance is deferred, held unacknowledged, which is the lag."""
+    await apply_yaml(nc, app_config("web", backoff_initial_seconds=120))
+    port, log = free_port(), tmp_path / "recovery.log"
+    process = start_service("recovery", nats_server.url, port, log, "--no-docker")
+    js = nc.jetstream()
+    try:
+        await wait_status(port, "/readyz", 200, timeout=60)
+        page = samples(await wait_status(port, "/metrics", 200))
+        assert value(page, "autoserve_consumer_bound", **RECOVERY) == 1
+        assert value(page, "autoserve_consumer_lag_messages", **RECOVERY) == 0
+        health = HealthChanged(instance_id="c-1", app_name="web", healthy=False, previous=True, consecutive=2,
+                               reason="test", timestamp=time.time())  # fmt: skip
+        await js.publish(subject_for(health), encode(health))
+        await publish_copies(nc, stopped("web", "c-1"), 1)
+        await wait_for(lambda: outputs.events(RecoveryExecuted), timeout=30, what="the failed restart recorded")
+        assert "docker engine unavailable" in (outputs.events(RecoveryExecuted)[0].error or "")
+        await publish_copies(nc, stopped("web", "c-1"), 1)  # in backoff: deferred
+        await js.publish(subject(FailureDetected, "web", "c-1"), b"\x00 not an event")
+        await wait_for(lambda: len(outputs.dead_letters()) == 1, timeout=30, what="the poison dead-lettered")
+
+        page: dict = {}
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # until the deferred input is counted in and held
+            page = samples((await get(port, "/metrics"))[1])
+            if page.get(("autoserve_consumer_ack_pending_messages", frozenset(RECOVERY.items()))) == 1 and page.get(
+                ("autoserve_events_in_total", frozenset({"service": "recovery", "type": "FailureDetected"}.items()))
+            ) == 2:  # fmt: skip
+                break
+            await asyncio.sleep(0.1)
+        assert value(page, "autoserve_events_in_total", service="recovery", type="FailureDetected") == 2
+        assert value(page, "autoserve_events_in_total", service="recovery", type="HealthChanged") == 1
+        assert value(page, "autoserve_events_out_total", service="recovery", type="RecoveryExecuted") == 1
+        assert value(page, "autoserve_dead_letters_total", service="recovery", reason="malformed") == 1
+        assert value(page, "autoserve_consumer_dead_lettered_total", **RECOVERY) == 1
+        assert value(page, "autoserve_consumer_outputs_total", **RECOVERY) == 1
+        assert value(page, "autoserve_consumer_received_total", **RECOVERY) >= 4
+        assert value(page, "autoserve_consumer_lag_messages", **RECOVERY) == 1  # the deferred failure
+        assert value(page, "autoserve_consumer_ack_pending_messages", **RECOVERY) == 1
+        assert value(page, "autoserve_consumer_acked_sequence", **RECOVERY) >= 3
+        assert value(page, "autoserve_handler_seconds_count", service="recovery") >= 4  # every input is timed
+        assert value(page, "autoserve_handler_seconds_sum", service="recovery") > 0
+        assert value(page, "autoserve_publish_stored_total", service="recovery") >= 1
+    finally:
+        code = await asyncio.to_thread(stop_and_wait, process)
+    assert code == 0
+    assert "stopping by cancellation" not in log.read_text()
+
+
+async def test_breaker_counts_dead_lettered_reports(
+    tmp_path: Path, nats_server: EmbeddedNatsServer, nc: Client, outputs: Outputs
+) -> None:
+    await apply_yaml(nc, config_for(WEB))
+    port = free_port()
+    breaker = start_service("breaker", nats_server.url, port, tmp_path / "breaker.log")
+    try:
+        await wait_status(port, "/readyz", 200, timeout=60)
+        await nc.publish(f"{BREAKER_REPORT_PREFIX}.web.w-1", b"not a report")
+        await nc.publish(f"{BREAKER_REPORT_PREFIX}.web.bad:name", b'{"success": false}')  # not a name
+        await wait_for(lambda: len(outputs.dead_letters()) == 2, timeout=30, what="two reports dead-lettered")
+        page = samples((await get(port, "/metrics"))[1])
+        assert value(page, "autoserve_dead_letters_total", service="breaker", reason="malformed") == 2
+    finally:
+        code = await asyncio.to_thread(stop_and_wait, breaker)
+    assert code == 0
+
+
+async def test_reporter_exports_stored_rows_by_table(
+    tmp_path: Path, nats_server: EmbeddedNatsServer, nc: Client
+) -> None:
+    await apply_yaml(nc, config_for(WEB))
+    port = free_port()
+    reporter = start_service("reporter", nats_server.url, port, tmp_path / "reporter.log",
+                             "--listen", f"{LOCALHOST}:{free_port()}")  # fmt: skip
+    try:
+        await wait_status(port, "/readyz", 200, timeout=60)
+
+        def series(page: dict, name: str, table: str) -> float | None:
+            return page.get((name, frozenset({"table": table}.items())))
+
+        page = samples((await get(port, "/metrics"))[1])
+        assert series(page, "autoserve_reporter_rows_stored_total", "health_metrics") == 0
+        await publish(nc, *[failing_probe() for _ in range(20)])
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            page = samples((await get(port, "/metrics"))[1])
+            if (series(page, "autoserve_reporter_rows_stored_total", "health_metrics") or 0) >= 20:
+                break
+            await asyncio.sleep(0.2)
+        assert series(page, "autoserve_reporter_rows_stored_total", "health_metrics") >= 20
+        assert series(page, "autoserve_reporter_batches_stored_total", "health_metrics") >= 1
+        assert series(page, "autoserve_reporter_insert_failures_total", "health_metrics") == 0
+        assert series(page, "autoserve_reporter_buffered_rows", "health_metrics") == 0
+        assert series(page, "autoserve_reporter_rows_stored_total", "events") is not None
+        assert value(page, "autoserve_events_in_total", service="reporter", type="ProbeCompleted") == 20
+    finally:
+        code = await asyncio.to_thread(stop_and_wait, reporter)
     assert code == 0

@@ -74,6 +74,28 @@ def test_instrument_counts_inputs_and_outputs_and_samples_latency() -> None:
     assert count == [2]  # calls 64 and 128
 
 
+def test_scrape_time_series_with_labels_and_a_reader_that_fails() -> None:
+    rows = {("health_metrics",): 3, ("events",): 1}
+    observability.add_counter("unit_rows_stored", "rows", lambda: rows, ("table",))
+    observability.add_gauge("unit_level", "a level", lambda: 2.5)
+    observability.add_gauge("unit_broken", "raises", lambda: 1 / 0)
+    try:
+        rows[("events",)] = 4  # read at scrape time, not when registered
+        page = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(observability.metrics_text().decode())
+            for s in family.samples
+        }
+    finally:
+        for name in ("autoserve_unit_level", "autoserve_unit_broken"):
+            observability.STATE.gauges.pop(name)
+        observability.STATE.counters.pop("autoserve_unit_rows_stored")
+    assert page[("autoserve_unit_rows_stored_total", (("table", "health_metrics"),))] == 3
+    assert page[("autoserve_unit_rows_stored_total", (("table", "events"),))] == 4
+    assert page[("autoserve_unit_level", ())] == 2.5
+    assert not [key for key in page if key[0] == "autoserve_unit_broken"]  # no sample, and no error
+
+
 def test_dead_letter_reasons_are_a_bounded_set() -> None:
     assert dead_letter_reason("oversized: 70000 bytes > 65536") == "oversized"
     assert dead_letter_reason("handler error: KeyError: 'x'") == "handler_error"

@@ -17,7 +17,8 @@ increment; at the detector's 20,000 events/s that is the difference between 7 % 
 0.2 % of a core. So services and the runtime count in plain ints (``ConsumerStats``,
 ``PublisherStats``, ``Tally``) and ``_Collector`` turns them into samples when
 Prometheus asks. ``instrument`` (inputs and outputs by type, the fold timed on one input
-in 64) adds 0.17 µs a message, measured.
+in 64) adds 0.17 µs a message, measured. A service that fetches from a durable pull
+consumer itself (recovery) counts into a ``PullConsumer``, exported the same way.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import contextlib
 import os
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +39,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
+    from nats.js import JetStreamContext
 
     from .consumer import EventConsumer
     from .publisher import EventPublisher
@@ -226,6 +228,49 @@ def count_published(service: str, submit: Callable[..., Any]) -> Callable[..., A
     return counted
 
 
+@dataclass
+class PullStats:
+    """What a service that fetches from a durable pull consumer itself counts (the same
+    names as ``ConsumerStats``, so ``/metrics`` exports both alike)."""
+
+    received: int = 0  # deliveries, redeliveries (deferred inputs) included
+    duplicates: int = 0
+    dead_lettered: int = 0
+    outputs: int = 0
+    replayed: int = 0
+    acked_seq: int = 0  # the highest stream sequence acknowledged
+
+
+@dataclass(frozen=True)
+class _Durable:
+    stream: str
+    durable: str
+
+
+class PullConsumer:
+    """``/metrics`` and ``/readyz`` for a durable pull consumer a service fetches from by
+    itself (the recovery service's work queue, shared by its replicas), as
+    ``EventConsumer`` gives them to a push consumer: the service counts into ``stats``
+    and marks it ``bound``; its lag is asked of JetStream at scrape time. Watched by weak
+    reference: the service keeps it."""
+
+    def __init__(self, service: str, js: JetStreamContext, stream: str, durable: str) -> None:
+        self._js = js
+        self._spec = _Durable(stream, durable)
+        self._sub: object | None = None
+        self.stats = PullStats()
+        STATE.consumers[id(self)] = (service, weakref.ref(self))
+        with contextlib.suppress(AttributeError):
+            watch_nats(js._nc)
+
+    def bound(self, sub: object) -> None:
+        """The subscription fetches from now on (readiness waits for it)."""
+        self._sub = sub
+
+    def acked(self, seq: int) -> None:
+        self.stats.acked_seq = max(self.stats.acked_seq, seq)
+
+
 # -- what the process watches ----------------------------------------------------------------
 
 
@@ -242,11 +287,11 @@ class _State:
     ready: list[asyncio.Event] = field(default_factory=list)
     checks: dict[str, Callable[[], bool]] = field(default_factory=dict)
     nats: weakref.WeakValueDictionary[int, Client] = field(default_factory=weakref.WeakValueDictionary)
-    consumers: dict[int, tuple[str, weakref.ref[EventConsumer]]] = field(default_factory=dict)
+    consumers: dict[int, tuple[str, weakref.ref[EventConsumer | PullConsumer]]] = field(default_factory=dict)
     publishers: dict[int, tuple[str, weakref.ref[EventPublisher]]] = field(default_factory=dict)
     consumer_info: dict[int, _ConsumerInfo] = field(default_factory=dict)
-    gauges: dict[str, tuple[str, Callable[[], float]]] = field(default_factory=dict)
-    counters: dict[str, tuple[str, Callable[[], float]]] = field(default_factory=dict)
+    gauges: dict[str, tuple[str, tuple[str, ...], Callable[[], Any]]] = field(default_factory=dict)
+    counters: dict[str, tuple[str, tuple[str, ...], Callable[[], Any]]] = field(default_factory=dict)
     loop_lag: float = 0.0
 
 
@@ -276,14 +321,26 @@ def add_check(name: str, check: Callable[[], bool]) -> None:
     STATE.checks[name] = check
 
 
-def add_gauge(name: str, documentation: str, read: Callable[[], float]) -> None:
-    """A gauge read at scrape time (``autoserve_`` prefix added if missing)."""
-    STATE.gauges[_prefixed(name)] = (documentation, read)
+def add_gauge(
+    name: str,
+    documentation: str,
+    read: Callable[[], float] | Callable[[], Mapping[tuple[str, ...], float]],
+    labelnames: Sequence[str] = (),
+) -> None:
+    """A gauge read at scrape time (``autoserve_`` prefix added if missing). With
+    ``labelnames``, ``read`` returns ``{label values: value}``."""
+    STATE.gauges[_prefixed(name)] = (documentation, tuple(labelnames), read)
 
 
-def add_counter(name: str, documentation: str, read: Callable[[], float]) -> None:
-    """A counter (a value that only grows) read at scrape time; ``_total`` is added."""
-    STATE.counters[_prefixed(name)] = (documentation, read)
+def add_counter(
+    name: str,
+    documentation: str,
+    read: Callable[[], float] | Callable[[], Mapping[tuple[str, ...], float]],
+    labelnames: Sequence[str] = (),
+) -> None:
+    """A counter (a value that only grows) read at scrape time; ``_total`` is added. With
+    ``labelnames``, ``read`` returns ``{label values: value}``."""
+    STATE.counters[_prefixed(name)] = (documentation, tuple(labelnames), read)
 
 
 def _prefixed(name: str) -> str:
@@ -299,7 +356,7 @@ def _live(refs: dict[int, tuple[str, weakref.ref[Any]]]) -> Iterator[tuple[str, 
             yield service, obj
 
 
-def _bound(consumer: EventConsumer) -> bool:
+def _bound(consumer: EventConsumer | PullConsumer) -> bool:
     return consumer._sub is not None
 
 
@@ -327,11 +384,14 @@ def readiness() -> dict[str, bool]:
 
 REGISTRY = CollectorRegistry(auto_describe=False)
 ProcessCollector(registry=REGISTRY)
+# The long end is the recovery service's: it times each input's whole handling, the
+# Docker or process action included (seconds), where the others time a fold (microseconds).
 HANDLER_SECONDS = Histogram(
     "autoserve_handler_seconds",
-    f"Time the service's fold takes for one live input (one input in {SAMPLE_EVERY} is timed)",
+    f"Time the service's fold takes for one live input (one input in {SAMPLE_EVERY} is timed; "
+    "recovery: every input's handling, its actions included)",
     ("service",),
-    buckets=(1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2, 0.1, 1.0),
+    buckets=(1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2, 0.1, 1.0, 5.0, 15.0, 60.0),
     registry=REGISTRY,
 )
 
@@ -377,16 +437,10 @@ class _Collector:
         yield from self._publishers()
         for tally in (EVENTS_IN, EVENTS_OUT, DEAD_LETTERS, PROBES):
             yield tally.family()
-        for name, (doc, read) in list(STATE.gauges.items()):
-            gauge = GaugeMetricFamily(name, doc)
-            with contextlib.suppress(Exception):
-                gauge.add_metric([], float(read()))
-            yield gauge
-        for name, (doc, read) in list(STATE.counters.items()):
-            counter = CounterMetricFamily(name, doc)
-            with contextlib.suppress(Exception):
-                counter.add_metric([], float(read()))
-            yield counter
+        for name, (doc, labelnames, read) in list(STATE.gauges.items()):
+            yield _read_into(GaugeMetricFamily(name, doc, labels=labelnames), labelnames, read)
+        for name, (doc, labelnames, read) in list(STATE.counters.items()):
+            yield _read_into(CounterMetricFamily(name, doc, labels=labelnames), labelnames, read)
 
     def _consumers(self) -> Iterator[Metric]:
         labels = ["service", "consumer"]
@@ -432,6 +486,17 @@ class _Collector:
         yield waiting
 
 
+def _read_into(family: Any, labelnames: tuple[str, ...], read: Callable[[], Any]) -> Metric:
+    """A family with what ``read`` returns now; a reader that fails gives no sample (never a 500)."""
+    with contextlib.suppress(Exception):
+        if labelnames:
+            for values, number in sorted(read().items()):
+                family.add_metric(list(values), float(number))
+        else:
+            family.add_metric([], float(read()))
+    return family  # type: ignore[no-any-return]
+
+
 REGISTRY.register(_Collector())  # type: ignore[arg-type]
 
 
@@ -439,7 +504,7 @@ async def refresh_consumer_info(timeout: float = 1.0) -> None:
     """Ask JetStream for each watched consumer's backlog: one request per consumer per
     scrape, not per message. On a timeout (NATS away) the last known value stays."""
 
-    async def one(consumer: EventConsumer) -> None:
+    async def one(consumer: EventConsumer | PullConsumer) -> None:
         with contextlib.suppress(Exception):
             info = await asyncio.wait_for(
                 consumer._js.consumer_info(consumer._spec.stream, consumer._spec.durable), timeout

@@ -1,7 +1,8 @@
 """``autoserve run recovery``. Settings come from the environment (host-local paths):
 ``AUTOSERVE_NGINX_UPSTREAM_DIR``, ``AUTOSERVE_NGINX_RELOAD``, ``AUTOSERVE_RECOVERY_REPLICA``,
 ``AUTOSERVE_RECOVERY_DOCKER``, ``AUTOSERVE_RECOVERY_MAX_ACTIONS_PER_MINUTE``,
-``AUTOSERVE_RECOVERY_LEASE_SECONDS``; local process records under ``AUTOSERVE_DATA_DIR``."""
+``AUTOSERVE_RECOVERY_LEASE_SECONDS``, ``AUTOSERVE_RECOVERY_DRAIN_SECONDS``; local process
+records under ``AUTOSERVE_DATA_DIR``."""
 
 from __future__ import annotations
 
@@ -16,4 +17,6 @@ def run_service(args: argparse.Namespace) -> int:
     settings = RecoverySettings.from_env()
     if getattr(args, "docker", None) is not None:
         settings = RecoverySettings(**{**vars(settings), "docker": args.docker})
-    return serve("recovery", RecoveryService(args.nats_url, settings).run)
+    # The grace outlasts the drain: the actions still running when it ends are given back
+    # (negatively acknowledged) by the service itself, before anything is cancelled.
+    return serve("recovery", RecoveryService(args.nats_url, settings).run, grace_seconds=settings.drain_seconds + 3)

@@ -6,6 +6,9 @@ the instance lease, catch up with what other replicas did to that instance, deci
 then run each action under its own at-most-once claim and publish ``RecoveryExecuted``
 (stored before the input is acknowledged). A deferred remediation (backoff, rate limit)
 is a negative acknowledgement with that delay: JetStream keeps the incident, not memory.
+
+SIGTERM drains: no more fetches, the actions in flight get ``drain_seconds`` to finish, and
+what is still running then is cut off and its input negatively acknowledged (``_drain``).
 """
 
 from __future__ import annotations
@@ -38,7 +41,17 @@ from autoserve_events import (
     decode,
     subject,
 )
-from autoserve_runtime import EventPublisher, cancel_all, close_nats, connect, follow_apps, provision
+from autoserve_runtime import (
+    EventPublisher,
+    cancel_all,
+    close_nats,
+    connect,
+    count_published,
+    follow_apps,
+    provision,
+    watch_publisher,
+)
+from autoserve_runtime.observability import EVENTS_IN, HANDLER_SECONDS, PullConsumer, dead_lettered
 
 from .adapters.claims import ClaimHeld, Claims, claims_bucket
 from .adapters.docker import DockerRuntime, PortPolicy, docker_socket_available
@@ -59,10 +72,11 @@ from .core import (
     rolling_member,
 )
 from .core.strategies import DEFAULT_STRATEGY_MAP, LADDER, TRAFFIC
-from .feeds import follow_state, work_subscription
+from .feeds import WORK_DURABLE, follow_state, work_subscription
 
 log = structlog.get_logger("autoserve.recovery")
 S = RecoveryStrategy
+SERVICE = "recovery"
 
 
 @dataclass(frozen=True)
@@ -78,6 +92,8 @@ class RecoverySettings:
     lease_seconds: float = 15.0
     history_seconds: float = 3600.0
     concurrency: int = 64
+    # SIGTERM: how long actions in flight may run on; ``serve`` cancels 3 s after it.
+    drain_seconds: float = 7.0
 
     @classmethod
     def from_env(cls) -> RecoverySettings:
@@ -95,6 +111,7 @@ class RecoverySettings:
             process_dir=data_dir / "processes",
             limits=Limits(max_actions_per_minute=int(env.get("AUTOSERVE_RECOVERY_MAX_ACTIONS_PER_MINUTE", "30"))),
             lease_seconds=float(env.get("AUTOSERVE_RECOVERY_LEASE_SECONDS", "15")),
+            drain_seconds=float(env.get("AUTOSERVE_RECOVERY_DRAIN_SECONDS", "7")),
         )
 
 
@@ -122,7 +139,9 @@ class RecoveryService:
         self._locks: dict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
         self._rolling: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)  # one rolling restart per app
         self._slots = asyncio.Semaphore(self.settings.concurrency)
-        self._handlers: set[asyncio.Task[None]] = set()
+        self._handlers: dict[asyncio.Task[None], Msg] = {}  # in flight, with the input each handles
+        self._events_in = EVENTS_IN.child(SERVICE)
+        self._observe = HANDLER_SECONDS.labels(SERVICE).observe
         self._watchers: set[asyncio.Task[None]] = set()  # left-out members waiting to answer
 
     # -- configuration -------------------------------------------------------------------
@@ -149,6 +168,7 @@ class RecoveryService:
         js = nc.jetstream()
         await provision(js)
         self._js = js
+        self.work = PullConsumer(SERVICE, js, EVENTS_STREAM, WORK_DURABLE)  # /metrics: counts and lag
         self.claims = Claims(await claims_bucket(js), self.settings.replica, self.settings.lease_seconds)
         use_docker = self.settings.docker if self.settings.docker is not None else docker_socket_available()
         if use_docker:
@@ -156,6 +176,8 @@ class RecoveryService:
         watcher = asyncio.create_task(follow_apps(await js.key_value(APPS_BUCKET), self._on_apps))
         await self._apps_loaded.wait()
         self.publisher = EventPublisher(js).start()
+        watch_publisher(SERVICE, self.publisher)
+        self._submit = count_published(SERVICE, self.publisher.submit)  # outputs by type
         started = time.monotonic()
         state_sub = await follow_state(js, time.time() - self.settings.history_seconds, self._on_state)
         await self._replayed(state_sub)
@@ -163,13 +185,15 @@ class RecoveryService:
         log.info("state rebuilt", seq=self.state_seq, seconds=round(time.monotonic() - started, 3),
                  instances=len(self.state.instances), replica=self.settings.replica)  # fmt: skip
         work = await work_subscription(js, self.settings.lease_seconds)
-        worker = asyncio.create_task(self._work(work))
+        self.work.bound(work)
+        worker = asyncio.create_task(self._work(work, stop))
         self.ready.set()
         try:
             await stop.wait()
         finally:
-            log.info("recovery stopping", replica=self.settings.replica)
-            await cancel_all([worker, watcher, *self._handlers, *self._watchers])
+            log.info("recovery stopping", replica=self.settings.replica, in_flight=len(self._handlers))
+            await self._drain(worker)
+            await cancel_all([watcher, *self._watchers])
             await self.health.close()
             # Every step is bounded: NATS may be going away at the same moment (``up`` stops
             # everything at once), and a drain against a dead server waits for its timeout.
@@ -227,7 +251,7 @@ class RecoveryService:
         if announcement is not None:
             self.state.panic_announced[event.app_name] = bool(announcement.details["panic"])
             log.warning("panic mode", app=event.app_name, **announcement.details)
-            self.publisher.submit(announcement)
+            self._submit(announcement)
 
     async def _caught_up(self, seq: int, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -261,8 +285,11 @@ class RecoveryService:
 
     # -- the work feed -------------------------------------------------------------------
 
-    async def _work(self, sub: object) -> None:
-        while True:
+    async def _work(self, sub: object, stop: asyncio.Event) -> None:
+        """Fetch until ``stop``. A fetch is not cut off by the stop: it ends within its 1 s
+        long poll (a message the server hands to an abandoned fetch would wait out its
+        ``ack_wait`` before anyone saw it)."""
+        while not stop.is_set():
             try:
                 # One at a time: nats-py's fetch of a batch, once its long poll has one
                 # message, waits for the rest of the batch until the timeout, so the first
@@ -278,14 +305,63 @@ class RecoveryService:
                 await asyncio.sleep(0.5)  # disconnected: nats-py reconnects by itself
                 continue
             for msg in msgs:
-                await self._slots.acquire()
-                task = asyncio.create_task(self._handle(msg))
-                self._handlers.add(task)
+                self.work.stats.received += 1
+                if stop.is_set():  # fetched as the drain began: another replica takes it now
+                    await self._give_back([msg])
+                    continue
+                try:
+                    await self._slots.acquire()
+                except asyncio.CancelledError:
+                    await self._give_back([msg])
+                    raise
+                task = asyncio.create_task(self._timed(msg))
+                self._handlers[task] = msg
                 task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[None]) -> None:
-        self._handlers.discard(task)
+        self._handlers.pop(task, None)
         self._slots.release()
+
+    async def _drain(self, worker: asyncio.Task[None]) -> None:
+        """SIGTERM: fetch no more, let the actions in flight finish within
+        ``drain_seconds``, then cut off what still runs and give its inputs back (a
+        negative acknowledgement: redelivered at once, to another replica or to this one
+        restarted). At most once still holds for a cut-off action: its claim
+        ``f.<failure>.<action>`` stays held, not done, so whoever gets the input again
+        waits for the claim's lease and asks the runtime whether the action happened
+        before doing it (the path of a crashed replica); a finished one is recorded and
+        its claim done, so its redelivery does nothing."""
+        deadline = time.monotonic() + self.settings.drain_seconds
+        await asyncio.wait([worker], timeout=2.0)  # its last long poll (1 s) ends by itself
+        await cancel_all([worker])  # unless NATS is away and it is retrying
+        if self._handlers:
+            log.info("draining: waiting for the actions in flight", count=len(self._handlers),
+                     seconds=self.settings.drain_seconds)  # fmt: skip
+            await asyncio.wait(list(self._handlers), timeout=max(0.0, deadline - time.monotonic()))
+        left = dict(self._handlers)
+        if not left:
+            return
+        log.warning("drain time ran out: actions cut off, their inputs given back", count=len(left),
+                    seconds=self.settings.drain_seconds)  # fmt: skip
+        for task in left:
+            task.cancel()
+        await asyncio.wait(list(left), timeout=2.0)  # their ``finally`` blocks release the instance leases
+        await self._give_back(list(left.values()))
+
+    async def _give_back(self, msgs: list[Msg]) -> None:
+        for msg in msgs:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(msg.nak(), 1.0)
+
+    async def _timed(self, msg: Msg) -> None:
+        """Every input's handling is timed (inputs are few, and their actions take seconds)."""
+        started = time.perf_counter()
+        await self._handle(msg)
+        self._observe(time.perf_counter() - started)
+
+    async def _ack(self, msg: Msg) -> None:
+        await msg.ack()
+        self.work.acked(msg.metadata.sequence.stream)
 
     async def _handle(self, msg: Msg) -> None:
         try:
@@ -293,6 +369,9 @@ class RecoveryService:
         except MalformedEvent as exc:
             await self._dead_letter(msg, str(exc))
             return
+        if msg.metadata.num_delivered == 1:  # each input once; a deferred one comes back
+            kind = type(event)
+            self._events_in[kind] = self._events_in.get(kind, 0) + 1
         try:
             if not await self._caught_up(msg.metadata.sequence.stream, 10):
                 await msg.nak(delay=1.0)
@@ -303,7 +382,7 @@ class RecoveryService:
                 delay = await self._on_health(event, msg)
             else:
                 delay = None
-            await (msg.nak(delay=delay) if delay is not None else msg.ack())
+            await (msg.nak(delay=delay) if delay is not None else self._ack(msg))
         except ClaimHeld as held:
             log.info("action claimed by a replica that stopped renewing; retrying when it runs out", reason=str(held))
             with contextlib.suppress(Exception):
@@ -314,15 +393,18 @@ class RecoveryService:
                 await msg.nak(delay=self.settings.lease_seconds)
 
     async def _dead_letter(self, msg: Msg, reason: str) -> None:
+        self.work.stats.dead_lettered += 1
+        dead_lettered(SERVICE, reason)
         log.warning("message dead-lettered", subject=msg.subject, reason=reason[:200])
         headers = {"Nats-Msg-Id": f"dl-recovery-{msg.metadata.sequence.stream}", "Autoserve-Reason": reason[:1000],
                    "Autoserve-Subject": msg.subject}  # fmt: skip
         with contextlib.suppress(Exception):
-            await self._js.publish(deadletter("recovery"), msg.data[:65536], headers=headers)
-        await msg.ack()
+            await self._js.publish(deadletter(SERVICE), msg.data[:65536], headers=headers)
+        await self._ack(msg)
 
     async def _publish(self, event: Event) -> None:
-        stored = await self.publisher.submit(event, track=True)  # type: ignore[misc]
+        self.work.stats.outputs += 1
+        stored = await self._submit(event, track=True)
         if not stored:
             raise RecoveryError(f"could not store {type(event).__name__} {event.event_id}")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -33,6 +33,7 @@ from autoserve_runtime import (
     follow_apps,
     provision,
 )
+from autoserve_runtime.observability import add_counter, add_gauge
 
 from .adapters.api import DEFAULT_LISTEN, build_app, parse_listen
 from .adapters.batcher import BatchWriter
@@ -129,6 +130,22 @@ class ReporterService:
             return [self.metrics.add(metric_rows(event))]
         return [self.events.add([event_row(event)])]
 
+    def _export_writer_stats(self) -> None:
+        """``/metrics`` reads the batch writers' stats at scrape time, by table (nothing
+        is counted twice on the path of a row)."""
+
+        def by_table(attr: str) -> Callable[[], dict[tuple[str, ...], int]]:
+            writers = (self.metrics, self.events)
+            return lambda: {(w.table,): getattr(w.stats, attr) for w in writers if w is not None}
+
+        labels = ("table",)
+        add_counter("reporter_rows_stored", "Rows ClickHouse stored, by table", by_table("rows_stored"), labels)
+        add_counter("reporter_batches_stored", "Batches ClickHouse stored", by_table("batches_stored"), labels)
+        add_counter(
+            "reporter_insert_failures", "Inserts that failed (each retried)", by_table("insert_failures"), labels
+        )
+        add_gauge("reporter_buffered_rows", "Rows waiting to be stored", by_table("buffered_rows"), labels)
+
     def _on_apps(self, apps: dict[str, AppSpec], _written_at: float | None) -> None:
         self._configured = set(apps)
 
@@ -159,6 +176,7 @@ class ReporterService:
         batch = {"max_rows": s.batch_rows, "max_delay": s.batch_seconds}
         self.metrics = BatchWriter(self.store, METRICS_TABLE, METRIC_COLUMNS, **batch).start()
         self.events = BatchWriter(self.store, EVENTS_TABLE, EVENT_COLUMNS, **batch).start()
+        self._export_writer_stats()
         self.consumers = [EventConsumer(js, publisher, spec, SERVICE, self.process) for spec in consumer_specs(s)]
         runner = web.AppRunner(build_app(self), access_log=None)
         try:

@@ -30,6 +30,7 @@ from autoserve_events import (
     is_valid_name,
 )
 from autoserve_runtime import EventPublisher
+from autoserve_runtime.observability import dead_lettered
 
 from ..core.breakers import Breakers
 
@@ -105,6 +106,7 @@ class Handlers:
 
     def _dead_letter(self, msg: Msg, reason: str) -> None:
         self.stats.dead_lettered += 1
+        dead_lettered(SERVICE, reason)  # autoserve_dead_letters_total, as EventConsumer's are
         if self.stats.dead_lettered % 1000 == 1:
             log.warning("malformed report dead-lettered", subject=msg.subject, reason=reason[:200])
         headers = {"Autoserve-Reason": reason[:1000], "Autoserve-Subject": msg.subject[:256]}
