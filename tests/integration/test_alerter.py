@@ -46,9 +46,13 @@ from autoserve_events import (
 )
 from autoserve_runtime import EmbeddedNatsServer, free_port, provision
 
+from ..conftest import plant_secret
 from .conftest import LOCALHOST, Outputs, ServiceRunner, apply_yaml, wait_for
 
-SECRET = "s3cret-for-tests"
+SECRET = plant_secret("s3cret-for-tests", "alerter webhook HMAC secret")
+# Secrets inside receiver URLs (a Slack token is the path): the session's log scan looks for them.
+for _secret in ("tok-SECRET-slack", "tok-SECRET-closed", "qs-SECRET", "pw-hunter2", "pw-closed"):
+    plant_secret(_secret, "a receiver URL's secret")
 
 
 @dataclass

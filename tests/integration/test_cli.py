@@ -17,8 +17,10 @@ from nats.js.errors import NoKeysError
 from autoserve_events import APPS_BUCKET
 from autoserve_runtime import EmbeddedNatsServer, free_port
 
+from ..conftest import plant_secret
 from .conftest import LOCALHOST, check, config_for
 
+ROOT = Path(__file__).resolve().parents[2]
 AUTOSERVE = str(Path(sys.executable).parent / "autoserve")
 
 
@@ -143,8 +145,7 @@ def wait_for_probes(nats_port: int) -> list[dict]:
     return rows
 
 
-@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
-def test_up_runs_everything_and_stops_cleanly(tmp_path: Path, stop_signal: int) -> None:
+def test_up_runs_everything_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     # A target in its own process: this test is synchronous, so no server runs in its loop.
     server = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", LOCALHOST, str(port := free_port())],
                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
@@ -157,7 +158,7 @@ def test_up_runs_everything_and_stops_cleanly(tmp_path: Path, stop_signal: int) 
         assert all(r["is_healthy"] and r["status_code"] == 200 for r in rows)
         assert processes_mentioning(str(tmp_path / "data"))  # nats-server and the prober are running
 
-        up.send_signal(stop_signal)
+        up.send_signal(signal.SIGTERM)
         output, _ = up.communicate(timeout=60)
         assert up.returncode == 0, output
         assert "stopped" in output
@@ -167,6 +168,54 @@ def test_up_runs_everything_and_stops_cleanly(tmp_path: Path, stop_signal: int) 
             up.kill()
         server.terminate()
         server.wait()
+
+
+def report_of(app: str) -> dict | None:
+    """``autoserve report APP --json`` as an operator types it (the default reporter URL)."""
+    shown = autoserve("report", app, "--json", timeout=30)
+    return json.loads(shown.stdout) if shown.returncode == 0 else None
+
+
+def test_make_run_demo_gives_a_real_report_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    """Issue 6's "done": after ``make run`` (``autoserve up --demo -c examples/demo.yaml``
+    from the checkout), ``autoserve report <demo app>`` prints a real report. The data
+    directory and the bus port are the test's own; everything else is the default."""
+    plant_secret((ROOT / "examples" / "demo-webhook.secret").read_text(), "demo webhook HMAC secret")
+    data = tmp_path / "data"
+    up = subprocess.Popen(
+        [AUTOSERVE, "up", "--demo", "-c", "examples/demo.yaml", "--data-dir", str(data),
+         "--nats-port", str(free_port()), "--no-status"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        report: dict | None = None
+
+        def reported() -> bool:
+            nonlocal report
+            assert up.poll() is None, up.communicate(timeout=30)[0][-3000:]
+            report = report_of("web")
+            return report is not None and report["total_health_checks"] > 0
+
+        wait_until(reported, 120, "autoserve report web to show stored health checks")
+        assert report is not None and report["app_name"] == "web" and report["status"] == "ok"
+        assert report["total_health_checks"] == report["successful_checks"] + report["failed_checks"]
+        assert report["uptime_percent"] is not None and report["avg_response_time_ms"] is not None
+        assert {i["instance_id"] for i in report["instances"]} <= {"web-1", "web-2", "web-3"}
+
+        table = autoserve("report", "web", timeout=30)
+        assert table.returncode == 0, table.stderr
+        assert table.stdout.startswith("web — last 24 h") and "uptime" in table.stdout, table.stdout
+        assert "health checks" in table.stdout and "per instance" in table.stdout and "web-1" in table.stdout
+
+        up.send_signal(signal.SIGINT)  # Ctrl-C, as `make run` is stopped
+        output, _ = up.communicate(timeout=60)
+        assert up.returncode == 0, output[-3000:]
+        assert "stopped" in output
+        wait_until(lambda: not processes_mentioning(str(data)), 20, "no process left behind")
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
 
 
 def test_up_killed_outright_leaves_no_orphans(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ from autoserve_events import (
     new_event_id,
     subject_for,
 )
-from autoserve_recovery.adapters.claims import CLAIMS_BUCKET, Lease
+from autoserve_recovery.adapters.claims import CLAIMS_BUCKET, Claims, Lease, claims_bucket
 from autoserve_recovery.adapters.docker import docker_time
 from autoserve_recovery.feeds import WORK_DURABLE
 from autoserve_runtime import EmbeddedNatsServer, free_port
@@ -291,3 +291,22 @@ async def test_a_replica_killed_after_the_docker_call_is_not_followed_by_a_secon
     assert event.details["effective_at"] > claim.since
     await wait_for(lambda: docker_events.count("restart", container) >= 1, what="docker's restart event")
     assert docker_events.count("restart", container) == 1 and docker_events.count("start", container) == 2
+
+
+async def test_an_instance_lease_renewed_while_acting_is_released_at_the_end_not_left_to_expire(
+    nc: Client,
+) -> None:
+    # The action's renewals move the lease's revision on; finishing with the revision the
+    # lease was taken at must still release it, or other replicas wait out the lease.
+    kv = await claims_bucket(nc.jetstream())
+    mine, other = Claims(kv, "r1", lease_seconds=60), Claims(kv, "r2", lease_seconds=60)
+    taken = await mine.acquire("i.shop.web-1", "cause-1", reusable=True)
+    assert taken is not None
+    revision = taken[0]
+    for _ in range(2):
+        revision = await mine.renew("i.shop.web-1", revision, "cause-1")
+    assert await other.acquire("i.shop.web-1", "cause-2", reusable=True) is None  # held
+    await mine.finish("i.shop.web-1", taken[0], "cause-1")
+    lease = await mine.peek("i.shop.web-1")
+    assert lease is not None and lease.done and lease.owner == "r1"
+    assert await other.acquire("i.shop.web-1", "cause-2", reusable=True) is not None  # at once

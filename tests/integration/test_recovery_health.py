@@ -26,17 +26,19 @@ from autoserve_recovery.adapters.process import register
 from autoserve_recovery.adapters.runtime import Member
 from autoserve_runtime import free_port
 
+from ..conftest import allow_secret_file, plant_secret
 from .conftest import LOCALHOST, Outputs, apply_yaml, check, config_for, wait_for
 from .test_recovery_docker import executed, recoveries  # noqa: F401
 
 S = RecoveryStrategy
-TOKEN = "s3cret"
+TOKEN = plant_secret("s3cret-health-token", "health check header token")
 
 # An https app: /health answers 204 to a request with the right X-Token, 401 to any other.
 # While its marker file exists, a start takes 30 s before it listens.
 SERVER = """
 import http.server, os, ssl, sys, time
-port, cert, key, token, slow = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
+port, cert, key, slow = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[5]
+token = open(sys.argv[4]).read()  # a file: a command line is recorded and shown by ps
 if os.path.exists(slow):
     time.sleep(30)
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -67,11 +69,14 @@ def https_processes(tmp_path: Path, tls_cert: tuple[Path, Path]) -> Iterator[tup
     directory = tmp_path / "processes"
     script = tmp_path / "https_server.py"
     script.write_text(SERVER)
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    allow_secret_file(token_file)
     ports, started = {}, []
     for instance in ("web-1", "web-2"):
         port = free_port()
         slow = tmp_path / f"{instance}.slow"
-        argv = [sys.executable, str(script), str(port), str(tls_cert[0]), str(tls_cert[1]), TOKEN, str(slow)]
+        argv = [sys.executable, str(script), str(port), str(tls_cert[0]), str(tls_cert[1]), str(token_file), str(slow)]
         process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         register(directory, app, instance, argv, port)
         record = directory / app / f"{instance}.json"

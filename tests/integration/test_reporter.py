@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,12 +24,15 @@ from autoserve_events import (
     subject_for,
 )
 from autoserve_prober.service import ProberService
-from autoserve_reporter.core.rows import METRICS_TABLE
+from autoserve_reporter.adapters.clickhouse import Store
+from autoserve_reporter.core.rows import METRICS_TABLE, metric_rows
 from autoserve_reporter.service import ReporterService, ReporterSettings, consumer_specs
-from autoserve_runtime import EmbeddedNatsServer, free_port, provision
+from autoserve_runtime import EmbeddedNatsServer, free_port, provision, spawn_child, stop_child
 
 from ..incidents import incident_events
 from .conftest import LOCALHOST, HttpTarget, ServiceRunner, apply_yaml, check, config_for, wait_for
+
+AUTOSERVE = str(Path(sys.executable).parent / "autoserve")
 
 
 async def until(condition: Callable[[], Awaitable[bool]], timeout: float = 20.0, what: str = "condition") -> None:
@@ -310,3 +316,124 @@ async def test_poison_messages_are_dead_lettered_and_the_rest_stored(nc: Client,
     assert all(m.subject == "autoserve.deadletter.reporter" for m in outputs.dead_letters())
     await until(lambda: _at_least(reporter, "web", 1), what="the good probe stored")
     assert (await reporter.report("web"))["total_health_checks"] == 1
+
+
+# -- graceful shutdown under load: SIGTERM mid-ingestion loses nothing --------------------
+
+
+class ReporterProcess:
+    """``autoserve run reporter`` as its own process, as deployed: SIGTERM is a real signal."""
+
+    def __init__(self, nats_url: str, clickhouse_url: str, log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://{LOCALHOST}:{self.port}"
+        self.log = log
+        self.env = {**os.environ, "AUTOSERVE_NATS_URL": nats_url, "AUTOSERVE_CLICKHOUSE_URL": clickhouse_url,
+                    "AUTOSERVE_REPORTER_LISTEN": f"{LOCALHOST}:{self.port}", "AUTOSERVE_METRICS_PORT": str(free_port())}  # fmt: skip
+        self.process: subprocess.Popen[bytes] | None = None
+
+    async def start(self) -> ReporterProcess:
+        with self.log.open("ab") as out:
+            self.process = spawn_child(
+                [AUTOSERVE, "run", "reporter"], env=self.env, stdout=out, stderr=subprocess.STDOUT
+            )
+        await until(self._ready, timeout=60, what="the reporter process ready")
+        return self
+
+    async def _ready(self) -> bool:
+        assert self.process is not None and self.process.poll() is None, self.log.read_text()[-3000:]
+        try:
+            async with httpx.AsyncClient(timeout=5) as client:
+                return (await client.get(f"{self.url}/v1/health")).json().get("ready") is True
+        except httpx.HTTPError:
+            return False
+
+    async def total(self, app: str) -> int:
+        try:
+            async with httpx.AsyncClient(timeout=10) as client:
+                response = await client.get(f"{self.url}/v1/apps/{app}/report", params={"hours": 24})
+        except httpx.HTTPError:
+            return -1
+        return response.json()["total_health_checks"] if response.status_code == 200 else -1
+
+    async def sigterm(self) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return await asyncio.to_thread(self.process.wait, 60)
+
+    def kill(self) -> None:
+        if self.process is not None:
+            stop_child(self.process)
+
+
+async def test_sigterm_under_load_loses_no_event_and_stores_each_once(
+    nats_server: EmbeddedNatsServer, nc: Client, tmp_path: Path
+) -> None:
+    """Probes are published while ``autoserve run reporter`` ingests them; a SIGTERM stops it
+    mid-stream (exit status 0), a new process takes over, and ClickHouse ends up with every
+    probe exactly once."""
+    await provision(nc.jetstream())
+    n, chunk = 6000, 150
+    now = time.time()
+    probes = [probe("load", f"l{k % 8}", now - 1800 + k * 0.25, float(k % 50), healthy=k % 7 != 0,
+                    **({} if k % 7 else {"error": "Connection refused"})) for k in range(n)]  # fmt: skip
+    clickhouse_url = f"chdb://{tmp_path / 'ch'}"
+    log = tmp_path / "reporter.log"
+
+    async def publish_continuously() -> None:
+        for start in range(0, n, chunk):  # 40 chunks, paced: the load runs across the stop
+            await publish(nc, probes[start : start + chunk])
+            await asyncio.sleep(0.1)
+
+    first = await ReporterProcess(nats_server.url, clickhouse_url, log).start()
+    second = ReporterProcess(nats_server.url, clickhouse_url, log)
+    publishing = asyncio.create_task(publish_continuously())
+    try:
+        await until(lambda: _stored_some(first, "load"), timeout=60, what="the first batches stored")
+        assert not publishing.done(), "the load ended before the stop: not a stop under load"
+        assert await first.sigterm() == 0, log.read_text()[-3000:]
+        (first_stats,) = stop_lines(log)
+        await asyncio.wait_for(publishing, 120)  # JetStream keeps what arrives while no reporter runs
+
+        await second.start()
+        await until(lambda: _total_is(second, "load", n), timeout=120, what=f"all {n} probes reported")
+        assert await second.sigterm() == 0, log.read_text()[-3000:]
+        second_stats = stop_lines(log)[1]
+    finally:
+        publishing.cancel()
+        first.kill()
+        second.kill()
+
+    store = Store(clickhouse_url)  # the reporter's own Store, on its data, once it has stopped
+    try:
+        distinct, final, raw = (await store.query(
+            f"SELECT (SELECT uniqExact(event_id) FROM {METRICS_TABLE} WHERE app_name = 'load'),"
+            f" (SELECT count() FROM {METRICS_TABLE} FINAL WHERE app_name = 'load' AND metric_type = 'health_check_status'),"
+            f" (SELECT count() FROM {METRICS_TABLE} WHERE app_name = 'load' AND metric_type = 'health_check_status')"
+        ))[0]  # fmt: skip
+    finally:
+        await store.close()
+    assert distinct == n and final == n  # every event, each counted once
+    # The drain: the first process stopped mid-ingestion, stored every probe it had taken
+    # (nothing left buffered) and acknowledged each, so the second got exactly the rest.
+    taken = first_stats["probes"]
+    assert 0 < taken["received"] < n and taken["acked_seq"] == taken["received"], first_stats
+    assert first_stats["metrics"]["buffered_rows"] == 0
+    assert first_stats["metrics"]["rows_stored"] == sum(len(metric_rows(p)) for p in probes[: taken["received"]])
+    assert second_stats["probes"]["received"] == n - taken["received"], second_stats
+    assert raw == n  # so no row was stored twice either
+
+
+def stop_lines(log: Path) -> list[dict]:
+    """The probe consumer's and the metrics writer's numbers from each "reporter stopped" line."""
+    durable = consumer_specs(ReporterSettings("chdb://unused"))[0].durable
+    lines = [json.loads(line) for line in log.read_text().splitlines() if '"reporter stopped"' in line]
+    return [{"probes": s["consumers"][durable], "metrics": s["writers"][METRICS_TABLE]} for s in lines]
+
+
+async def _stored_some(reporter: ReporterProcess, app: str) -> bool:
+    return await reporter.total(app) > 0
+
+
+async def _total_is(reporter: ReporterProcess, app: str, n: int) -> bool:
+    return await reporter.total(app) == n

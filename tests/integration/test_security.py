@@ -70,6 +70,7 @@ from autoserve_runtime.bus import (
     redact_url,
 )
 
+from ..conftest import plant_secret
 from .conftest import LOCALHOST, check, config_for, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -95,6 +96,10 @@ class SecureNats:
         default_factory=lambda: {u: f"planted-{u}-{secrets.token_hex(12)}" for u in USERS}
     )
     process: subprocess.Popen[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        for user, password in self.passwords.items():
+            plant_secret(password, f"nats password of {user}")  # the session's log scan looks for them
 
     @property
     def url(self) -> str:
@@ -135,6 +140,7 @@ class SecureNats:
 
     def password_file(self, user: str, directory: Path) -> Path:
         path = directory / f"{user}.password"
+        plant_secret(self.passwords[user], f"nats password of {user}", allowed_in=[path])
         path.write_text(self.passwords[user] + "\n")
         path.chmod(0o600)
         return path
@@ -701,6 +707,7 @@ async def test_an_nkey_user_connects_with_its_seed_file_and_a_wrong_seed_is_refu
     def seed_file(name: str) -> tuple[Path, str]:
         seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
         path = tmp_path / f"{name}.nk"
+        plant_secret(seed, f"nkey seed of {name}", allowed_in=[path])
         path.write_bytes(seed + b"\n")
         path.chmod(0o600)
         return path, nkeys.from_seed(bytearray(seed)).public_key.decode()
@@ -763,6 +770,7 @@ async def test_a_creds_file_signs_in_on_an_operator_mode_server_and_an_untrusted
         token = signed_jwt(issuer, user.public_key.decode(), name, {"type": "user", "pub": {}, "sub": {},
                                                                      "subs": -1, "data": -1, "payload": -1})  # fmt: skip
         path = tmp_path / f"{name}.creds"
+        plant_secret(seed, f"creds seed of {name}", allowed_in=[path])
         path.write_text(f"-----BEGIN NATS USER JWT-----\n{token}\n------END NATS USER JWT------\n\n"
                         f"-----BEGIN USER NKEY SEED-----\n{seed.decode()}\n------END USER NKEY SEED------\n")  # fmt: skip
         path.chmod(0o600)

@@ -11,9 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from autoserve_events import encode, subject_for
 from autoserve_reporter.adapters.clickhouse import Store
 from autoserve_reporter.adapters.migrations import migrate
+from autoserve_reporter.core.report import seed_p95
 from autoserve_runtime import spawn_child
 
 from .test_security import SAMPLES, SecureNats, session
@@ -59,6 +62,29 @@ async def test_the_ten_line_subscriber_in_the_docs_prints_failures(tmp_path: Pat
         server.stop()
 
 
+# Response times (one decimal, so the doc's round(…, 1) keeps them) with wide gaps at the
+# top, where nearest rank and interpolation part. n = 20: the seed's index 19 is the maximum.
+LATENCIES = {
+    "web-2": [round(1.5**k, 1) for k in range(20)][::-1],
+    "web-3": [float((k * 37) % 101) + 0.5 for k in range(23)],
+}
+
+
+def probe_rows(instance: str, values: list[float]) -> str:
+    """One probe per value, as the reporter stores it: a status row and a response-time row."""
+    rows = []
+    for k, value in enumerate(values):
+        when, event = f"now64(3) - toIntervalSecond({k + 1})", f"{instance}-{k}"
+        rows += [
+            f"('web', 'health_check_status', '{instance}', {when}, '{event}', 1, 'status', 'http', '', '', '')",
+            f"('web', 'health_check_response_time', '{instance}', {when}, '{event}', {value}, 'ms', 'http', 'true', '', '')",
+        ]
+    return (
+        "INSERT INTO health_metrics (app_name, metric_type, instance_id, timestamp, event_id, value, unit, "
+        "check_type, success, error_type, status_code) VALUES " + ", ".join(rows)
+    )
+
+
 async def test_the_sql_in_the_docs_runs_on_the_reporters_tables(tmp_path: Path) -> None:
     queries = blocks("clickhouse.md", "sql")
     assert len(queries) >= 4
@@ -72,6 +98,8 @@ async def test_the_sql_in_the_docs_runs_on_the_reporters_tables(tmp_path: Path) 
             "('web', 'health_check_response_time', 'web-1', now64(3), 'p1', 12.5, 'ms', 'http', 'true', '', ''), "
             "('web', 'health_check_errors', 'web-1', now64(3), 'p2', 1, 'count', 'http', '', 'connection_refused', '')"
         )
+        for instance, values in LATENCIES.items():
+            await store.command(probe_rows(instance, values))
         await store.command(
             "INSERT INTO events (app_name, type, instance_id, timestamp, event_id, emitted_at, schema_version, "
             "failure_type, severity, strategy, success, duration_ms, message, cause_event_id, payload) VALUES "
@@ -81,10 +109,19 @@ async def test_the_sql_in_the_docs_runs_on_the_reporters_tables(tmp_path: Path) 
             "'restart_container', true, 250, '', 'f1', '{\"failure_event_id\": \"f1\"}')"
         )
         results = [await store.query(sql) for sql in queries]
+        interpolated = await store.query(queries[0].replace("quantileExactIf(", "quantileIf("))
     finally:
         await store.close()
     uptime, failures, recoveries, errors = results[:4]
-    assert uptime == [("web-1", 100.0, 1, 12.5, 12.5)]
+    assert uptime[0] == ("web-1", 100.0, 1, 12.5, 12.5)
+    # The doc's p95 is the seed's nearest rank (the reporter's), on 20 and 23 values.
+    assert [row[0] for row in uptime[1:]] == list(LATENCIES)
+    for (instance, values), row in zip(LATENCIES.items(), uptime[1:], strict=True):
+        assert row[1:3] == (100.0, len(values)), row
+        assert row[3] == pytest.approx(sum(values) / len(values), abs=0.051)
+        assert row[4] == seed_p95(values), (instance, row)
+    # ...which an interpolating quantile would not give on the same rows.
+    assert [row[4] for row in interpolated[1:]] != [seed_p95(v) for v in LATENCIES.values()]
     assert [row[:3] for row in failures] == [("port_not_listening", "high", 1)]
     assert [row[3:] for row in recoveries] == [("restart_container", True, 250.0, "port_not_listening")]
     assert [row[1:] for row in errors] == [("connection_refused", 1)]

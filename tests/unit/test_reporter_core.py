@@ -283,3 +283,29 @@ def test_time_to_recover_per_strategy() -> None:
     assert stats["restart_container"].incidents == 2 and stats["restart_container"].avg_time_to_recover_s == 20.0
     assert stats["restart_container"].max_time_to_recover_s == 30.0
     assert stats["recreate_container"].avg_time_to_recover_s == 50.0
+
+
+# -- the ClickHouse URL as logged ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "logged"),
+    [
+        ("http://reporter:pw-9f2c@clickhouse:8123/autoserve", "http://reporter:***@clickhouse:8123/autoserve"),
+        ("https://reader:p%40ss%3Aw0rd@ch.example:8443/autoserve?secure=1",
+         "https://reader:***@ch.example:8443/autoserve?secure=1"),  # percent-encoded, as in a URL
+        ("http://u:abc@h:8123/abc@x", "http://u:***@h:8123/abc@x"),  # the same text in the path stays
+        ("http://secret:secret@h:8123", "http://secret:***@h:8123"),  # only the password part
+        ("http://reporter@clickhouse:8123/autoserve", "http://reporter@clickhouse:8123/autoserve"),
+        ("http://127.0.0.1:8123", "http://127.0.0.1:8123"),
+        ("chdb:///var/lib/autoserve/clickhouse?database=autoserve", "chdb:///var/lib/autoserve/clickhouse?database=autoserve"),
+        ("http://h:8123/autoserve?access_token=tok-9f2c&secure=1&x=",
+         "http://h:8123/autoserve?access_token=***&secure=1&x=***"),  # a setting can carry a credential
+        ("chdb:///d/clickhouse?database=autoserve&config-file=/etc/a/users.xml",
+         "chdb:///d/clickhouse?database=autoserve&config-file=/etc/a/users.xml"),
+    ],
+)  # fmt: skip
+def test_describe_hides_the_password_of_a_clickhouse_url(url: str, logged: str) -> None:
+    from autoserve_reporter.adapters.clickhouse import describe
+
+    assert describe(url) == logged

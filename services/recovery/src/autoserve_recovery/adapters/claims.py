@@ -65,6 +65,7 @@ class Claims:
         self.owner = owner
         self.lease_seconds = lease_seconds
         self._mine: dict[str, Lease] = {}  # key -> what this replica wrote (kept on renewal)
+        self._revisions: dict[str, int] = {}  # key -> the revision of that write
 
     def _lease(self, key: str, cause: str, done: bool = False, action: str | None = None) -> Lease:
         """A new lease (``action`` given: a fresh claim), or the held one renewed."""
@@ -79,9 +80,16 @@ class Claims:
         revision = await (self.kv.create(key, value) if last is None else self.kv.update(key, value, last=last))
         if lease.done:
             self._mine.pop(key, None)
+            self._revisions.pop(key, None)
         else:
             self._mine[key] = lease
+            self._revisions[key] = revision
         return revision
+
+    def _latest(self, key: str, revision: int) -> int:
+        """The revision of this replica's last write of ``key``: a renewal since the caller
+        took it moved it on, and an update on the old one would fail."""
+        return self._revisions.get(key, revision)
 
     async def acquire(
         self, key: str, cause: str, *, reusable: bool = False, action: str = ""
@@ -124,10 +132,12 @@ class Claims:
         return msgspec.json.decode(entry.value or b"{}", type=Lease)
 
     async def renew(self, key: str, revision: int, cause: str) -> int:
-        return await self._write(key, self._lease(key, cause), revision)
+        return await self._write(key, self._lease(key, cause), self._latest(key, revision))
 
     async def finish(self, key: str, revision: int, cause: str) -> None:
-        """Mark done: the work is recorded in the stream, nobody takes it over."""
+        """Mark done: the work is recorded in the stream, nobody takes it over. (If another
+        replica took the lease over meanwhile, the update fails and its lease stands.)"""
         with contextlib.suppress(KeyWrongLastSequenceError):
-            await self._write(key, self._lease(key, cause, done=True), revision)
+            await self._write(key, self._lease(key, cause, done=True), self._latest(key, revision))
         self._mine.pop(key, None)
+        self._revisions.pop(key, None)

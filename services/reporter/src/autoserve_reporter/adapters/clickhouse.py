@@ -41,10 +41,23 @@ def check_url(url: str) -> str:
     return url
 
 
+# Query settings shown in logs as they are; any other value (``access_token=...``, say) is
+# hidden, since a setting can carry a credential.
+SHOWN_SETTINGS = frozenset({"database", "secure", "verify", "compress", "config-file"})
+
+
 def describe(url: str) -> str:
-    """The URL without a password, for logs."""
-    password = urlsplit(url).password
-    return url.replace(f":{password}@", ":***@") if password else url
+    """The URL without a password or unknown query values, for logs."""
+    parts = urlsplit(url)
+    if parts.password:
+        url = url.replace(f":{parts.password}@", ":***@", 1)
+    if not parts.query:
+        return url
+    shown = "&".join(
+        pair if pair.partition("=")[0] in SHOWN_SETTINGS else f"{pair.partition('=')[0]}=***"
+        for pair in parts.query.split("&")
+    )
+    return url[: url.rindex("?") + 1] + shown
 
 
 def _client_for(url: str) -> Client:
