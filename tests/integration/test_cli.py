@@ -101,6 +101,30 @@ def test_apply_without_nats_says_so(tmp_path: Path) -> None:
     assert f"cannot reach NATS at {url}" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "command"),
+    [
+        ("AUTOSERVE_DOCKER", "maybe", ["run", "prober"]),
+        ("AUTOSERVE_RECOVERY_DOCKER", "yes", ["run", "recovery"]),
+        ("AUTOSERVE_RECOVERY_DRAIN_SECONDS", "soon", ["run", "recovery"]),
+        ("AUTOSERVE_RECOVERY_LEASE_SECONDS", "0", ["run", "recovery"]),
+        ("AUTOSERVE_REPORTER_MIGRATE", "nope", ["run", "reporter"]),
+        ("AUTOSERVE_METRICS_RETENTION_DAYS", "0", ["migrate"]),
+    ],
+)
+def test_a_bad_setting_is_named_with_its_value_and_nothing_starts(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, variable: str, value: str, command: list[str]
+) -> None:
+    monkeypatch.setenv(variable, value)
+    monkeypatch.setenv("AUTOSERVE_DATA_DIR", str(tmp_path))
+    nats = [] if command == ["migrate"] else ["--nats-url", f"nats://127.0.0.1:{free_port()}", "--metrics-port", "0"]
+    result = autoserve(*command, *nats, timeout=60)
+    assert result.returncode != 0
+    assert value in result.stderr and ("retention" in result.stderr or variable in result.stderr), result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "clickhouse").exists()  # nothing created
+
+
 def processes_mentioning(marker: str) -> list[int]:
     """Pids whose command line or environment mentions ``marker`` (our data dir)."""
     found = []

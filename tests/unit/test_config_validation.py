@@ -291,3 +291,39 @@ def test_the_readme_alerting_example_is_a_valid_config() -> None:
     config = load_config_text(example)
     assert config.apps["web"].depends_on == ["db"]
     assert set(config.alerting.receivers) == {"team-webhook", "team-slack", "oncall-email", "alertmanager"}
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("", None), (" ", None), ("true", True), ("1", True), ("TRUE", True), ("false", False), ("0", False)],
+)
+def test_a_switch_is_true_false_or_unset(value: str, expected: bool | None) -> None:
+    from autoserve_config import parse_switch
+
+    assert parse_switch("AUTOSERVE_X", value) is expected
+
+
+@pytest.mark.parametrize("value", ["yes", "on", "2", "tru"])
+def test_any_other_switch_value_is_named(value: str) -> None:
+    from autoserve_config import parse_switch
+
+    with pytest.raises(ValueError, match=f"AUTOSERVE_X: must be true or false, got '{value}'"):
+        parse_switch("AUTOSERVE_X", value)
+
+
+@pytest.mark.parametrize(("raw", "expected"), [(None, 7.0), ("", 7.0), ("2.5", 2.5), ("0", 0.0)])
+def test_a_number_from_the_environment(monkeypatch: pytest.MonkeyPatch, raw: str | None, expected: float) -> None:
+    from autoserve_config import env_number
+
+    if raw is not None:
+        monkeypatch.setenv("AUTOSERVE_X", raw)
+    assert env_number("AUTOSERVE_X", 7) == expected
+
+
+@pytest.mark.parametrize("raw", ["soon", "nan", "-1", "inf-ish"])
+def test_a_bad_number_from_the_environment_is_named(monkeypatch: pytest.MonkeyPatch, raw: str) -> None:
+    from autoserve_config import env_number
+
+    monkeypatch.setenv("AUTOSERVE_X", raw)
+    with pytest.raises(ValueError, match="AUTOSERVE_X: must be a number >= 0"):
+        env_number("AUTOSERVE_X", 7)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import nats.errors
 
-from autoserve_config import ConfigError, load_config
+from autoserve_config import ConfigError, load_config, parse_switch
 from autoserve_runtime import DEFAULT_NATS_URL, NatsUnavailable, configure_logging
 from autoserve_runtime.bus import NatsAuth, NatsConfigError, absorb_url_credentials
 
@@ -107,8 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     docker = run.add_mutually_exclusive_group()
     docker.add_argument("--docker", dest="docker", action="store_true", default=None, help="require Docker discovery")
     docker.add_argument("--no-docker", dest="docker", action="store_false", help="turn Docker discovery off")
-    # env AUTOSERVE_DOCKER=true|false; unset: use Docker if its socket is there
-    run.set_defaults(docker={"true": True, "1": True, "false": False, "0": False}.get(_env("AUTOSERVE_DOCKER", "")))
+    # neither flag: env AUTOSERVE_DOCKER=true|false (read in main); unset: use Docker if its socket is there
 
     migrate = commands.add_parser(
         "migrate", help="create or upgrade the reporter's ClickHouse tables, set their retention, and exit"
@@ -212,6 +211,12 @@ def main(argv: list[str] | None = None) -> int:
             NatsAuth.from_env()
         except NatsConfigError as exc:
             print(f"autoserve {args.command}: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+    if args.command == "run" and args.docker is None:
+        try:
+            args.docker = parse_switch("AUTOSERVE_DOCKER", os.environ.get("AUTOSERVE_DOCKER", ""))
+        except ValueError as exc:
+            print(f"autoserve run: {exc}", file=sys.stderr)
             return EXIT_CONFIG
     if args.command != "run":  # a service configures its own logs; commands keep stdout for output
         configure_logging("cli", level=os.environ.get("AUTOSERVE_LOG_LEVEL", "warning"), json=False)

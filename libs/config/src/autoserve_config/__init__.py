@@ -21,7 +21,7 @@ from .model import (
     RecoveryConfig,
     ScalingConfig,
 )
-from .validate import ConfigError, is_valid_host, parse_app_spec, parse_config
+from .validate import ConfigError, env_number, is_valid_host, parse_app_spec, parse_config, parse_switch
 
 __all__ = [
     "AlertingConfig",
@@ -42,6 +42,7 @@ __all__ = [
     "decode_app_spec",
     "encode_app_spec",
     "encode_detector",
+    "env_number",
     "is_valid_host",
     "load_config",
     "load_config_text",
@@ -49,4 +50,5 @@ __all__ = [
     "parse_config",
     "parse_cron",
     "parse_duration",
+    "parse_switch",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import os
 import re
 import types
 import typing
@@ -363,6 +364,30 @@ def _config(config: Config, path: str) -> list[str]:
 
 
 _RULES[Config] = _config
+
+
+def parse_switch(name: str, value: str) -> bool | None:
+    """An on/off setting from the environment: ``true``/``1`` or ``false``/``0``; empty is
+    None (the caller's default). Anything else names the setting and the value."""
+    value = value.strip().lower()
+    if not value:
+        return None
+    if value in ("true", "1", "false", "0"):
+        return value in ("true", "1")
+    raise ValueError(f"{name}: must be true or false, got {value!r}")
+
+
+def env_number(name: str, default: float, minimum: float = 0.0) -> float:
+    """A number from the environment variable ``name`` (``default`` when unset); a bad one
+    names the variable and the value."""
+    raw = os.environ.get(name, "")
+    try:
+        number = float(raw) if raw.strip() else default
+    except ValueError:
+        number = float("nan")
+    if not number >= minimum:  # nan too
+        raise ValueError(f"{name}: must be a number >= {minimum:g}, got {raw!r}")
+    return number
 
 
 def is_valid_host(host: str) -> bool:

@@ -14,7 +14,10 @@ from .service import RecoveryService, RecoverySettings
 
 
 def run_service(args: argparse.Namespace) -> int:
-    settings = RecoverySettings.from_env()
+    try:
+        settings = RecoverySettings.from_env()
+    except ValueError as exc:  # a bad setting: say which, start nothing
+        raise SystemExit(f"autoserve run recovery: {exc}") from None
     if getattr(args, "docker", None) is not None:
         settings = RecoverySettings(**{**vars(settings), "docker": args.docker})
     # The grace outlasts the drain: the actions still running when it ends are given back

@@ -27,7 +27,7 @@ import structlog
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 
-from autoserve_config import AppSpec
+from autoserve_config import AppSpec, env_number, parse_switch
 from autoserve_events import (
     APPS_BUCKET,
     EVENTS_STREAM,
@@ -103,15 +103,15 @@ class RecoverySettings:
             reload = tuple(env.get("AUTOSERVE_NGINX_RELOAD", "nginx -s reload").split())
             nginx = NginxSettings(Path(env["AUTOSERVE_NGINX_UPSTREAM_DIR"]), reload)
         data_dir = Path(env.get("AUTOSERVE_DATA_DIR", ".autoserve"))
-        docker = {"1": True, "true": True, "0": False, "false": False}.get(env.get("AUTOSERVE_RECOVERY_DOCKER", ""))
+        # A bad value raises ValueError naming the variable; ``run_service`` says it and stops.
         return cls(
             replica=env.get("AUTOSERVE_RECOVERY_REPLICA") or f"{socket.gethostname()}-{os.getpid()}",
-            docker=docker,
+            docker=parse_switch("AUTOSERVE_RECOVERY_DOCKER", env.get("AUTOSERVE_RECOVERY_DOCKER", "")),
             nginx=nginx,
             process_dir=data_dir / "processes",
-            limits=Limits(max_actions_per_minute=int(env.get("AUTOSERVE_RECOVERY_MAX_ACTIONS_PER_MINUTE", "30"))),
-            lease_seconds=float(env.get("AUTOSERVE_RECOVERY_LEASE_SECONDS", "15")),
-            drain_seconds=float(env.get("AUTOSERVE_RECOVERY_DRAIN_SECONDS", "7")),
+            limits=Limits(max_actions_per_minute=int(env_number("AUTOSERVE_RECOVERY_MAX_ACTIONS_PER_MINUTE", 30, 1))),
+            lease_seconds=env_number("AUTOSERVE_RECOVERY_LEASE_SECONDS", 15, 0.1),
+            drain_seconds=env_number("AUTOSERVE_RECOVERY_DRAIN_SECONDS", 7),
         )
 
 

@@ -10,11 +10,12 @@ from pathlib import Path
 
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
+from autoserve_config import parse_switch
 from autoserve_runtime import serve
 
 from .adapters.api import DEFAULT_LISTEN
 from .adapters.clickhouse import Store, default_url, describe
-from .adapters.migrations import apply_retention, migrate
+from .adapters.migrations import prepare
 from .service import ReporterService, ReporterSettings
 
 
@@ -24,19 +25,13 @@ def _days(name: str, value: object) -> int:
     except ValueError:
         days = 0
     if days < 1:
-        raise SystemExit(f"autoserve run reporter: {name}: must be a whole number of days >= 1, got {value!r}")
+        raise ValueError(f"{name}: must be a whole number of days >= 1, got {value!r}")
     return days
 
 
-def _flag(name: str, value: str) -> bool:
-    truth = {"true": True, "1": True, "false": False, "0": False}.get(value.strip().lower())
-    if truth is None:
-        raise SystemExit(f"autoserve run reporter: {name}: must be true or false, got {value!r}")
-    return truth
-
-
 def settings_from(args: argparse.Namespace) -> ReporterSettings:
-    """Flags first, then the environment, then defaults (``up`` passes AUTOSERVE_DATA_DIR)."""
+    """Flags first, then the environment, then defaults (``up`` passes AUTOSERVE_DATA_DIR).
+    A bad value raises ValueError naming the setting."""
     env = os.environ.get
     data_dir = Path(getattr(args, "data_dir", None) or env("AUTOSERVE_DATA_DIR") or ".autoserve")
     return ReporterSettings(
@@ -44,7 +39,7 @@ def settings_from(args: argparse.Namespace) -> ReporterSettings:
         or env("AUTOSERVE_CLICKHOUSE_URL")
         or default_url(data_dir),
         clickhouse_read_url=getattr(args, "clickhouse_read_url", None) or env("AUTOSERVE_CLICKHOUSE_READ_URL"),
-        migrate=_flag("AUTOSERVE_REPORTER_MIGRATE", env("AUTOSERVE_REPORTER_MIGRATE") or "true"),
+        migrate=parse_switch("AUTOSERVE_REPORTER_MIGRATE", env("AUTOSERVE_REPORTER_MIGRATE") or "") is not False,
         listen=getattr(args, "listen", None) or env("AUTOSERVE_REPORTER_LISTEN") or DEFAULT_LISTEN,
         metrics_retention_days=_days(
             "metrics retention",
@@ -68,14 +63,16 @@ def run_service(args: argparse.Namespace) -> int:
 def run_migrations(args: argparse.Namespace) -> int:
     """Create or upgrade the tables and set their retention, then exit: the one step that
     needs CREATE TABLE and ALTER TTL, so the reporter itself can run with INSERT only."""
-    settings = settings_from(args)
+    try:
+        settings = settings_from(args)
+    except ValueError as exc:
+        print(f"autoserve migrate: {exc}", file=sys.stderr)
+        return 2
 
     async def main() -> list[int]:
         store = Store(settings.clickhouse_url)
         try:
-            applied = await migrate(store)
-            await apply_retention(store, settings.metrics_retention_days, settings.events_retention_days)
-            return applied
+            return await prepare(store, settings.metrics_retention_days, settings.events_retention_days)
         finally:
             await store.close()
 

@@ -27,18 +27,19 @@ from autoserve_runtime import (
     ConsumerSpec,
     EventConsumer,
     EventPublisher,
+    add_counter,
+    add_gauge,
     cancel_all,
     close_nats,
     connect,
     follow_apps,
     provision,
 )
-from autoserve_runtime.observability import add_counter, add_gauge
 
 from .adapters.api import DEFAULT_LISTEN, build_app, parse_listen
 from .adapters.batcher import BatchWriter
 from .adapters.clickhouse import Store, describe
-from .adapters.migrations import SchemaNotReady, apply_retention, check_schema, migrate
+from .adapters.migrations import SchemaNotReady, check_schema, prepare
 from .adapters.queries import Reports
 from .core.rows import EVENT_COLUMNS, EVENTS_TABLE, METRIC_COLUMNS, METRICS_TABLE, event_row, metric_rows
 
@@ -154,9 +155,7 @@ class ReporterService:
     async def _prepare_schema(self) -> list[int]:
         s = self.settings
         if s.migrate:
-            applied = await migrate(self.store)
-            await apply_retention(self.store, s.metrics_retention_days, s.events_retention_days)
-            return applied
+            return await prepare(self.store, s.metrics_retention_days, s.events_retention_days)
         try:
             await check_schema(self.store)
         except SchemaNotReady as exc:

@@ -126,6 +126,14 @@ async def migrate(store: Store) -> list[int]:
     return applied
 
 
+async def prepare(store: Store, metrics_days: int, events_days: int) -> list[int]:
+    """What whoever owns the schema does (the reporter at start, or ``autoserve migrate``):
+    apply the migrations, then the configured retention; return the versions applied now."""
+    applied = await migrate(store)
+    await apply_retention(store, metrics_days, events_days)
+    return applied
+
+
 class SchemaNotReady(RuntimeError):
     """The tables the reporter writes are missing or older than this code."""
 
