@@ -442,13 +442,13 @@ class RecoveryService:
                 for note in plan.notes:
                     log.debug("recovery bounded", app=failure.app_name, instance=failure.instance_id, note=note)
                 traffic = plan.traffic if self.lb is not None else ()
-                async with self._renewing(key, lease[0], failure.event_id, msg):
+                async with self._renewing(key, failure.event_id, msg):
                     for strategy in traffic:
                         await self._act(failure, strategy, policy, spec)
                     if plan.remediation is not None:
                         await self._act(failure, plan.remediation, policy, spec)
             finally:
-                await self.claims.finish(key, lease[0], failure.event_id)
+                await self.claims.finish(key, failure.event_id)
         return max(0.05, plan.retry_at - time.time()) if plan.retry_at is not None else None
 
     async def _on_health(self, event: HealthChanged, msg: Msg | None = None) -> float | None:
@@ -473,11 +473,11 @@ class RecoveryService:
                     own = target == event.instance_id and restore_plan(self.state, event)
                     if own or target in panic_restores(self.state, event, policy):
                         extra: dict[str, object] = {} if own else {"panic": True}
-                        async with self._renewing(key, lease[0], event.event_id, msg):
+                        async with self._renewing(key, event.event_id, msg):
                             await self._act(event, S.REMOVE_FROM_LB, policy, spec, operation="restore",
                                             target=target, extra=extra)  # fmt: skip
                 finally:
-                    await self.claims.finish(key, lease[0], event.event_id)
+                    await self.claims.finish(key, event.event_id)
         return None
 
     async def _unknown_app(self, failure: FailureDetected) -> None:
@@ -495,19 +495,18 @@ class RecoveryService:
         log.warning("recovery failed", app=failure.app_name, instance=failure.instance_id, error=error)
         await self._publish(event)
         self.state.apply(event)
-        await self.claims.finish(key, claim[0], failure.event_id)
+        await self.claims.finish(key, failure.event_id)
 
     @contextlib.asynccontextmanager
-    async def _renewing(self, key: str, revision: int, cause: str, msg: Msg | None):  # type: ignore[no-untyped-def]
+    async def _renewing(self, key: str, cause: str, msg: Msg | None):  # type: ignore[no-untyped-def]
         """Keep the instance lease and the input's ack deadline alive while actions run;
         a crash lets both expire, and another replica takes the incident over."""
 
         async def renew() -> None:
-            nonlocal revision
             while True:
                 await asyncio.sleep(self.settings.lease_seconds / 3)
                 with contextlib.suppress(Exception):
-                    revision = await self.claims.renew(key, revision, cause)
+                    await self.claims.renew(key, cause)
                 if msg is not None:
                     with contextlib.suppress(Exception):
                         await msg.in_progress()
@@ -572,7 +571,7 @@ class RecoveryService:
         await self._publish(event)
         self.state.apply(event)
         self.executed.append(event)
-        await self.claims.finish(key, claim[0], cause.event_id)
+        await self.claims.finish(key, cause.event_id)
         log.info("recovery executed", app=cause.app_name, instance=event.instance_id, strategy=op,
                  success=event.success, ms=event.duration_ms, error=error)  # fmt: skip
         return event
@@ -816,11 +815,11 @@ class RecoveryService:
             try:
                 await self._caught_up(await self._last_recovery_seq(cause.app_name, instance, lineage), 5)
                 if self.state.instance(cause.app_name, instance).ejected:
-                    async with self._renewing(key, lease[0], cause.event_id, None):
+                    async with self._renewing(key, cause.event_id, None):
                         await self._act(cause, S.REMOVE_FROM_LB, policy_for(spec), spec, operation="restore",
                                         target=instance, extra={"after": str(S.ROLLING_RESTART)})  # fmt: skip
             finally:
-                await self.claims.finish(key, lease[0], cause.event_id)
+                await self.claims.finish(key, cause.event_id)
         return True
 
     async def _record(self, event: RecoveryExecuted) -> None:
@@ -841,15 +840,15 @@ class RecoveryService:
             raise RecoveryError(f"rolling_restart: {member} stayed busy with another action {busy}") from None
         try:
             deadline = time.monotonic() + left
-            while (lease := await self.claims.acquire(key, cause, reusable=True)) is None:
+            while await self.claims.acquire(key, cause, reusable=True) is None:
                 if time.monotonic() > deadline:
                     raise RecoveryError(f"rolling_restart: {member} was leased by another replica {busy}")
                 await asyncio.sleep(0.1)  # its holder is acting; bounded by the deadline
             try:
-                async with self._renewing(key, lease[0], cause, None):
+                async with self._renewing(key, cause, None):
                     yield
             finally:
-                await self.claims.finish(key, lease[0], cause)
+                await self.claims.finish(key, cause)
         finally:
             self._locks[(app, lineage)].release()
 

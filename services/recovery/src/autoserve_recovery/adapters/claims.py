@@ -64,13 +64,14 @@ class Claims:
         self.kv = kv
         self.owner = owner
         self.lease_seconds = lease_seconds
-        self._mine: dict[str, Lease] = {}  # key -> what this replica wrote (kept on renewal)
-        self._revisions: dict[str, int] = {}  # key -> the revision of that write
+        # key -> (revision, lease) of what this replica last wrote: renewals and the finish
+        # update that revision, whoever took the lease and whenever it was renewed since.
+        self._mine: dict[str, tuple[int, Lease]] = {}
 
     def _lease(self, key: str, cause: str, done: bool = False, action: str | None = None) -> Lease:
         """A new lease (``action`` given: a fresh claim), or the held one renewed."""
         now = time.time()
-        held = self._mine.get(key)
+        held = self._mine[key][1] if key in self._mine else None
         if action is not None or held is None:
             held = Lease(self.owner, 0.0, cause, action=action or "", since=now)
         return Lease(self.owner, now + self.lease_seconds, cause, done, held.action, held.since)
@@ -80,16 +81,9 @@ class Claims:
         revision = await (self.kv.create(key, value) if last is None else self.kv.update(key, value, last=last))
         if lease.done:
             self._mine.pop(key, None)
-            self._revisions.pop(key, None)
         else:
-            self._mine[key] = lease
-            self._revisions[key] = revision
+            self._mine[key] = (revision, lease)
         return revision
-
-    def _latest(self, key: str, revision: int) -> int:
-        """The revision of this replica's last write of ``key``: a renewal since the caller
-        took it moved it on, and an update on the old one would fail."""
-        return self._revisions.get(key, revision)
 
     async def acquire(
         self, key: str, cause: str, *, reusable: bool = False, action: str = ""
@@ -131,13 +125,14 @@ class Claims:
             return None
         return msgspec.json.decode(entry.value or b"{}", type=Lease)
 
-    async def renew(self, key: str, revision: int, cause: str) -> int:
-        return await self._write(key, self._lease(key, cause), self._latest(key, revision))
+    async def renew(self, key: str, cause: str) -> None:
+        """Extend a lease this replica holds (taken by ``acquire``)."""
+        await self._write(key, self._lease(key, cause), self._mine[key][0])
 
-    async def finish(self, key: str, revision: int, cause: str) -> None:
+    async def finish(self, key: str, cause: str) -> None:
         """Mark done: the work is recorded in the stream, nobody takes it over. (If another
         replica took the lease over meanwhile, the update fails and its lease stands.)"""
-        with contextlib.suppress(KeyWrongLastSequenceError):
-            await self._write(key, self._lease(key, cause, done=True), self._latest(key, revision))
+        if (mine := self._mine.get(key)) is not None:
+            with contextlib.suppress(KeyWrongLastSequenceError):
+                await self._write(key, self._lease(key, cause, done=True), mine[0])
         self._mine.pop(key, None)
-        self._revisions.pop(key, None)
