@@ -194,8 +194,7 @@ class AlerterService:
             try:
                 self.tick(now)
                 if self.core.config.enabled:
-                    due = self.core.next_due(now)
-                    wait = self.max_sleep if due is None else due - time.time()
+                    wait = self.core.next_due(now) - time.time()
                     if wait <= 0:
                         wait = self.tick_seconds  # due but not done (cannot be, as the core goes): no spin
                 else:

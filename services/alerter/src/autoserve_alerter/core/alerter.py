@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -41,7 +41,7 @@ from autoserve_events import (
 )
 from autoserve_events.catalogue import NotificationOutcome, Severity
 
-from .routing import Route, compile_routes, group_key, group_labels
+from .routing import Route, Tier, compile_routes, group_key, group_labels
 
 BREAKER_OPEN = "circuit_breaker_open"
 ACTIVE: tuple[AlertStatus, ...] = ("firing", "acknowledged")
@@ -824,59 +824,71 @@ class Alerter:
                               and all(v.alert_id != a for v in notification.resolved)]  # fmt: skip
             self._resend_at[receiver] = now if resolved_since else due
 
-    def _escalate(self, group: Group, now: float, emit: Emit, notifications: list[Notification]) -> None:
-        alerts = [self.alerts[i] for i in group.alerts]
+    def _tiers(self, group: Group) -> Iterator[tuple[int, Tier, str, float, list[Alert]]]:
+        """Each escalation (tier, receiver) of ``group`` with nothing in flight: when a failed
+        send may be retried, and the firing alerts not yet escalated there."""
         for tier_index, tier in enumerate(group.route.escalation, start=1):
             for receiver in tier.receivers:
                 if (group.key, receiver, tier_index) in self.in_flight:
                     continue
-                if now < group.tier_retry_at.get((tier_index, receiver), float("-inf")):
-                    continue  # failed a moment ago: tried again at the next group_interval
-                due = [
-                    a for a in alerts
-                    if a.status == "firing" and now >= a.starts_at + tier.after
-                    and (group.key, tier_index, receiver) not in a.escalated
+                waiting = [
+                    alert for alert_id in group.alerts
+                    if (alert := self.alerts[alert_id]).status == "firing"
+                    and (group.key, tier_index, receiver) not in alert.escalated
                 ]  # fmt: skip
-                if not due:
-                    continue
-                firing: list[Alert] = []
-                held: dict[str, str] = {}
-                known = group.tier_held.get((tier_index, receiver), {})
-                for alert in due:
-                    why = self.suppression(alert, now)
-                    if why is None:
-                        firing.append(alert)  # an escalation held back before goes now, once
-                    elif known.get(alert.alert_id) != (why := f"escalation held back: {why}"):
-                        held[alert.alert_id] = why  # newly held (or for another reason): recorded
-                app_name = group.labels.get("app", "")
-                if held:
-                    items = sorted(held.items())
-                    emit(NotificationLogged(
-                        event_id=derived_event_id(group.key, group.created_at, receiver, tier_index, "suppressed",
-                                                  json.dumps(items)),
-                        receiver=receiver, group_key=group.key, outcome="suppressed", timestamp=now,
-                        app_name=app_name, tier=tier_index, suppressed=dict(items),
-                    ))  # fmt: skip
-                if not firing:
-                    continue
-                seq = group.tier_seq.get((tier_index, receiver), 0) + 1
-                notification = Notification(
-                    notification_id=derived_event_id(group.key, group.created_at, receiver, tier_index, seq),
-                    receiver=receiver,
-                    group_key=group.key,
-                    group_labels=dict(group.labels),
-                    route_id=group.route.id,
-                    tier=tier_index,
-                    seq=seq,
-                    app_name=app_name,
-                    firing=tuple(AlertView.of(a) for a in firing),
-                    resolved=(),
-                    dependents=self._dependents({a.app for a in firing}, now),
-                    created_at=now,
-                    valid_for=self._valid_for(receiver),
+                yield (
+                    tier_index,
+                    tier,
+                    receiver,
+                    group.tier_retry_at.get((tier_index, receiver), float("-inf")),
+                    waiting,
                 )
-                self.in_flight.add(notification.key)
-                notifications.append(notification)
+
+    def _escalate(self, group: Group, now: float, emit: Emit, notifications: list[Notification]) -> None:
+        for tier_index, tier, receiver, retry_at, waiting in self._tiers(group):
+            if now < retry_at:
+                continue  # failed a moment ago: tried again at the next group_interval
+            due = [a for a in waiting if now >= a.starts_at + tier.after]
+            if not due:
+                continue
+            firing: list[Alert] = []
+            held: dict[str, str] = {}
+            known = group.tier_held.get((tier_index, receiver), {})
+            for alert in due:
+                why = self.suppression(alert, now)
+                if why is None:
+                    firing.append(alert)  # an escalation held back before goes now, once
+                elif known.get(alert.alert_id) != (why := f"escalation held back: {why}"):
+                    held[alert.alert_id] = why  # newly held (or for another reason): recorded
+            app_name = group.labels.get("app", "")
+            if held:
+                items = sorted(held.items())
+                emit(NotificationLogged(
+                    event_id=derived_event_id(group.key, group.created_at, receiver, tier_index, "suppressed",
+                                              json.dumps(items)),
+                    receiver=receiver, group_key=group.key, outcome="suppressed", timestamp=now,
+                    app_name=app_name, tier=tier_index, suppressed=dict(items),
+                ))  # fmt: skip
+            if not firing:
+                continue
+            seq = group.tier_seq.get((tier_index, receiver), 0) + 1
+            notification = Notification(
+                notification_id=derived_event_id(group.key, group.created_at, receiver, tier_index, seq),
+                receiver=receiver,
+                group_key=group.key,
+                group_labels=dict(group.labels),
+                route_id=group.route.id,
+                tier=tier_index,
+                seq=seq,
+                app_name=app_name,
+                firing=tuple(AlertView.of(a) for a in firing),
+                resolved=(),
+                dependents=self._dependents({a.app for a in firing}, now),
+                created_at=now,
+                valid_for=self._valid_for(receiver),
+            )
+            self.in_flight.add(notification.key)
+            notifications.append(notification)
 
     def delivered(self, notification: Notification, outcome: NotificationOutcome, now: float, attempts: int = 1,
                   error: str | None = None) -> NotificationLogged | None:  # fmt: skip
@@ -892,7 +904,7 @@ class Alerter:
             self.in_flight.discard(notification.key)
         return log
 
-    def next_due(self, now: float) -> float | None:
+    def next_due(self, now: float) -> float:
         """When ``tick`` next has something to do, unless an input comes first (an event, a
         delivery that ended, new settings: the timer is woken for those). Called after a
         tick at ``now``; what waits on a delivery in flight or on an input is left out, so
@@ -905,9 +917,6 @@ class Alerter:
         due: list[float] = [self._next_prune]
         if self.windows:
             due.append((now // 60 + 1) * 60)
-        for group in self.groups.values():
-            if (group.key, group.receiver, 0) not in self.in_flight:
-                due.append(group.next_flush)
         for alert in self.alerts.values():
             if alert.status in ACTIVE and alert.failure_type != BREAKER_OPEN:
                 due.append(alert.last_seen + self.resolve_timeout)
@@ -917,18 +926,12 @@ class Alerter:
             if self.forwarded.get(receiver) and ("", receiver, RESEND_TIER) not in self.in_flight:
                 due.append(at)
         for group in self.groups.values():
-            for tier_index, tier in enumerate(group.route.escalation, start=1):
-                for receiver in tier.receivers:
-                    if (group.key, receiver, tier_index) in self.in_flight:
-                        continue
-                    retry = group.tier_retry_at.get((tier_index, receiver), float("-inf"))
-                    for alert_id in group.alerts:
-                        alert = self.alerts[alert_id]
-                        if alert.status == "firing" and (group.key, tier_index, receiver) not in alert.escalated:
-                            at = max(alert.starts_at + tier.after, retry)
-                            if at > now:  # due already: held back, it waits for an input or a silence's end
-                                due.append(at)
-        return min(due, default=None)
+            if (group.key, group.receiver, 0) not in self.in_flight:
+                due.append(group.next_flush)
+            for _, tier, _, retry_at, waiting in self._tiers(group):
+                # due already: held back, it waits for an input or a silence's end
+                due += [at for a in waiting if (at := max(a.starts_at + tier.after, retry_at)) > now]
+        return min(due)
 
     # -- views -----------------------------------------------------------------------------------
 
