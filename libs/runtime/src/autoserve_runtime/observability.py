@@ -280,6 +280,11 @@ class _ConsumerInfo:
     ack_pending: int | None = None  # delivered, not yet acknowledged
 
 
+# What a scrape-time gauge or counter reads: one value, or with label names, one per label
+# values ({("health_metrics",): 12, ...}).
+Reader = Callable[[], float] | Callable[[], Mapping[tuple[str, ...], float]]
+
+
 @dataclass
 class _State:
     service: str = ""
@@ -290,8 +295,8 @@ class _State:
     consumers: dict[int, tuple[str, weakref.ref[EventConsumer | PullConsumer]]] = field(default_factory=dict)
     publishers: dict[int, tuple[str, weakref.ref[EventPublisher]]] = field(default_factory=dict)
     consumer_info: dict[int, _ConsumerInfo] = field(default_factory=dict)
-    gauges: dict[str, tuple[str, tuple[str, ...], Callable[[], Any]]] = field(default_factory=dict)
-    counters: dict[str, tuple[str, tuple[str, ...], Callable[[], Any]]] = field(default_factory=dict)
+    gauges: dict[str, tuple[str, tuple[str, ...], Reader]] = field(default_factory=dict)
+    counters: dict[str, tuple[str, tuple[str, ...], Reader]] = field(default_factory=dict)
     loop_lag: float = 0.0
 
 
@@ -321,25 +326,13 @@ def add_check(name: str, check: Callable[[], bool]) -> None:
     STATE.checks[name] = check
 
 
-def add_gauge(
-    name: str,
-    documentation: str,
-    read: Callable[[], float] | Callable[[], Mapping[tuple[str, ...], float]],
-    labelnames: Sequence[str] = (),
-) -> None:
-    """A gauge read at scrape time (``autoserve_`` prefix added if missing). With
-    ``labelnames``, ``read`` returns ``{label values: value}``."""
+def add_gauge(name: str, documentation: str, read: Reader, labelnames: Sequence[str] = ()) -> None:
+    """A gauge read at scrape time (``autoserve_`` prefix added if missing)."""
     STATE.gauges[_prefixed(name)] = (documentation, tuple(labelnames), read)
 
 
-def add_counter(
-    name: str,
-    documentation: str,
-    read: Callable[[], float] | Callable[[], Mapping[tuple[str, ...], float]],
-    labelnames: Sequence[str] = (),
-) -> None:
-    """A counter (a value that only grows) read at scrape time; ``_total`` is added. With
-    ``labelnames``, ``read`` returns ``{label values: value}``."""
+def add_counter(name: str, documentation: str, read: Reader, labelnames: Sequence[str] = ()) -> None:
+    """A counter (a value that only grows) read at scrape time; ``_total`` is added."""
     STATE.counters[_prefixed(name)] = (documentation, tuple(labelnames), read)
 
 
