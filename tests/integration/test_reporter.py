@@ -324,12 +324,13 @@ async def test_poison_messages_are_dead_lettered_and_the_rest_stored(nc: Client,
 class ReporterProcess:
     """``autoserve run reporter`` as its own process, as deployed: SIGTERM is a real signal."""
 
-    def __init__(self, nats_url: str, clickhouse_url: str, log: Path) -> None:
+    def __init__(self, nats_url: str, clickhouse_url: str, log: Path, **env: str) -> None:
         self.port = free_port()
         self.url = f"http://{LOCALHOST}:{self.port}"
         self.log = log
         self.env = {**os.environ, "AUTOSERVE_NATS_URL": nats_url, "AUTOSERVE_CLICKHOUSE_URL": clickhouse_url,
-                    "AUTOSERVE_REPORTER_LISTEN": f"{LOCALHOST}:{self.port}", "AUTOSERVE_METRICS_PORT": str(free_port())}  # fmt: skip
+                    "AUTOSERVE_REPORTER_LISTEN": f"{LOCALHOST}:{self.port}", "AUTOSERVE_METRICS_PORT": str(free_port()),
+                    **env}  # fmt: skip
         self.process: subprocess.Popen[bytes] | None = None
 
     async def start(self) -> ReporterProcess:

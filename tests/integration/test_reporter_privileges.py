@@ -14,7 +14,6 @@ import asyncio
 import json
 import os
 import re
-import signal
 import sys
 import time
 from pathlib import Path
@@ -25,11 +24,10 @@ from nats.aio.client import Client
 
 from autoserve_events import EVENTS_STREAM, PROBES_STREAM
 from autoserve_reporter.service import ReporterSettings, consumer_specs
-from autoserve_runtime import EmbeddedNatsServer, free_port, provision
+from autoserve_runtime import EmbeddedNatsServer, provision
 
 from ..incidents import incident_events
-from .conftest import LOCALHOST
-from .test_reporter import probe, publish, until
+from .test_reporter import ReporterProcess, probe, publish, until
 
 USERS_SQL = Path(__file__).parents[2] / "deploy" / "clickhouse-users.sql"
 DATABASE = "autoserve"
@@ -188,22 +186,8 @@ async def test_migrate_ingest_and_report_each_run_with_only_their_grants(
     # Ingest from a real nats-server with INSERT only.
     js = nc.jetstream()
     await provision(js)
-    port, health = free_port(), free_port()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", "import sys; from autoserve_cli.main import main; sys.exit(main())",
-        "run", "reporter", "--nats-url", nats_server.url, "--metrics-port", str(health), "--listen", f"{LOCALHOST}:{port}",
-        env={**os.environ, **env}, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+    process = await ReporterProcess(nats_server.url, reporter, tmp_path / "reporter.log", **env).start()
     try:
-        async with httpx.AsyncClient(timeout=5) as client:
-
-            async def ready() -> bool:
-                try:
-                    return (await client.get(f"http://{LOCALHOST}:{health}/readyz")).status_code == 200
-                except httpx.HTTPError:
-                    return False
-
-            await until(ready, 60, "the reporter ready")
         now = time.time()
         probes = [probe("shop", "i-1", now - 600 + i, rt=10.0 * (i + 1), healthy=i < 8) for i in range(10)]
         incident = incident_events("shop", "i-1", now - 300, ttr=5.0)
@@ -211,23 +195,19 @@ async def test_migrate_ingest_and_report_each_run_with_only_their_grants(
         probes_durable, events_durable = (spec.durable for spec in consumer_specs(ReporterSettings("")))
 
         async def stored(stream: str, durable: str, n: int) -> bool:
-            try:
-                info = await js.consumer_info(stream, durable)
-            except Exception:  # not created yet
-                return False
+            info = await js.consumer_info(stream, durable)
             return info.ack_floor.stream_seq >= n and info.num_ack_pending == 0
 
         # Acknowledged only after their batch is stored: every message is in ClickHouse.
         await until(lambda: stored(PROBES_STREAM, probes_durable, len(probes)), 60, "probes stored")
         await until(lambda: stored(EVENTS_STREAM, events_durable, len(incident)), 60, "events stored")
         async with httpx.AsyncClient(timeout=30) as client:
-            response = await client.get(f"http://{LOCALHOST}:{port}/v1/apps/shop/report", params={"hours": 1})
+            response = await client.get(f"{process.url}/v1/apps/shop/report", params={"hours": 1})
         # This reporter has no reader URL and its engine may not SELECT: the API says why.
         assert response.status_code == 503 and "Not enough privileges" in response.json()["error"]
     finally:
-        process.send_signal(signal.SIGTERM)
-        _, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode == 0, err.decode()[-2000:]
+        code = await process.sigterm()
+    assert code == 0, process.log.read_text()[-2000:]
 
     # The reports, with SELECT only.
     code, out, err = await python(REPORTS, reader)
