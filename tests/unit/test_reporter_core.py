@@ -309,3 +309,14 @@ def test_describe_hides_the_password_of_a_clickhouse_url(url: str, logged: str) 
     from autoserve_reporter.adapters.clickhouse import describe
 
     assert describe(url) == logged
+
+
+def test_a_separate_read_url_with_chdb_is_refused_with_the_reason() -> None:
+    from autoserve_reporter.service import ReporterService, ReporterSettings
+
+    settings = ReporterSettings("chdb:///d/clickhouse", clickhouse_read_url="http://reader:pw-4d1e@ch:8123/autoserve")
+    with pytest.raises(ValueError, match="chDB is one engine per process") as refused:
+        ReporterService("nats://127.0.0.1:4222", settings)
+    assert "pw-4d1e" not in str(refused.value)  # the URL is named without its password
+    same = ReporterService("nats://127.0.0.1:4222", ReporterSettings("chdb:///d/c", clickhouse_read_url="chdb:///d/c"))
+    assert same.read_store is same.store
