@@ -28,7 +28,6 @@ from typing import Any
 import msgspec
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from autoserve_config import parse_duration
 from autoserve_events import (
@@ -51,7 +50,7 @@ from autoserve_events import (
     is_valid_name,
     wildcard,
 )
-from autoserve_runtime import connect
+from autoserve_runtime import connect, subscribe_from
 
 DEAD_LETTER = "DeadLetter"  # not an event type: a message parked by a service, with its reason
 ALIASES = {
@@ -281,11 +280,7 @@ def to_line(
 async def _subscribe(
     js: JetStreamContext, stream: str, subjects: list[str], since: float | None, cb: Callable[[Msg], Any]
 ) -> Any:
-    config = ConsumerConfig(filter_subjects=subjects) if len(subjects) > 1 else ConsumerConfig()
-    if since is not None:
-        config.deliver_policy = DeliverPolicy.BY_START_TIME
-        config.opt_start_time = datetime.fromtimestamp(since, UTC).isoformat()
-    return await js.subscribe(subjects[0], stream=stream, cb=cb, ordered_consumer=True, config=config)
+    return await subscribe_from(js, stream, subjects, cb, since=since)
 
 
 async def read_events(

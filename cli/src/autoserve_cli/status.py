@@ -16,7 +16,6 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -29,6 +28,7 @@ from rich.table import Table
 
 from autoserve_events import (
     ALERTS_WILDCARD,
+    EVENTS_STREAM,
     AlertChanged,
     BreakerStateChanged,
     FailureDetected,
@@ -39,7 +39,7 @@ from autoserve_events import (
     decode,
     wildcard,
 )
-from autoserve_runtime import connect
+from autoserve_runtime import connect, start_sequence
 
 InstanceKey = tuple[str, str]
 KINDS = (ProbeCompleted, HealthChanged, FailureDetected, RecoveryExecuted, BreakerStateChanged)
@@ -104,12 +104,14 @@ class StatusView:
     # -- reading the streams ---------------------------------------------------------------
 
     async def follow(self, js: JetStreamContext, app: str | None = None) -> None:
-        since = datetime.fromtimestamp(time.time() - ALERT_HISTORY_SECONDS, UTC).isoformat()
+        # From a sequence, never a start time: nats-py re-creates an ordered consumer after a
+        # server restart, and one started from a time is then refused (autoserve_runtime.feed).
+        since = await start_sequence(js, EVENTS_STREAM, time.time() - ALERT_HISTORY_SECONDS)
         subscriptions = [
             (wildcard(kind, app or "*"), {"deliver_policy": DeliverPolicy.LAST_PER_SUBJECT}) for kind in KINDS
         ]
         subscriptions.append((alert_subject(app or "*"), {"config": ConsumerConfig(
-            deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=since)}))  # fmt: skip
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=since)}))  # fmt: skip
         for subject, delivery in subscriptions:
 
             async def on_message(msg: Msg, subject: str = subject) -> None:

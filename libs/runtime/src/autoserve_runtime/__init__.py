@@ -3,6 +3,7 @@
 from .bus import DEFAULT_NATS_URL, NatsUnavailable, connect, provision
 from .config_watch import follow_apps, follow_detector_settings
 from .consumer import ConsumerSpec, EventConsumer, SeenIds
+from .feed import Feed, start_sequence, subscribe_from
 from .lifecycle import cancel_all, close_nats, serve
 from .logs import configure_logging
 from .nats_server import EmbeddedNatsServer, NatsServerError, free_port, nats_server_binary
@@ -28,6 +29,7 @@ __all__ = [
     "Endpoint",
     "EventConsumer",
     "EventPublisher",
+    "Feed",
     "NatsServerError",
     "NatsUnavailable",
     "PublisherStats",
@@ -50,7 +52,9 @@ __all__ = [
     "request_endpoint",
     "serve",
     "spawn_child",
+    "start_sequence",
     "stop_child",
+    "subscribe_from",
     "watch_consumer",
     "watch_publisher",
 ]

@@ -29,7 +29,6 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 import structlog
 from nats.aio.msg import Msg
@@ -40,6 +39,7 @@ from nats.js.errors import NotFoundError
 from autoserve_events import AnyEvent, Event, MalformedEvent, deadletter, decode
 
 from . import observability
+from .feed import position, subscribe_from
 from .publisher import EventPublisher
 
 log = structlog.get_logger("autoserve.consumer")
@@ -93,16 +93,17 @@ class ConsumerStats:
     started_at: float = field(default_factory=time.time)
 
 
-def position(msg: Msg) -> tuple[int, int]:
-    """A JetStream delivery's stream sequence and the messages still pending after it, read
-    straight off its reply subject
-    (``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>``):
-    nats-py's full ``Msg.metadata`` parse costs more than the rest of our bookkeeping."""
-    tokens = msg.reply.split(".")
-    if len(tokens) == 9:
-        return int(tokens[5]), int(tokens[8])
-    meta = msg.metadata  # the longer form, with a domain and an account hash
-    return meta.sequence.stream, meta.num_pending
+def dead_letter_headers(service: str, msg: Msg, reason: str) -> dict[str, str]:
+    """The headers of the copy parked on ``autoserve.deadletter.<service>``. The id names the
+    service: two services dead-lettering the same message store two letters, and one
+    service's repeated attempt is stored once."""
+    meta = msg.metadata
+    return {
+        "Nats-Msg-Id": f"dl-{service}-{meta.stream}-{meta.sequence.stream}",
+        "Autoserve-Reason": reason[:1000],
+        "Autoserve-Subject": msg.subject,
+        "Autoserve-Stream-Seq": str(meta.sequence.stream),
+    }
 
 
 class SeenIds:
@@ -193,17 +194,7 @@ class EventConsumer:
             if seq >= until_seq or pending == 0:
                 done.set()
 
-        sub = await self._js.subscribe(
-            subject,
-            stream=self._spec.stream,
-            cb=fold,
-            ordered_consumer=True,
-            config=ConsumerConfig(
-                deliver_policy=DeliverPolicy.BY_START_TIME,
-                opt_start_time=datetime.fromtimestamp(since, UTC).isoformat(),
-            ),
-            pending_msgs_limit=-1,
-        )
+        sub = await subscribe_from(self._js, self._spec.stream, [subject], fold, since=since)
         try:
             info = await sub.consumer_info()
             if info.num_pending == 0 and not info.delivered.consumer_seq:
@@ -309,12 +300,7 @@ class EventConsumer:
         self.stats.dead_lettered += 1
         observability.dead_lettered(self._service, reason)
         meta = msg.metadata
-        headers = {
-            "Nats-Msg-Id": f"dl-{meta.stream}-{meta.sequence.stream}",
-            "Autoserve-Reason": reason[:1000],
-            "Autoserve-Subject": msg.subject,
-            "Autoserve-Stream-Seq": str(meta.sequence.stream),
-        }
+        headers = dead_letter_headers(self._service, msg, reason)
         log.warning("message dead-lettered", subject=msg.subject, seq=meta.sequence.stream, reason=reason[:200])
         return self._publisher.submit_raw(self._deadletter_subject, msg.data[:MAX_EVENT_BYTES], headers, track=True)
 

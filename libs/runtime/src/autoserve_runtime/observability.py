@@ -291,6 +291,7 @@ class _State:
     stopping: bool = False
     ready: list[asyncio.Event] = field(default_factory=list)
     checks: dict[str, Callable[[], bool]] = field(default_factory=dict)
+    reasons: dict[str, Callable[[], str | None]] = field(default_factory=dict)
     nats: weakref.WeakValueDictionary[int, Client] = field(default_factory=weakref.WeakValueDictionary)
     consumers: dict[int, tuple[str, weakref.ref[EventConsumer | PullConsumer]]] = field(default_factory=dict)
     publishers: dict[int, tuple[str, weakref.ref[EventPublisher]]] = field(default_factory=dict)
@@ -321,9 +322,24 @@ def watch_consumer(service: str, consumer: EventConsumer) -> None:
     watch_publisher(service, consumer._publisher)
 
 
-def add_check(name: str, check: Callable[[], bool]) -> None:
-    """A readiness condition of the service's own (``/readyz`` lists it by name)."""
+def add_check(name: str, check: Callable[[], bool], reason: Callable[[], str | None] | None = None) -> None:
+    """A readiness condition of the service's own (``/readyz`` lists it by name, and while it
+    fails, what ``reason`` says under ``reasons``)."""
     STATE.checks[name] = check
+    if reason is not None:
+        STATE.reasons[name] = reason
+
+
+def reasons(checks: Mapping[str, bool]) -> dict[str, str]:
+    """Why each failing check fails, where the check can say."""
+    said = {}
+    for name, ok in checks.items():
+        explain = STATE.reasons.get(name)
+        if not ok and explain is not None:
+            with contextlib.suppress(Exception):
+                if text := explain():
+                    said[name] = text
+    return said
 
 
 def add_gauge(name: str, documentation: str, read: Reader, labelnames: Sequence[str] = ()) -> None:
@@ -568,7 +584,7 @@ class HealthServer:
 
         checks = readiness()
         ready = all(checks.values())
-        body = {"service": STATE.service, "ready": ready, "checks": checks}
+        body = {"service": STATE.service, "ready": ready, "checks": checks, "reasons": reasons(checks)}
         return web.json_response(body, status=200 if ready else 503)
 
     async def _metrics(self, _request: Any) -> Any:

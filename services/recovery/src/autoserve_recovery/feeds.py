@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -20,23 +19,14 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from autoserve_events import EVENTS_STREAM, FailureDetected, HealthChanged, wildcard
+from autoserve_runtime import Feed
 
 WORK_DURABLE = "autoserve-recovery"
 WORK_SUBJECTS = (wildcard(FailureDetected), wildcard(HealthChanged))
 
 
-async def follow_state(js: JetStreamContext, since: float, on_message: Callable[[Msg], Awaitable[None]]) -> object:
-    return await js.subscribe(
-        "autoserve.event.>",
-        stream=EVENTS_STREAM,
-        ordered_consumer=True,
-        cb=on_message,
-        config=ConsumerConfig(
-            deliver_policy=DeliverPolicy.BY_START_TIME,
-            opt_start_time=datetime.fromtimestamp(since, UTC).isoformat(),
-        ),
-        pending_msgs_limit=-1,
-    )
+def state_feed(js: JetStreamContext, on_message: Callable[[Msg], Awaitable[None]]) -> Feed:
+    return Feed(js, "recovery-state", EVENTS_STREAM, ["autoserve.event.>"], on_message)
 
 
 async def work_subscription(js: JetStreamContext, ack_wait: float) -> JetStreamContext.PullSubscription:

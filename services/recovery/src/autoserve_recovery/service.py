@@ -51,6 +51,7 @@ from autoserve_runtime import (
     provision,
     watch_publisher,
 )
+from autoserve_runtime.consumer import dead_letter_headers
 from autoserve_runtime.observability import EVENTS_IN, HANDLER_SECONDS, PullConsumer, dead_lettered
 
 from .adapters.claims import ClaimHeld, Claims, claims_bucket
@@ -72,7 +73,7 @@ from .core import (
     rolling_member,
 )
 from .core.strategies import DEFAULT_STRATEGY_MAP, LADDER, TRAFFIC
-from .feeds import WORK_DURABLE, follow_state, work_subscription
+from .feeds import WORK_DURABLE, state_feed, work_subscription
 
 log = structlog.get_logger("autoserve.recovery")
 S = RecoveryStrategy
@@ -179,8 +180,9 @@ class RecoveryService:
         watch_publisher(SERVICE, self.publisher)
         self._submit = count_published(SERVICE, self.publisher.submit)  # outputs by type
         started = time.monotonic()
-        state_sub = await follow_state(js, time.time() - self.settings.history_seconds, self._on_state)
-        await self._replayed(state_sub)
+        state = await state_feed(js, self._on_state).start(since=time.time() - self.settings.history_seconds)
+        if not await state.caught_up(timeout=120.0):
+            log.warning("replay did not finish in time; continuing", seq=self.state_seq)
         self.live = True
         log.info("state rebuilt", seq=self.state_seq, seconds=round(time.monotonic() - started, 3),
                  instances=len(self.state.instances), replica=self.settings.replica)  # fmt: skip
@@ -197,9 +199,9 @@ class RecoveryService:
             await self.health.close()
             # Every step is bounded: NATS may be going away at the same moment (``up`` stops
             # everything at once), and a drain against a dead server waits for its timeout.
-            for sub in (work, state_sub):
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(sub.unsubscribe(), 2)  # type: ignore[attr-defined]
+            await state.stop()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(work.unsubscribe(), 2)
             await self.publisher.close()
             if self.docker is not None:
                 with contextlib.suppress(Exception):
@@ -210,22 +212,9 @@ class RecoveryService:
                 await nc.close()
             log.info("recovery stopped", executed=len(self.executed))
 
-    async def _replayed(self, sub: object, timeout: float = 120.0) -> None:
-        """Until the state feed has folded everything stored when it started."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            info = await sub.consumer_info()  # type: ignore[attr-defined]
-            if info.num_pending == 0 and self._folded >= info.delivered.consumer_seq:
-                return
-            await asyncio.sleep(0.02)
-        log.warning("replay did not finish in time; continuing", seq=self.state_seq)
-
-    _folded = 0
-
     # -- the state feed ------------------------------------------------------------------
 
     async def _on_state(self, msg: Msg) -> None:
-        self._folded += 1
         seq = msg.metadata.sequence.stream
         try:
             event = decode(msg.data)
@@ -396,10 +385,10 @@ class RecoveryService:
         self.work.stats.dead_lettered += 1
         dead_lettered(SERVICE, reason)
         log.warning("message dead-lettered", subject=msg.subject, reason=reason[:200])
-        headers = {"Nats-Msg-Id": f"dl-recovery-{msg.metadata.sequence.stream}", "Autoserve-Reason": reason[:1000],
-                   "Autoserve-Subject": msg.subject}  # fmt: skip
         with contextlib.suppress(Exception):
-            await self._js.publish(deadletter(SERVICE), msg.data[:65536], headers=headers)
+            await self._js.publish(
+                deadletter(SERVICE), msg.data[:65536], headers=dead_letter_headers(SERVICE, msg, reason)
+            )
         await self._ack(msg)
 
     async def _publish(self, event: Event) -> None:
@@ -418,6 +407,8 @@ class RecoveryService:
             await self._unknown_app(failure)
             return None
         policy = policy_for(spec)
+        with contextlib.suppress(RecoveryError):  # the escalation ends where the instance's runtime does
+            policy = policy.for_runtime(self._runtime(failure.app_name, failure.instance_id, spec))
         if spec.docker is not None and self.docker is not None:
             # A container recovery created belongs to the slot it replaced, even before the
             # action that created it is recorded (a replacement that crashes while awaited).
