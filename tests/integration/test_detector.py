@@ -16,6 +16,7 @@ from nats.aio.client import Client
 from nats.js.errors import NotFoundError
 
 from autoserve_events import (
+    EVENTS_STREAM,
     PROBES_STREAM,
     ErrorKind,
     FailureDetected,
@@ -247,3 +248,22 @@ async def test_nats_server_crash_mid_stream_loses_and_doubles_nothing(
         f for f in await stored_events(nc, FailureDetected) if f.failure_type is FailureType.HEALTH_CHECK_FAILED
     ]
     assert [f.consecutive_count for f in failures] == [1, 2, 3, 4, 5, 6]
+
+
+async def test_two_services_dead_lettering_the_same_message_store_two_letters(
+    detector_runner: ServiceRunner, nats_server: EmbeddedNatsServer, nc: Client, outputs: Outputs
+) -> None:
+    from autoserve_breaker.service import BreakerService
+
+    await apply_yaml(nc, config_for(WEB))
+    await detector_runner.start()
+    breaker = ServiceRunner(lambda: BreakerService(nats_server.url))
+    await breaker.start()
+    try:
+        js = nc.jetstream()
+        await js.publish("autoserve.probe.completed.web.w-1", b"\x00\xffnot json")
+        await wait_for(lambda: len(outputs.dead_letters()) == 2, what="a letter from each service")
+        stored = await js.stream_info(EVENTS_STREAM, subjects_filter="autoserve.deadletter.>")
+        assert stored.state.subjects == {"autoserve.deadletter.detector": 1, "autoserve.deadletter.breaker": 1}
+    finally:
+        await breaker.stop()
