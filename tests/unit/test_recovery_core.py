@@ -10,6 +10,7 @@ import pytest
 
 from autoserve_config import RecoveryConfig
 from autoserve_events import FailureDetected, FailureType, HealthChanged, RecoveryStrategy
+from autoserve_recovery.adapters.process import CAPABILITIES
 from autoserve_recovery.adapters.runtime import RecoveryError
 from autoserve_recovery.core import (
     DEFAULT_STRATEGY_MAP,
@@ -412,3 +413,84 @@ def test_a_rolling_restart_out_of_time_says_which_timeout_ran_out() -> None:
         assert str(raised.value) == (
             "rolling_restart: action_timeout_seconds (30s) ran out before b was restarted; stopped there (restarted: a)"
         )
+
+
+# -- the escalation ends where the runtime does (issue: the demo's web-3 stayed down) ----
+
+
+class LocalProcesses:
+    """A runtime as the service sees it: declares what it can do, as ProcessRuntime does."""
+
+    capabilities = CAPABILITIES
+
+
+class NoDeclaration:
+    name = "docker"
+
+
+def test_a_local_process_crash_loop_never_escalates_to_replace_or_scale_out() -> None:
+    """The sequence that used to go restart x3, recreate, replace_instance (which fails for
+    a local process: "needs a container runtime"), scale_out: now it stops at recreate
+    and keeps restarting under the same budgets and doubling backoff, saying so."""
+    state = RecoveryState()
+    pol = policy().for_runtime(LocalProcesses())
+    steps, chain_ends = [], []
+    now = 0.0
+    for _ in range(9):
+        plan, done = run(state, failure(now, F.PORT_NOT_LISTENING, consecutive=3), pol, now)
+        if plan.retry_at is not None:
+            now = plan.retry_at
+            plan, done = run(state, failure(now, F.PORT_NOT_LISTENING, consecutive=3), pol, now)
+        remediation = next(e for e in done if e.strategy is not S.REMOVE_FROM_LB)
+        steps.append((round(now, 1), remediation.strategy))
+        chain_ends.append(remediation.details.get("escalation_wanted"))
+        now += 1.0
+    assert steps == [
+        (0.0, S.RESTART_CONTAINER),
+        (10.2, S.RESTART_CONTAINER),
+        (30.4, S.RESTART_CONTAINER),
+        (70.6, S.RECREATE_CONTAINER),  # 3 restarts in 5 minutes
+        (150.8, S.RECREATE_CONTAINER),  # was replace_instance: past the process runtime
+        (311.0, S.RESTART_CONTAINER),  # was scale_out; the window has room for restarts again
+        (611.2, S.RESTART_CONTAINER),  # 300 s cap
+        (911.4, S.RESTART_CONTAINER),
+        (1211.6, S.RESTART_CONTAINER),
+    ]
+    assert chain_ends[:4] == [None] * 4
+    assert chain_ends[4:] == ["replace_instance"] * 5  # every attempt past the limit says so
+    assert all(s in CAPABILITIES.remediations for _, s in steps)
+
+
+def test_the_event_says_the_chain_ended_at_the_runtimes_limit() -> None:
+    state = RecoveryState()
+    pol = policy(backoff_initial_seconds=0, backoff_max_seconds=0).for_runtime(LocalProcesses())
+    done = [run(state, failure(t), pol, t)[1][0] for t in (0, 1, 2, 3, 4)]
+    assert [e.strategy for e in done] == [S.RESTART_CONTAINER] * 3 + [S.RECREATE_CONTAINER] * 2
+    last = done[-1]
+    assert last.success and last.details["escalation_wanted"] == "replace_instance"
+    assert (
+        "process runtime's limit" in last.details["chain_end"]
+        and "cannot replace_instance" in last.details["chain_end"]
+    )
+    assert "chain_end" not in done[3].details  # recreate is still on the ladder: no note
+
+
+def test_a_runtime_that_declares_nothing_keeps_the_whole_ladder() -> None:
+    assert policy().for_runtime(NoDeclaration()).capabilities is None
+    state = RecoveryState()
+    pol = policy(backoff_initial_seconds=0, backoff_max_seconds=0).for_runtime(NoDeclaration())
+    done = [run(state, failure(t), pol, t)[1][0].strategy for t in (0, 1, 2, 3, 4, 5)]
+    assert done == [S.RESTART_CONTAINER] * 3 + [S.RECREATE_CONTAINER, S.REPLACE_INSTANCE, S.SCALE_OUT]
+
+
+@pytest.mark.parametrize(
+    ("listed", "ladder"),
+    [
+        ((S.RESTART_CONTAINER, S.RECREATE_CONTAINER), (S.RESTART_CONTAINER, S.RECREATE_CONTAINER)),
+        ((S.REPLACE_INSTANCE, S.SCALE_OUT), (S.RECREATE_CONTAINER,)),  # nothing it can do: its top rung
+        ((S.REMOVE_FROM_LB, S.SCALE_OUT, S.RESTART_CONTAINER), (S.RESTART_CONTAINER,)),
+        ((S.REMOVE_FROM_LB,), ()),
+    ],
+)
+def test_the_ladder_within_a_runtime(listed, ladder) -> None:
+    assert remediation_ladder(listed, escalate=True, capabilities=CAPABILITIES) == ladder

@@ -18,7 +18,20 @@ import subprocess
 import time
 from pathlib import Path
 
+from autoserve_events import RecoveryStrategy
+
+from ..core.strategies import Capabilities
 from .runtime import AwaitHealthy, Member, Outcome, RecoveryError
+
+# A fresh process from the recorded command is all a local process can get: a restart, or a
+# recreate (the same thing here). Replace and scale out need an image and a port of their
+# own; the decision core stops the escalation here instead of trying them (and failing).
+CAPABILITIES = Capabilities(
+    "process",
+    frozenset(
+        {RecoveryStrategy.RESTART_CONTAINER, RecoveryStrategy.RECREATE_CONTAINER, RecoveryStrategy.ROLLING_RESTART}
+    ),
+)
 
 
 def register(
@@ -75,6 +88,7 @@ def _spawn(record: dict) -> subprocess.Popen[bytes]:
 
 class ProcessRuntime:
     name = "process"
+    capabilities = CAPABILITIES
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory

@@ -30,6 +30,8 @@ class Outcome:
 
 class Runtime(Protocol):
     name: str
+    # A runtime that cannot do every rung also has ``capabilities: Capabilities`` (the local
+    # process runtime); ``AppPolicy.for_runtime`` ends the escalation there.
 
     def owns(self, app_name: str, instance_id: str) -> bool: ...
 

@@ -14,6 +14,10 @@ Rules, in order (each configurable per app under ``recovery:``):
    escalation level whose budget allows it. Restarts: ``max_restarts`` per
    ``restart_window_seconds`` (the seed's 3 in 5 minutes). Recreate and replace: once per
    level, then the level moves up. Scale out: once per window (the seed's rule).
+   The ladder ends where the instance's runtime does (``AppPolicy.capabilities``): past
+   it, the remediations the runtime has are repeated under the same budgets and backoff
+   (a crash-looping local process is restarted for ever, as kubelet does), and the
+   attempt records ``chain_end`` saying so, rather than trying what cannot work.
 5. Not before the backoff allows (Kubernetes: 10 s doubling to 300 s, reset after 10
    minutes healthy), nor past the global ``max_actions_per_minute``: then it is deferred.
 """
@@ -21,7 +25,7 @@ Rules, in order (each configurable per app under ``recovery:``):
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from autoserve_config import RecoveryConfig
 from autoserve_events import (
@@ -35,7 +39,16 @@ from autoserve_events import (
 )
 
 from .state import InstanceState, RecoveryState
-from .strategies import LADDER, TRAFFIC, rank, remediation_ladder, strategy_map, traffic_steps
+from .strategies import (
+    LADDER,
+    REMEDIATION,
+    TRAFFIC,
+    Capabilities,
+    rank,
+    remediation_ladder,
+    strategy_map,
+    traffic_steps,
+)
 
 S = RecoveryStrategy
 # Failures that are not probe results: acting on them must not wait for probe thresholds.
@@ -57,6 +70,13 @@ class AppPolicy:
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     failure_threshold: int = 1
     max_replicas: int = 5
+    capabilities: Capabilities | None = None  # of the failing instance's runtime; None: all
+
+    def for_runtime(self, runtime: object) -> AppPolicy:
+        """This policy for an instance of ``runtime``: its ladder ends where the runtime's
+        ``capabilities`` do (a runtime that declares none can do every rung)."""
+        caps = getattr(runtime, "capabilities", None)
+        return replace(self, capabilities=caps) if isinstance(caps, Capabilities) else self
 
     @property
     def strategies(self) -> dict[FailureType, tuple[RecoveryStrategy, ...]]:
@@ -145,7 +165,7 @@ def _remediation(
     inst: InstanceState, failure: FailureDetected, policy: AppPolicy, now: float
 ) -> tuple[RecoveryStrategy | None, list[str]]:
     listed = policy.strategies.get(failure.failure_type, ())
-    ladder = remediation_ladder(listed, policy.recovery.escalate)
+    ladder = remediation_ladder(listed, policy.recovery.escalate, policy.capabilities)
     level = 0 if _backoff_reset(inst, policy, now) else inst.level
     notes: list[str] = []
     explicit = set(listed)
@@ -242,6 +262,8 @@ def record(
             "next_allowed_at": ended + backoff_delay(backoff_level, policy),
             "lineage": inst.lineage,
         }
+        if isinstance(cause, FailureDetected):
+            extra |= _chain_end(inst, cause, policy, strategy, started_at)
     failure_type = cause.failure_type if isinstance(cause, FailureDetected) else None
     parts = (cause.event_id, operation or strategy) + ((target,) if target != cause.instance_id else ())
     return RecoveryExecuted(
@@ -257,6 +279,26 @@ def record(
         error=error,
         failure_event_id=cause.event_id,
     )
+
+
+def _chain_end(
+    inst: InstanceState, cause: FailureDetected, policy: AppPolicy, strategy: RecoveryStrategy, now: float
+) -> dict[str, object]:
+    """Where the escalation would have gone past what the runtime can do, say so: the
+    attempt repeats a remediation the runtime has instead (an operator reading the event
+    sees why there is no replace or scale out, and that it is on purpose)."""
+    caps = policy.capabilities
+    if caps is None:
+        return {}
+    wanted, _ = _remediation(inst, cause, replace(policy, capabilities=None), now)
+    if wanted is None or wanted is strategy or wanted in caps.remediations:
+        return {}
+    can = ", ".join(sorted(str(s) for s in caps.remediations & REMEDIATION))
+    return {
+        "chain_end": f"escalation ends at the {caps.runtime} runtime's limit: it cannot {wanted} "
+        f"(it can {can}); {strategy} again instead, under the same budgets and backoff",
+        "escalation_wanted": str(wanted),
+    }
 
 
 def _budget_after(inst: InstanceState, strategy: RecoveryStrategy, policy: AppPolicy, now: float) -> bool:

@@ -8,6 +8,7 @@ Here every listed traffic action runs, and then one remediation, chosen by escal
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 from autoserve_events import FailureType, RecoveryStrategy
 
@@ -49,14 +50,33 @@ def traffic_steps(strategies: Iterable[RecoveryStrategy]) -> tuple[RecoveryStrat
     return tuple(s for s in strategies if s in TRAFFIC)
 
 
-def remediation_ladder(strategies: Iterable[RecoveryStrategy], escalate: bool) -> tuple[RecoveryStrategy, ...]:
+@dataclass(frozen=True)
+class Capabilities:
+    """The remediations an instance's runtime implements (Docker: all; a local process
+    has no image to recreate from nor a port of its own to give a replacement)."""
+
+    runtime: str
+    remediations: frozenset[RecoveryStrategy]
+
+
+def remediation_ladder(
+    strategies: Iterable[RecoveryStrategy], escalate: bool, capabilities: Capabilities | None = None
+) -> tuple[RecoveryStrategy, ...]:
     """The listed remediations in order, then (with ``escalate``) the rungs of ``LADDER``
-    above the highest one listed: restart -> recreate -> replace -> scale out."""
+    above the highest one listed: restart -> recreate -> replace -> scale out. With
+    ``capabilities`` the ladder ends where the runtime does: rungs it cannot do are left
+    out, and a list of nothing but those becomes the highest rung it can do."""
     listed = tuple(s for s in strategies if s in REMEDIATION)
-    if not escalate or not listed:
-        return listed
-    top = max((LADDER.index(s) for s in listed if s in LADDER), default=-1)
-    return listed + tuple(s for s in LADDER[top + 1 :] if s not in listed)
+    ladder = listed
+    if escalate and listed:
+        top = max((LADDER.index(s) for s in listed if s in LADDER), default=-1)
+        ladder = listed + tuple(s for s in LADDER[top + 1 :] if s not in listed)
+    if capabilities is None:
+        return ladder
+    possible = tuple(s for s in ladder if s in capabilities.remediations)
+    if possible or not ladder:
+        return possible
+    return tuple(s for s in reversed(LADDER) if s in capabilities.remediations)[:1]
 
 
 def rank(strategy: RecoveryStrategy) -> int:
