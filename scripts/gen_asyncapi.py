@@ -39,8 +39,8 @@ from autoserve_events import (
     ProbeCompleted,
     wildcard,
 )
+from autoserve_events.durables import RECOVERY_WORK
 from autoserve_events.subjects import _ONE_TOKEN, _STEMS, PREFIX  # the catalogue's own stems
-from autoserve_recovery.feeds import WORK_SUBJECTS
 from autoserve_reporter.service import ReporterSettings, consumer_specs
 
 OUTPUT = Path(__file__).resolve().parent.parent / "docs" / "asyncapi.yaml"
@@ -92,7 +92,7 @@ def consumes() -> dict[str, list[str]]:
     return {
         "detector": [DETECTOR_CONSUMER.filter_subject],
         "breaker": [wildcard(ProbeCompleted), BREAKER_EVENTS_WILDCARD],
-        "recovery": list(WORK_SUBJECTS),
+        "recovery": list(RECOVERY_WORK.filter_subjects),
         "reporter": reporter,
         "alerter": [ALERTER_CONSUMER.filter_subject],
     }

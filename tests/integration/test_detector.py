@@ -267,3 +267,35 @@ async def test_two_services_dead_lettering_the_same_message_store_two_letters(
         assert stored.state.subjects == {"autoserve.deadletter.detector": 1, "autoserve.deadletter.breaker": 1}
     finally:
         await breaker.stop()
+
+
+async def test_probes_for_an_unconfigured_app_or_instance_become_no_state_and_are_dead_lettered(
+    detector_runner: ServiceRunner, nats_server: EmbeddedNatsServer, nc: Client, outputs: Outputs
+) -> None:
+    """Anyone with publish rights can put a probe on the bus: one for an app nobody
+    configured, or an instance not listed, used to create a phantom instance and an alert."""
+    from autoserve_breaker.service import BreakerService
+    from autoserve_runtime.observability import DEAD_LETTERS
+
+    await apply_yaml(nc, config_for(WEB))
+    await detector_runner.start()
+    breaker = ServiceRunner(lambda: BreakerService(nats_server.url))
+    await breaker.start()
+    try:
+        phantoms = [probe(False, app="ghost", instance="g-1"), probe(False, instance="w-99")]
+        for _ in range(3):
+            await publish(nc, *(probe(False, app=p.app_name, instance=p.instance_id) for p in phantoms))
+        real = probe(False)
+        await publish(nc, real)
+        await wait_for(lambda: caused_by(outputs, real), what="the configured instance's failure")
+        await wait_for(lambda: len(outputs.dead_letters()) == 12, what="6 letters each from detector and breaker")
+        reasons = {m.headers["Autoserve-Reason"] for m in outputs.dead_letters()}
+        assert reasons == {
+            "unconfigured: app 'ghost' is not configured",
+            "unconfigured: instance 'w-99' is neither listed nor discovered for app 'web'",
+        }
+        assert {(e.app_name, e.instance_id) for e in outputs.events()} == {("web", "w-1")}
+        assert set(detector_runner.service.detector.instances) == {("web", "w-1")}
+        assert DEAD_LETTERS.child("detector")["unconfigured"] >= 6
+    finally:
+        await breaker.stop()

@@ -61,7 +61,7 @@ async def apply_config(config: Config, nats_url: str) -> int:
     nc = await connect(nats_url, "autoserve-apply", timeout=10)
     try:
         js = nc.jetstream()
-        await provision(js)
+        await provision(js, durables=True)  # before anything publishes
         print(f"applied to {nats_url}: {await store_config(js, config)}")
     finally:
         await nc.close()

@@ -1,5 +1,6 @@
 """AutoServe Health runtime: NATS connection, embedded nats-server, provisioning, publishing."""
 
+from .admission import Admission
 from .bus import DEFAULT_NATS_URL, NatsUnavailable, connect, provision
 from .config_watch import follow_apps, follow_detector_settings
 from .consumer import ConsumerSpec, EventConsumer, SeenIds
@@ -24,6 +25,7 @@ from .publisher import EventPublisher, PublisherStats
 
 __all__ = [
     "DEFAULT_NATS_URL",
+    "Admission",
     "ConsumerSpec",
     "EmbeddedNatsServer",
     "Endpoint",

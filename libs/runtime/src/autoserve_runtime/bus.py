@@ -38,7 +38,9 @@ from nats.js.api import DiscardPolicy, KeyValueConfig, RetentionPolicy, StorageT
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from autoserve_events import APPS_BUCKET, SETTINGS_BUCKET, StreamSpec, stream_specs
+from autoserve_events.durables import durable_specs
 
+from .consumer import create_durable
 from .observability import watch_nats
 
 log = structlog.get_logger("autoserve.bus")
@@ -329,8 +331,12 @@ async def _create_or_wait(js: JetStreamContext, what: str, create: object, exist
 async def provision(
     js: JetStreamContext,
     specs: tuple[StreamSpec, ...] | None = None,
+    *,
+    durables: bool = False,
 ) -> None:
-    """Create the streams and KV buckets, or update the streams to the given retention.
+    """Create the streams and KV buckets, or update the streams to the given retention;
+    with ``durables``, every service's durable consumer too (``autoserve apply`` and
+    ``autoserve up``, before anything publishes: autoserve_events.durables).
 
     Under least privilege (a service's credential, no create or update rights), an existing
     stream with the right settings is left alone, one with other settings is used as it is
@@ -361,3 +367,8 @@ async def provision(
                 lambda b=bucket: js.create_key_value(b),
                 lambda n=bucket.bucket: js.key_value(n),
             )
+    if durables:
+        for durable in durable_specs():
+            if await create_durable(js, durable):
+                log.info("durable consumer created", stream=durable.stream, durable=durable.name,
+                         starts=durable.start_seconds_ago)  # fmt: skip

@@ -29,6 +29,8 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
 
 import structlog
 from nats.aio.msg import Msg
@@ -37,8 +39,10 @@ from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from autoserve_events import AnyEvent, Event, MalformedEvent, deadletter, decode
+from autoserve_events.durables import DurableSpec
 
 from . import observability
+from .admission import Admit
 from .feed import position, subscribe_from
 from .publisher import EventPublisher
 
@@ -51,6 +55,38 @@ Output = Event | asyncio.Future[bool]
 ProcessFn = Callable[[AnyEvent], Sequence[Output]]
 
 
+def start_point(seconds_ago: float | None) -> dict[str, Any]:
+    """The deliver policy of a durable created now that starts ``seconds_ago`` back."""
+    if seconds_ago is None:
+        return {"deliver_policy": DeliverPolicy.ALL}
+    since = datetime.fromtimestamp(time.time() - seconds_ago, UTC).isoformat()
+    return {"deliver_policy": DeliverPolicy.BY_START_TIME, "opt_start_time": since}
+
+
+def pull_config(spec: DurableSpec, ack_wait: float, max_ack_pending: int = 10_000) -> ConsumerConfig:
+    """A durable that several replicas pull work from: each message to one of them, and
+    back to another one if not acknowledged within ``ack_wait``."""
+    return ConsumerConfig(
+        durable_name=spec.name,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=ack_wait,
+        max_ack_pending=max_ack_pending,
+        filter_subjects=list(spec.filter_subjects),
+        **start_point(spec.start_seconds_ago),
+    )
+
+
+async def create_durable(js: JetStreamContext, spec: DurableSpec, pull_ack_wait: float = 30.0) -> bool:
+    """Create ``spec``'s durable unless it exists; True if this call created it."""
+    try:
+        await js.consumer_info(spec.stream, spec.name)
+        return False
+    except NotFoundError:
+        config = pull_config(spec, pull_ack_wait) if spec.pull else ConsumerSpec.of(spec).config()
+        await js.add_consumer(spec.stream, config)
+        return True
+
+
 @dataclass(frozen=True)
 class ConsumerSpec:
     stream: str
@@ -61,6 +97,14 @@ class ConsumerSpec:
     filter_subject: str
     max_ack_pending: int = 20_000
     ack_wait_seconds: float = 30.0
+    # Where a newly created durable starts (autoserve_events.durables): seconds back from
+    # now, or None for everything stored.
+    start_seconds_ago: float | None = None
+
+    @classmethod
+    def of(cls, spec: DurableSpec, **tuning: Any) -> ConsumerSpec:
+        (subject,) = spec.filter_subjects
+        return cls(spec.stream, spec.name, subject, start_seconds_ago=spec.start_seconds_ago, **tuning)
 
     @property
     def deliver_subject(self) -> str:
@@ -71,7 +115,7 @@ class ConsumerSpec:
         return ConsumerConfig(
             durable_name=self.durable,
             deliver_subject=self.deliver_subject,
-            deliver_policy=DeliverPolicy.NEW,
+            **start_point(self.start_seconds_ago),
             ack_policy=AckPolicy.ALL,
             ack_wait=self.ack_wait_seconds,
             max_ack_pending=self.max_ack_pending,
@@ -133,6 +177,7 @@ class EventConsumer:
         process: ProcessFn,
         *,
         seen_capacity: int = 500_000,
+        admit: Admit | None = None,
     ) -> None:
         self._js = js
         self._service = service
@@ -140,6 +185,7 @@ class EventConsumer:
         self._spec = spec
         self._deadletter_subject = deadletter(service)
         self._process = process
+        self._admit = admit  # inputs for unconfigured apps or instances are dead-lettered
         self._seen = SeenIds(seen_capacity)
         self._awaiting: deque[tuple[Msg, int, list[asyncio.Future[bool]]]] = deque()
         self._ackable: tuple[Msg, int] | None = None  # the latest input ready to ack, and its stream seq
@@ -184,7 +230,7 @@ class EventConsumer:
                 return
             try:
                 event = decode(msg.data)
-                if self._seen.add(event.event_id):
+                if self._seen.add(event.event_id) and not (self._admit and self._admit(event)):
                     self._process(event)
                     count += 1
             except MalformedEvent:
@@ -246,6 +292,7 @@ class EventConsumer:
         config = self._spec.config()
         config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
         config.opt_start_seq = floor + 1
+        config.opt_start_time = None  # the server refuses a start sequence with a start time
         await self._js.delete_consumer(self._spec.stream, self._spec.durable)
         await self._js.add_consumer(self._spec.stream, config)
         log.info(
@@ -282,6 +329,8 @@ class EventConsumer:
             else:
                 if not self._seen.add(event.event_id):
                     self.stats.duplicates += 1
+                elif self._admit is not None and (refused := self._admit(event)):
+                    stored.append(self._dead_letter(msg, refused))
                 else:
                     try:
                         outputs = self._process(event)

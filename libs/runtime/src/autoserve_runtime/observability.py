@@ -154,7 +154,7 @@ EVENTS_OUT = Tally(
 )
 DEAD_LETTERS = Tally(
     "autoserve_dead_letters",
-    "Inputs dead-lettered to autoserve.deadletter.<service>, by reason (oversized, malformed, handler_error)",
+    "Inputs dead-lettered to autoserve.deadletter.<service>, by reason (oversized, malformed, handler_error, unconfigured)",
     ("service", "reason"),
 )
 PROBES = Tally(
@@ -170,6 +170,8 @@ def dead_letter_reason(reason: str) -> str:
         return "oversized"
     if reason.startswith("handler error"):
         return "handler_error"
+    if reason.startswith("unconfigured"):  # autoserve_runtime.admission
+        return "unconfigured"
     return "malformed"
 
 

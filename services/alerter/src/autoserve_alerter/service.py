@@ -22,13 +22,13 @@ from nats.js import JetStreamContext
 from autoserve_config import AlertingConfig, AppSpec, parse_duration
 from autoserve_events import (
     APPS_BUCKET,
-    EVENTS_STREAM,
     SETTINGS_BUCKET,
     AlertAcknowledged,
     AnyEvent,
     Event,
     HealthChanged,
     SilenceCreated,
+    durables,
 )
 from autoserve_events.catalogue import NotificationOutcome
 from autoserve_events.subjects import EVENTS_WILDCARD
@@ -51,11 +51,7 @@ from .core.alerter import Alerter, Notification
 log = structlog.get_logger("autoserve.alerter")
 
 SERVICE = "alerter"
-CONSUMER = ConsumerSpec(
-    stream=EVENTS_STREAM,
-    durable="autoserve-alerter",
-    filter_subject=EVENTS_WILDCARD,  # the fold ignores the few types it does not use
-)
+CONSUMER = ConsumerSpec.of(durables.ALERTER)  # the fold ignores the few types it does not use
 CONFIG_WAIT_SECONDS = 10.0
 # The timer sleeps until the core's next due time, woken at once by inputs and ended
 # deliveries; this bounds the sleep anyway (a due time the core did not foresee, a clock step).

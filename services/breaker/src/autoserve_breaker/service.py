@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import hashlib
 import time
+from dataclasses import replace
 
 import structlog
 
@@ -21,11 +22,10 @@ from autoserve_events import (
     BREAKER_ALLOW_RPC,
     BREAKER_OVERRIDE_RPC,
     BREAKER_REPORT_WILDCARD,
-    PROBES_STREAM,
-    ProbeCompleted,
-    wildcard,
+    durables,
 )
 from autoserve_runtime import (
+    Admission,
     ConsumerSpec,
     EventConsumer,
     EventPublisher,
@@ -43,7 +43,7 @@ from .core.breakers import Breakers
 log = structlog.get_logger("autoserve.breaker")
 
 ALLOW_QUEUE = "autoserve-breaker"  # replicas share allow requests
-REPLAY_SECONDS = 900.0  # probes older than this do not count toward a breaker's state
+REPLAY_SECONDS = durables.BREAKER_REPLAY_SECONDS
 CONFIG_WAIT_SECONDS = 10.0
 
 
@@ -85,9 +85,11 @@ class BreakerService:
         subs = []
         try:
             configured = asyncio.Event()
+            admission = Admission()
 
             def on_apps(apps: dict, _written_at: float | None) -> None:
                 self.core.set_apps(apps)
+                admission.update(apps)
                 configured.set()
 
             kv = await js.key_value(APPS_BUCKET)
@@ -97,12 +99,12 @@ class BreakerService:
 
             self.follower = BreakerEventFollower(js, self.core.follow)
             self.replayed["breakers"] = await self.follower.start()
-            probes = wildcard(ProbeCompleted)
-            self.consumer = EventConsumer(
-                js, publisher, ConsumerSpec(PROBES_STREAM, self.durable, probes), SERVICE, self.core.probe
-            )
+            spec = replace(ConsumerSpec.of(durables.BREAKER), durable=self.durable)
+            self.consumer = EventConsumer(js, publisher, spec, SERVICE, self.core.probe, admit=admission)
             floor = await self.consumer.ack_floor()
-            self.replayed["probes"] = await self.consumer.replay(time.time() - self.replay_seconds, floor, probes)
+            self.replayed["probes"] = await self.consumer.replay(
+                time.time() - self.replay_seconds, floor, spec.filter_subject
+            )
             await self.consumer.start()
 
             self.handlers = handlers = Handlers(nc, self.core, publisher)

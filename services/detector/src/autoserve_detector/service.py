@@ -14,9 +14,10 @@ import time
 import structlog
 
 from autoserve_config import AppSpec, DetectorConfig
-from autoserve_events import APPS_BUCKET, PROBES_STREAM, SETTINGS_BUCKET
+from autoserve_events import APPS_BUCKET, SETTINGS_BUCKET, durables
 from autoserve_events.subjects import PROBES_WILDCARD
 from autoserve_runtime import (
+    Admission,
     ConsumerSpec,
     EventConsumer,
     EventPublisher,
@@ -32,11 +33,7 @@ from .core.detector import AppThresholds, Detector
 
 log = structlog.get_logger("autoserve.detector")
 
-CONSUMER = ConsumerSpec(
-    stream=PROBES_STREAM,
-    durable="autoserve-detector",
-    filter_subject=PROBES_WILDCARD,
-)
+CONSUMER = ConsumerSpec.of(durables.DETECTOR)
 
 
 def thresholds(apps: dict[str, AppSpec]) -> dict[str, AppThresholds]:
@@ -59,10 +56,12 @@ class DetectorService:
         self.ready = asyncio.Event()
         self._settings = DetectorConfig()
         self._apps: dict[str, AppThresholds] = {}
+        self._admission = Admission()
         self._apps_loaded = asyncio.Event()
 
     def _on_apps(self, apps: dict[str, AppSpec], _written_at: float | None) -> None:
         self._apps = thresholds(apps)
+        self._admission.update(apps)
         self.detector.configure(self._settings, self._apps)
         self._apps_loaded.set()
 
@@ -80,7 +79,9 @@ class DetectorService:
         ]
         await self._apps_loaded.wait()
         self.publisher = EventPublisher(js, max_buffered=200_000).start()
-        self.consumer = EventConsumer(js, self.publisher, CONSUMER, "detector", self.detector.apply)
+        self.consumer = EventConsumer(
+            js, self.publisher, CONSUMER, "detector", self.detector.apply, admit=self._admission
+        )
         started = time.monotonic()
         floor = await self.consumer.ack_floor()
         since = time.time() - self.detector.window_seconds

@@ -15,14 +15,13 @@ from collections.abc import Awaitable, Callable
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import NotFoundError
 
-from autoserve_events import EVENTS_STREAM, FailureDetected, HealthChanged, wildcard
+from autoserve_events import EVENTS_STREAM
+from autoserve_events.durables import RECOVERY_WORK
 from autoserve_runtime import Feed
+from autoserve_runtime.consumer import create_durable
 
-WORK_DURABLE = "autoserve-recovery"
-WORK_SUBJECTS = (wildcard(FailureDetected), wildcard(HealthChanged))
+WORK_DURABLE = RECOVERY_WORK.name
 
 
 def state_feed(js: JetStreamContext, on_message: Callable[[Msg], Awaitable[None]]) -> Feed:
@@ -30,16 +29,5 @@ def state_feed(js: JetStreamContext, on_message: Callable[[Msg], Awaitable[None]
 
 
 async def work_subscription(js: JetStreamContext, ack_wait: float) -> JetStreamContext.PullSubscription:
-    config = ConsumerConfig(
-        durable_name=WORK_DURABLE,
-        deliver_policy=DeliverPolicy.NEW,
-        ack_policy=AckPolicy.EXPLICIT,
-        ack_wait=ack_wait,
-        max_ack_pending=10_000,
-        filter_subjects=list(WORK_SUBJECTS),
-    )
-    try:
-        await js.consumer_info(EVENTS_STREAM, WORK_DURABLE)
-    except NotFoundError:
-        await js.add_consumer(EVENTS_STREAM, config)
+    await create_durable(js, RECOVERY_WORK, pull_ack_wait=ack_wait)
     return await js.pull_subscribe_bind(WORK_DURABLE, stream=EVENTS_STREAM)

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -21,8 +21,7 @@ import structlog
 from aiohttp import web
 
 from autoserve_config import AppSpec
-from autoserve_events import APPS_BUCKET, EVENTS_STREAM, PROBES_STREAM, AnyEvent, ProbeCompleted
-from autoserve_events.subjects import EVENTS_WILDCARD, PROBES_WILDCARD
+from autoserve_events import APPS_BUCKET, AnyEvent, ProbeCompleted, durables
 from autoserve_runtime import (
     ConsumerSpec,
     EventConsumer,
@@ -46,6 +45,7 @@ from .core.rows import EVENT_COLUMNS, EVENTS_TABLE, METRIC_COLUMNS, METRICS_TABL
 log = structlog.get_logger("autoserve.reporter")
 
 SERVICE = "reporter"
+DEFAULT_DURABLE_PREFIX = "autoserve-reporter"
 
 
 @dataclass(frozen=True)
@@ -65,24 +65,15 @@ class ReporterSettings:
     # The memory bound while ClickHouse is away: JetStream delivers at most this many
     # unacknowledged messages per consumer, so the reporter stops pulling, never drops.
     max_ack_pending: int = 50_000
-    durable_prefix: str = "autoserve-reporter"
+    durable_prefix: str = DEFAULT_DURABLE_PREFIX
 
 
 def consumer_specs(settings: ReporterSettings) -> tuple[ConsumerSpec, ConsumerSpec]:
-    return (
-        ConsumerSpec(
-            stream=PROBES_STREAM,
-            durable=f"{settings.durable_prefix}-probes",
-            filter_subject=PROBES_WILDCARD,
-            max_ack_pending=settings.max_ack_pending,
-        ),
-        ConsumerSpec(
-            stream=EVENTS_STREAM,
-            durable=f"{settings.durable_prefix}-events",
-            filter_subject=EVENTS_WILDCARD,  # not autoserve.deadletter.>: ours would loop
-            max_ack_pending=settings.max_ack_pending,
-        ),
-    )
+    def named(spec: durables.DurableSpec) -> ConsumerSpec:
+        name = settings.durable_prefix + spec.name.removeprefix(DEFAULT_DURABLE_PREFIX)
+        return replace(ConsumerSpec.of(spec, max_ack_pending=settings.max_ack_pending), durable=name)
+
+    return named(durables.REPORTER_PROBES), named(durables.REPORTER_EVENTS)
 
 
 class ReporterService:
@@ -176,6 +167,7 @@ class ReporterService:
         self.metrics = BatchWriter(self.store, METRICS_TABLE, METRIC_COLUMNS, **batch).start()
         self.events = BatchWriter(self.store, EVENTS_TABLE, EVENT_COLUMNS, **batch).start()
         self._export_writer_stats()
+        # Everything on the bus, refused inputs too: the audit trail (autoserve_runtime.admission).
         self.consumers = [EventConsumer(js, publisher, spec, SERVICE, self.process) for spec in consumer_specs(s)]
         runner = web.AppRunner(build_app(self), access_log=None)
         try:
