@@ -1,9 +1,14 @@
-"""``autoserve up``: the whole system on one machine.
+"""``autoserve up``: the whole system on one machine, supervised.
 
 An embedded nats-server (unless ``--nats-url``), streams and buckets provisioned, the
-config applied, every built service as its own process, and a live status table. Ctrl-C
-or SIGTERM stops everything in order, services first and the bus last (see
-``autoserve_runtime.process``), so no process is ever orphaned.
+config applied, every built service as its own process, and a live status table.
+
+``up`` is their supervisor (the pure core is ``supervise``; this is its adapter): a
+service that dies is started again with a backoff and the others keep running; a dead
+nats-server is reaped and started again on the same port and store. Ctrl-C or SIGTERM
+stops everything in order, services first and the bus last, one SIGTERM each and SIGKILL
+after the grace period. A watchdog process (``watchdog``) stops what is left if ``up``
+itself is killed, including the demo targets the recovery service restarted.
 """
 
 from __future__ import annotations
@@ -16,58 +21,204 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 
 from autoserve_config import Config
-from autoserve_runtime import EmbeddedNatsServer, connect, endpoint_for, free_port, provision, spawn_child, stop_child
+from autoserve_runtime import EmbeddedNatsServer, connect, endpoint_for, free_port, provision, spawn_child
 from autoserve_runtime.observability import PORT_ENV
 
 from .apply import store_config
 from .services import SERVICES
 from .status import LatestProbes, live_table, rows_that_fit
+from .supervise import Exited, Policy, Restart, Signal, Start, Supervisor
+from .watchdog import clean_up, starttime
+
+# Each service drains within its own grace (10 s; recovery drain_seconds + 3): room for it.
+GRACE_SECONDS = 15.0
+SERVICES_GROUP, TARGETS_GROUP, BUS_GROUP = 0, 1, 2  # stop order
+BUS = "nats-server"
 
 
 @dataclass
 class Child:
     name: str
-    process: subprocess.Popen[bytes]
     log: Path
+    launch: Callable[[], subprocess.Popen[bytes]]
+    process: subprocess.Popen[bytes] | None = None
 
 
-def _spawn(name: str, args: list[str], logs: Path, env: dict[str, str]) -> Child:
-    log = logs / f"{name}.log"
-    with log.open("ab") as out:
-        process = spawn_child([sys.executable, *args], stdout=out, stderr=out, env=env)
-    return Child(name, process, log)
+def _python_child(args: list[str], log: Path, env: dict[str, str]) -> Callable[[], subprocess.Popen[bytes]]:
+    def launch() -> subprocess.Popen[bytes]:
+        with log.open("ab") as out:
+            return spawn_child([sys.executable, *args], stdout=out, stderr=out, env=env)
+
+    return launch
 
 
-def _stop(children: list[Child]) -> None:
-    for child in children:
-        if child.process.poll() is None:
-            child.process.terminate()
-    for child in children:
-        stop_child(child.process)
+class Watchdog:
+    """The other end of a pipe held by ``autoserve_cli.watchdog`` (see there why)."""
+
+    def __init__(self, data_dir: Path, log: Path) -> None:
+        read, write = os.pipe()  # both ends non-inheritable: no other child holds the pipe open
+        with log.open("ab") as out:
+            # Its own session, no PDEATHSIG: it must outlive us to clean up after us.
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "autoserve_cli.watchdog", str(data_dir)],
+                stdin=read, stdout=out, stderr=out, start_new_session=True,
+            )  # fmt: skip
+        os.close(read)
+        self._pipe = os.fdopen(write, "w", buffering=1)
+
+    def _say(self, line: str) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._pipe.write(line + "\n")
+
+    def started(self, pid: int) -> None:
+        self._say(f"+ {pid} {starttime(pid) or 0}")
+
+    def reaped(self, pid: int) -> None:
+        self._say(f"- {pid}")
+
+    def bye(self) -> None:
+        """We stopped everything ourselves: it has nothing to do."""
+        self._say("bye")
+        with contextlib.suppress(OSError, ValueError):
+            self._pipe.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(5)
 
 
-def _stop_registered(directory: Path, kill: bool = True) -> None:
-    """Demo targets the recovery service restarted are not our children: stop them too."""
-    import json
+class Runner:
+    """Carries out the supervisor's actions on real processes; exits arrive on pidfds."""
 
-    for record in directory.glob("*/*.json"):
-        if kill:
-            with contextlib.suppress(OSError, ValueError, KeyError):
-                os.kill(int(json.loads(record.read_text())["pid"]), signal.SIGTERM)
-        record.unlink(missing_ok=True)
+    def __init__(
+        self, children: dict[str, Child], supervisor: Supervisor, watchdog: Watchdog, console: Console
+    ) -> None:
+        self.children = children
+        self.supervisor = supervisor
+        self.watchdog = watchdog
+        self.console = console
+        self.server: EmbeddedNatsServer | None = None
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def start(self, name: str) -> None:
+        child = self.children[name]
+        child.process = child.launch()
+        self.watchdog.started(child.process.pid)
+        self.supervisor.started(name, time.monotonic())
+        self._watch_exit(child, child.process)
+
+    def _watch_exit(self, child: Child, process: subprocess.Popen[bytes]) -> None:
+        loop = asyncio.get_running_loop()
+        fd = os.pidfd_open(process.pid)  # readable once it exits: no polling
+
+        def on_exit() -> None:
+            if process.poll() is None:  # reaps it: no zombie
+                return
+            loop.remove_reader(fd)
+            os.close(fd)
+            self.watchdog.reaped(process.pid)
+            self.execute(self.supervisor.exited(child.name, process.returncode, time.monotonic()))
+
+        loop.add_reader(fd, on_exit)
+
+    def execute(self, actions: list) -> None:  # type: ignore[type-arg]
+        for action in actions:
+            if isinstance(action, Start):
+                self._restart(action.name)
+            elif isinstance(action, Signal):
+                process = self.children[action.name].process
+                if process is not None and process.poll() is None:
+                    process.send_signal(action.signal)
+            elif isinstance(action, Exited):
+                self._report(action)
+        self._wake.set()
+
+    def _restart(self, name: str) -> None:
+        try:
+            self.start(name)
+        except OSError as exc:  # cannot even start it: count it as a crash, back off
+            self.console.print(f"[red]{name}: cannot start: {exc}[/]")
+            self.execute(self.supervisor.exited(name, 127, time.monotonic()))
+            return
+        if name == BUS and self.server is not None:
+            task = asyncio.create_task(self._bus_ready(self.server))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _bus_ready(self, server: EmbeddedNatsServer) -> None:
+        deadline = time.monotonic() + 15
+        with contextlib.suppress(Exception):
+            while time.monotonic() < deadline and not server.ready():
+                await asyncio.sleep(0.05)
+            if server.ready():
+                self.console.print(f"{BUS} ready again at {server.url} (same store {server.store_dir})")
+
+    def _report(self, exited: Exited) -> None:
+        """One line each (not wrapped: the log path is to be copied)."""
+        child = self.children[exited.name]
+        if exited.expected:
+            self.console.print(f"{exited.name} stopped ({exited.how})", soft_wrap=True)
+        elif exited.restart_in is not None:
+            self.console.print(
+                f"[yellow]{exited.name} died ({exited.how}) after {exited.ran_for:.1f}s; restart {exited.restarts} "
+                f"in {exited.restart_in:g}s; log: {child.log}[/]",
+                soft_wrap=True,
+            )
+        else:
+            owner = "; the recovery service restarts it" if exited.name.startswith("demo-") else ""
+            self.console.print(f"{exited.name} exited ({exited.how}){owner}; log: {child.log}", soft_wrap=True)
+
+    async def run(self) -> None:
+        """Until every child is stopped (after ``stop``)."""
+        while not self.supervisor.done:
+            due = self.supervisor.next_due()
+            timeout = None if due is None else max(0.0, due - time.monotonic())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            self._wake.clear()
+            self.execute(self.supervisor.tick(time.monotonic()))
+
+    def stop(self) -> None:
+        self.execute(self.supervisor.stop(time.monotonic()))
 
 
-def _endpoints(env: dict[str, str]) -> str:
-    """Where each service serves /healthz, /readyz and /metrics (its fixed default port)."""
+def _stop_registered(directory: Path) -> None:
+    """Demo targets the recovery service restarted are not our children: stop them too
+    (one SIGTERM, SIGKILL after the grace), and forget their records."""
+    clean_up({}, directory, GRACE_SECONDS)
+
+
+def _service_env(env: dict[str, str], index: int) -> dict[str, str]:
+    """One port cannot serve every service: each takes its own default, or, when
+    ``AUTOSERVE_METRICS_PORT`` is given to ``up``, that port plus its place in the start
+    order (0 turns every endpoint off)."""
+    base = env.get(PORT_ENV)
+    service_env = {k: v for k, v in env.items() if k != PORT_ENV}
+    if base is not None and base.strip():
+        try:
+            port = int(base)
+        except ValueError:
+            raise SystemExit(
+                f"autoserve up: {PORT_ENV}: expected a port number (0 turns it off), got {base!r}"
+            ) from None
+        if not 0 <= port <= 65535 - len(SERVICES):
+            raise SystemExit(f"autoserve up: {PORT_ENV}: must be between 0 and {65535 - len(SERVICES)}, got {port}")
+        service_env[PORT_ENV] = str(port + index if port else 0)
+    return service_env
+
+
+def _endpoints(envs: dict[str, dict[str, str]]) -> str:
+    """Where each service serves /healthz, /readyz and /metrics."""
     shown = []
     for name in SERVICES:
-        endpoint = endpoint_for(name, env)
+        endpoint = endpoint_for(name, envs[name])
         shown.append(f"{name} {endpoint.url}" if endpoint.port else f"{name} off")
     return ", ".join(shown)
 
@@ -92,77 +243,91 @@ async def _prepare(nats_url: str, config: Config | None) -> str:
         await nc.close()
 
 
-async def _watch(nats_url: str, children: list[Child], show_status: bool, console: Console) -> int:
+async def _status(nats_url: str, show: bool, stop: asyncio.Event) -> None:
+    """The live table until ``stop``; its connection rides out a bus restart."""
+    if not show:
+        return
     nc = await connect(nats_url, "autoserve-up-status", timeout=10)
-    view = LatestProbes()
-    await view.follow(nc.jetstream())
-    stop = asyncio.Event()
-    failed: list[Child] = []
-
-    async def supervise() -> None:
-        while not stop.is_set():
-            # Demo targets may exit: the recovery service restarts them (its process runtime).
-            failed.extend(c for c in children if c.process.poll() is not None and not c.name.startswith("demo-"))
-            if failed:
-                stop.set()
-            await asyncio.sleep(0.5)
-
-    supervisor = asyncio.create_task(supervise())
     try:
-        if show_status:
-            await live_table(lambda: view.table("AutoServe Health — Ctrl-C to stop", max_rows=rows_that_fit()), stop)
-        else:
-            await stop.wait()
+        view = LatestProbes()
+        await view.follow(nc.jetstream())
+        await live_table(lambda: view.table("AutoServe Health — Ctrl-C to stop", max_rows=rows_that_fit()), stop)
     finally:
-        supervisor.cancel()
         await nc.close()
-    for child in failed:
-        console.print(f"[red]{child.name} exited with {child.process.returncode}[/]; see {child.log}")
-    return 1 if failed else 0
+
+
+async def _main(config: Config | None, args: argparse.Namespace, data_dir: Path, console: Console) -> int:
+    logs = data_dir / "logs"
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    watchdog = Watchdog(data_dir, logs / "up-watchdog.log")  # first: everything after is covered
+    supervisor = Supervisor()
+    children: dict[str, Child] = {}
+    runner = Runner(children, supervisor, watchdog, console)
+    supervising = asyncio.create_task(runner.run())
+    status: asyncio.Task[None] | None = None
+    try:
+        nats_url = args.nats_url
+        if nats_url is None:
+            port = args.nats_port if _port_free(args.nats_port) else free_port()
+            server = runner.server = EmbeddedNatsServer(data_dir / "nats", port=port, log_file=logs / "nats-server.log")
+            children[BUS] = Child(BUS, server.log_file, server.launch)
+            supervisor.add(BUS, Policy(Restart.ALWAYS, BUS_GROUP, grace=GRACE_SECONDS))
+            runner.start(BUS)
+            deadline = time.monotonic() + 15
+            while not server.ready():  # raises if it exited
+                if time.monotonic() > deadline or stop.is_set():
+                    raise SystemExit(f"nats-server did not become ready within 15s; see {server.log_file}")
+                await asyncio.sleep(0.05)
+            nats_url = server.url
+            console.print(f"embedded nats-server at [bold]{nats_url}[/] (JetStream data in {data_dir / 'nats'})")
+        console.print(f"config: {await _prepare(nats_url, config)}")
+        env = {**os.environ, "AUTOSERVE_NATS_URL": nats_url, "AUTOSERVE_DATA_DIR": str(data_dir)}
+        if args.demo:  # one process per target, so the recovery service can restart each
+            from .demo import TARGETS
+
+            await asyncio.to_thread(_stop_registered, data_dir / "processes")  # what an earlier run left
+            for target in TARGETS:
+                name = f"demo-{target}"
+                launch = _python_child(["-m", "autoserve_cli.demo", "--target", target], logs / f"{name}.log", env)
+                children[name] = Child(name, logs / f"{name}.log", launch)
+                supervisor.add(name, Policy(Restart.NO, TARGETS_GROUP, grace=GRACE_SECONDS))
+        envs = {name: _service_env(env, index) for index, name in enumerate(SERVICES)}
+        for name in SERVICES:
+            command = ["-m", "autoserve_cli.main", "run", name]
+            if name == "prober":
+                command += ["--workers", str(args.prober_workers)]
+            children[name] = Child(name, logs / f"{name}.log", _python_child(command, logs / f"{name}.log", envs[name]))
+            supervisor.add(name, Policy(Restart.ON_FAILURE, SERVICES_GROUP, grace=GRACE_SECONDS))
+        for name in children:
+            if name != BUS:
+                runner.start(name)
+        console.print(f"started: {', '.join(n for n in children if n != BUS)} (logs in {logs})")
+        console.print(f"health and metrics: {_endpoints(envs)}")
+        console.print("supervised: a child that dies is restarted with backoff; Ctrl-C stops everything")
+        status = asyncio.create_task(_status(nats_url, not args.no_status, stop))
+        await stop.wait()
+        return 0
+    finally:
+        console.print("stopping…")
+        if status is not None:
+            stop.set()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(status, 5)
+        runner.stop()
+        await supervising
+        await asyncio.to_thread(_stop_registered, data_dir / "processes")
+        watchdog.bye()
+        console.print("stopped")
 
 
 def up(config: Config | None, args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     data_dir: Path = args.data_dir.resolve()
-    logs = data_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    server: EmbeddedNatsServer | None = None
-    children: list[Child] = []
-
-    def terminate(_signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, terminate)
+    (data_dir / "logs").mkdir(parents=True, exist_ok=True)
     try:
-        nats_url = args.nats_url
-        if nats_url is None:
-            port = args.nats_port if _port_free(args.nats_port) else free_port()
-            server = EmbeddedNatsServer(data_dir / "nats", port=port, log_file=logs / "nats-server.log").start()
-            nats_url = server.url
-            console.print(f"embedded nats-server at [bold]{nats_url}[/] (JetStream data in {data_dir / 'nats'})")
-        console.print(f"config: {asyncio.run(_prepare(nats_url, config))}")
-        env = {**os.environ, "AUTOSERVE_NATS_URL": nats_url, "AUTOSERVE_DATA_DIR": str(data_dir)}
-        env.pop(PORT_ENV, None)  # one port cannot serve every service: each takes its own default
-        if args.demo:  # one process per target, so the recovery service can restart each
-            from .demo import TARGETS
-
-            _stop_registered(data_dir / "processes", kill=False)  # records of an earlier run
-            for target in TARGETS:
-                children.append(_spawn(f"demo-{target}", ["-m", "autoserve_cli.demo", "--target", target], logs, env))
-        for name in SERVICES:
-            command = ["-m", "autoserve_cli.main", "run", name]
-            if name == "prober":
-                command += ["--workers", str(args.prober_workers)]
-            children.append(_spawn(name, command, logs, env))
-        console.print(f"started: {', '.join(c.name for c in children)} (logs in {logs})")
-        console.print(f"health and metrics: {_endpoints(env)}")
-        return asyncio.run(_watch(nats_url, children, not args.no_status, console))
-    except KeyboardInterrupt:
+        return asyncio.run(_main(config, args, data_dir, console))
+    except KeyboardInterrupt:  # before the signal handlers were in place
         return 0
-    finally:
-        console.print("stopping…")
-        _stop(children)
-        _stop_registered(data_dir / "processes")
-        if server is not None:
-            server.stop()
-        console.print("stopped")

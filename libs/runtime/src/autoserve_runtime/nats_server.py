@@ -40,15 +40,28 @@ class EmbeddedNatsServer:
         self.port = port or free_port()
         self.log_file = Path(log_file) if log_file else self.store_dir / "nats-server.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self._log_offset = 0
 
     @property
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 15.0) -> EmbeddedNatsServer:
+        self.launch()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.ready():
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise NatsServerError(f"nats-server did not become ready within {timeout}s; see {self.log_file}")
+
+    def launch(self) -> subprocess.Popen[bytes]:
+        """Start the process and return at once (``ready`` says when it serves). Again after
+        a crash: the same port and the same store, so clients reconnect to what they had."""
         self.store_dir.mkdir(parents=True, exist_ok=True)
         # nats-server appends to its log: look for "ready" only in what this start writes.
-        log_offset = self.log_file.stat().st_size if self.log_file.exists() else 0
+        self._log_offset = self.log_file.stat().st_size if self.log_file.exists() else 0
         command = [
             nats_server_binary(),
             "-js",
@@ -58,15 +71,15 @@ class EmbeddedNatsServer:
             "-l", str(self.log_file),
         ]  # fmt: skip
         self.process = spawn_child(command, stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise NatsServerError(f"nats-server exited with {self.process.returncode}; see {self.log_file}")
-            if _accepts(self.port) and _ready_logged(self.log_file, log_offset):
-                return self
-            time.sleep(0.05)
-        self.stop()
-        raise NatsServerError(f"nats-server did not become ready within {timeout}s; see {self.log_file}")
+        return self.process
+
+    def ready(self) -> bool:
+        """Accepting and logged ready; raises if the process exited."""
+        if self.process is None:
+            return False
+        if self.process.poll() is not None:
+            raise NatsServerError(f"nats-server exited with {self.process.returncode}; see {self.log_file}")
+        return _accepts(self.port) and _ready_logged(self.log_file, self._log_offset)
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.process is not None:
