@@ -208,10 +208,6 @@ def test_a_missing_file_is_a_clear_error(tmp_path) -> None:
         load_config(tmp_path / "nope.yaml")
 
 
-def test_an_empty_file_is_an_empty_config() -> None:
-    assert load_config_text("").apps == {}
-
-
 def test_the_kv_form_round_trips_and_is_validated_again() -> None:
     spec = parse_config(app({"period_seconds": 7})).apps["web"]
     assert decode_app_spec("web", encode_app_spec(spec)) == spec

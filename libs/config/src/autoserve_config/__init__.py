@@ -9,7 +9,7 @@ from .alerting import (
     parse_cron,
     parse_duration,
 )
-from .load import decode_app_spec, encode_app_spec, encode_detector, load_config, load_config_text
+from .load import decode_app_spec, encode_app_spec, encode_detector, load_config, load_config_text, load_yaml
 from .model import (
     AppSpec,
     BreakerConfig,
@@ -21,7 +21,15 @@ from .model import (
     RecoveryConfig,
     ScalingConfig,
 )
-from .validate import ConfigError, env_number, is_valid_host, parse_app_spec, parse_config, parse_switch
+from .validate import (
+    ConfigError,
+    env_number,
+    is_valid_host,
+    parse_app_spec,
+    parse_config,
+    parse_config_file,
+    parse_switch,
+)
 
 __all__ = [
     "AlertingConfig",
@@ -46,8 +54,10 @@ __all__ = [
     "is_valid_host",
     "load_config",
     "load_config_text",
+    "load_yaml",
     "parse_app_spec",
     "parse_config",
+    "parse_config_file",
     "parse_cron",
     "parse_duration",
     "parse_switch",

@@ -58,6 +58,32 @@ def parse_config(raw: Any) -> Config:
     return _parse(Config, {} if raw is None else raw, "")
 
 
+EMPTY_APPS_HINT = "write `apps: {}` to remove every app on purpose"
+
+
+def parse_config_file(raw: Any, source: str = "<config>") -> Config:
+    """Validate a whole config file as ``apply`` reads it: declarative, so the file must say
+    which apps there are. An empty or comment-only file, a top level that is not a mapping,
+    or one without an ``apps`` mapping is refused rather than read as "no apps" (a truncated
+    or half-written file must not remove every app); ``apps: {}`` says it on purpose."""
+    if raw is None:
+        raise ConfigError([f"{source}: empty (no apps, no settings); {EMPTY_APPS_HINT}"])
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{source}: the top level must be a mapping with an apps key, got {_describe(raw)}"])
+    problems: list[str] = []
+    if "apps" not in raw:
+        problems.append(f"apps: required: apply replaces every app with the file's; {EMPTY_APPS_HINT}")
+    elif raw["apps"] is None:
+        problems.append(f"apps: must be a mapping, got nothing; {EMPTY_APPS_HINT}")
+    if not problems:
+        return parse_config(raw)
+    try:  # every other problem too, in one go
+        parse_config({**raw, "apps": {}})
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+    raise ConfigError(problems)
+
+
 def parse_app_spec(app_name: str, raw: Any) -> AppSpec:
     """Validate one app's spec, as stored in the KV bucket."""
     path = f"apps.{app_name}"
