@@ -4,7 +4,9 @@ bench/RESULTS.md); https, bodies, other methods and redirects to follow use aioh
 One shared session and connection pool each. Every field of the seed's ``HealthCheckConfig``
 is honoured, ``verify_ssl`` and ``follow_redirects`` included. Redirects are followed by
 hand so that they never leave the configured target, and at most ``READ_LIMIT`` bytes of
-a body are ever read; a connection left with unread body is closed, not drained.
+a body are ever read; a connection left with unread body is closed, not drained. Response
+heads are bounded on both paths by ``core.limits`` (aiohttp by its own line and count limits
+while it reads, set from ours, and its total checked once read), with the same error texts.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import ssl
 from urllib.parse import urljoin
 
 import aiohttp
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 
 from autoserve_events import ErrorKind
 
+from ..core.limits import LINE_TOO_LONG, MAX_HEAD_LINE, MAX_RESPONSE_HEADERS, TOO_MANY_HEADERS, head_problem
 from ..core.outcome import (
     MAX_REDIRECTS,
     READ_LIMIT,
@@ -67,10 +71,22 @@ def classify_exception(exc: BaseException, timeout: float) -> Verdict:
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return failure(ErrorKind.CONNECTION_ERROR, "server closed the connection without a response")
     if isinstance(exc, aiohttp.ClientResponseError | aiohttp.ClientPayloadError):
-        return failure(ErrorKind.PROTOCOL_ERROR, str(exc))
+        return failure(ErrorKind.PROTOCOL_ERROR, _limit_passed(exc) or str(exc))
     if isinstance(exc, aiohttp.ClientOSError | OSError):
         return failure(ErrorKind.CONNECTION_ERROR, str(exc))
     return failure(ErrorKind.PROTOCOL_ERROR, f"{type(exc).__name__}: {exc}")
+
+
+def _limit_passed(exc: BaseException) -> str | None:
+    """Our text for aiohttp's parser stopping at a limit (its own would echo the target's bytes)."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, LineTooLong):
+            return LINE_TOO_LONG
+        if isinstance(cause, HttpProcessingError) and "Too many headers" in str(cause.message):
+            return TOO_MANY_HEADERS
+        cause = cause.__cause__
+    return None
 
 
 class HttpProbe:
@@ -89,6 +105,11 @@ class HttpProbe:
             auto_decompress=False,
             skip_auto_headers=("Accept-Encoding",),
             headers=BASE_HEADERS,
+            # aiohttp stops reading at these while it parses; its sizes leave out ": " and the
+            # line endings, so a raw line is bounded at MAX_HEAD_LINE bytes as on the lean path.
+            max_line_size=MAX_HEAD_LINE - 2,
+            max_field_size=MAX_HEAD_LINE - 4,
+            max_headers=MAX_RESPONSE_HEADERS,
         )
         return self
 
@@ -123,6 +144,10 @@ class HttpProbe:
                     async with self._session.request(
                         method, url, headers=headers, data=check.body, allow_redirects=False, ssl=verify
                     ) as response:
+                        problem = head_problem(_status_line(response), response.raw_headers)
+                        if problem is not None:
+                            response.close()  # never reused: the rest is not read
+                            return Attempt(failure(ErrorKind.PROTOCOL_ERROR, problem))
                         location = response.headers.get("Location")
                         if check.follow_redirects and response.status in REDIRECT_STATUSES and location:
                             next_url = urljoin(url, location)
@@ -144,6 +169,12 @@ class HttpProbe:
                 return Attempt(failure(ErrorKind.REDIRECT_BLOCKED, f"more than {MAX_REDIRECTS} redirects"))
         except (Exception, TimeoutError) as exc:  # every failure is a verdict, never a crash
             return Attempt(classify_exception(exc, check.timeout_seconds))
+
+
+def _status_line(response: aiohttp.ClientResponse) -> str:
+    version = response.version
+    major, minor = (version.major, version.minor) if version is not None else (1, 1)
+    return f"HTTP/{major}.{minor} {response.status} {response.reason or ''}"
 
 
 async def _read_bounded(response: aiohttp.ClientResponse) -> bytes:

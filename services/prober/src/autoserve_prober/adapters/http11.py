@@ -5,7 +5,9 @@ Why not aiohttp here: measured side by side (bench/RESULTS.md), aiohttp's per-re
 machinery cost the prober well over half its CPU, and the goal of three times
 blackbox_exporter's probes per CPU-second was out of reach with it. This path does one
 thing: send a prepared GET, read the status, headers and at most ``READ_LIMIT`` bytes of
-body. Everything else (https, bodies, other methods, redirects to follow) stays on aiohttp.
+body. The head is counted before the parser sees it and the bytes after it are counted too
+(``core.limits``): a response past a bound fails the probe and its connection is closed, so
+memory stays bounded whatever the target sends. Everything else (https, bodies, other methods, redirects to follow) stays on aiohttp.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import contextlib
 
 import httptools
 
+from ..core.limits import BODY_WIRE_LIMIT, FRAMING_TOO_LARGE, HeadScanner
 from ..core.outcome import READ_LIMIT
 from ..core.targets import Target
 
@@ -30,6 +33,10 @@ class ProtocolError(ValueError):
     """The server's bytes are not an HTTP/1.x response."""
 
 
+class ResponseTooLarge(ProtocolError):
+    """The response passed a bound of ``core.limits``; reading stopped there."""
+
+
 class _Connection(asyncio.Protocol):
     """One keep-alive connection; one request at a time."""
 
@@ -43,6 +50,8 @@ class _Connection(asyncio.Protocol):
         self._headers: list[tuple[str, str]] = []
         self._body = bytearray()
         self._headers_done = False
+        self._head = HeadScanner()
+        self._after_head = 0  # bytes received after the head: body, its framing, trailers
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -54,10 +63,24 @@ class _Connection(asyncio.Protocol):
         if self._waiter is None or self._waiter.done():
             self._close()  # bytes nobody asked for: this connection is not to be trusted
             return
+        head_bytes = 0
+        if not self._head.done:  # counted before the parser buffers any of it
+            head_bytes, problem = self._head.feed(data)
+            if problem is not None:
+                self._fail(ResponseTooLarge(problem))
+                return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._finish(error=ProtocolError(f"not an HTTP/1.x response: {exc}"))
+            return
+        if self._waiter.done():
+            return
+        # Still not complete and short of READ_LIMIT bytes of body: what keeps coming is
+        # framing (tiny chunks, chunk extensions) or trailers, and it is not read without end.
+        self._after_head += len(data) - head_bytes
+        if self._after_head > BODY_WIRE_LIMIT:
+            self._fail(ResponseTooLarge(FRAMING_TOO_LARGE))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.reusable = False
@@ -69,6 +92,8 @@ class _Connection(asyncio.Protocol):
     # -- httptools callbacks -----------------------------------------------------------------
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._headers_done:  # a trailer after a chunked body: not one of the response's headers
+            return
         self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
@@ -94,6 +119,7 @@ class _Connection(asyncio.Protocol):
         self.received_any = False
         self._parser = httptools.HttpResponseParser(self)
         self._status, self._headers, self._body, self._headers_done = 0, [], bytearray(), False
+        self._head, self._after_head = HeadScanner(), 0
         self._waiter = asyncio.get_running_loop().create_future()
         self.transport.write(request)
         return self._waiter
@@ -106,6 +132,11 @@ class _Connection(asyncio.Protocol):
             waiter.set_exception(error)
         else:
             waiter.set_result((self._status, self._headers, bytes(self._body)))
+
+    def _fail(self, error: Exception) -> None:
+        """Stop reading: the exchange fails and the connection is dropped, never drained."""
+        self._finish(error=error)
+        self._close()
 
     def _close(self) -> None:
         self.reusable = False
