@@ -51,10 +51,14 @@ def test_a_top_level_that_is_not_a_mapping_is_refused(text: str, got: str) -> No
 
 
 def test_a_file_without_apps_is_refused_even_with_good_settings() -> None:
-    """Settings alone would still remove every app (apply is declarative over the whole file)."""
+    """Settings alone would still remove every app (apply is declarative over the whole file);
+    with ``apps: {}`` the same settings say so on purpose."""
     assert problems_of("detector: {max_response_time_ms: 3000}\n") == [
         "apps: required: apply replaces every app with the file's; write `apps: {}` to remove every app on purpose"
     ]
+    config = load_config_text("apps: {}\ndetector: {max_response_time_ms: 3000}\n")
+    assert config.apps == {}
+    assert config.detector.max_response_time_ms == 3000
 
 
 def test_a_missing_apps_is_listed_beside_the_other_problems() -> None:
@@ -70,12 +74,6 @@ def test_apps_with_nothing_under_it_is_refused() -> None:
     assert problems_of("apps:\n# web: {}\ndetector: {}\n") == [
         "apps: must be a mapping, got nothing; write `apps: {}` to remove every app on purpose"
     ]
-
-
-def test_an_explicit_empty_apps_is_accepted() -> None:
-    config = load_config_text("apps: {}\ndetector: {max_response_time_ms: 3000}\n")
-    assert config.apps == {}
-    assert config.detector.max_response_time_ms == 3000
 
 
 # -- duplicate keys -----------------------------------------------------------------------
@@ -110,9 +108,7 @@ def test_keys_that_differ_only_in_quoting_are_the_same_key() -> None:
     assert problems_of('apps:\n  web: {}\n  "web": {}\n') == ["apps.web: duplicate key (line 3), first on line 2"]
 
 
-def test_a_merge_key_may_be_overridden() -> None:
-    """``<<: *defaults`` then an explicit key is YAML's way to override, not a duplicate."""
-    text = """\
+MERGED = """\
 apps:
   web:
     health_check: &check {path: /health, port: 8080, period_seconds: 5}
@@ -121,15 +117,17 @@ apps:
       <<: *check
       port: 9090
 """
-    config = load_config_text(text)
+
+
+def test_a_merge_key_may_be_overridden_but_not_repeated() -> None:
+    """``<<: *defaults`` then an explicit key is YAML's way to override, not a duplicate;
+    the explicit key twice is."""
+    config = load_config_text(MERGED)
     assert (config.apps["api"].health_check.port, config.apps["api"].health_check.path) == (9090, "/health")
     assert config.apps["web"].health_check.port == 8080
-
-
-def test_not_yaml_still_names_the_line() -> None:
-    [problem] = problems_of("apps:\n  web: {health_check: [\n")
-    assert problem.startswith("f.yaml:3:")
-    assert "not valid YAML" in problem
+    assert problems_of(MERGED + "      port: 9091\n") == [
+        "apps.api.health_check.port: duplicate key (line 8), first on line 7"
+    ]
 
 
 plain_keys = st.text(string.ascii_lowercase, min_size=1, max_size=6).filter(
