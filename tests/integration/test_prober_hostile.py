@@ -286,7 +286,7 @@ async def test_a_head_at_the_bounds_is_read_and_one_byte_more_is_not(path: str) 
         head_of(MAX_HEAD_BYTES, MAX_RESPONSE_HEADERS + 1, MAX_HEAD_LINE): TOO_MANY_HEADERS,
     }
     for head, error in cases.items():
-        # In small pieces, so lines and the blank line that ends the head arrive split.
+        # Sent in small pieces, so that lines and the blank line ending the head may arrive split.
         pieces = [head[i : i + 997] for i in range(0, len(head), 997)] + [b"ok"]
         async with hostile_server(lambda pieces=pieces: iter(pieces)) as server:
             attempt, _ = await probe_measured(target(server.port, **PATHS[path]))

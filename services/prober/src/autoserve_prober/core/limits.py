@@ -51,6 +51,17 @@ class HeadScanner:
     def feed(self, data: bytes) -> tuple[int, str | None]:
         """Account for ``data``: how many of its bytes belong to the head, and the bound it
         passed (then reading must stop) or None."""
+        if self._size == 0:  # usually a whole, small head in one piece: a few scans in C
+            end = data.find(b"\r\n\r\n") + 4
+            if (
+                4 < end <= MAX_HEAD_LINE  # then no line and not the whole can pass a bound
+                and data[:1] not in b"\r\n"  # no blank line before the status line
+                and data.count(b"\n", 0, end) <= MAX_RESPONSE_HEADERS + 2  # status and blank line too
+                and data.find(b"\n\n", 0, end) < 0  # and no earlier blank line ends it
+                and data.find(b"\n\r\n", 0, end - 2) < 0
+            ):
+                self._size, self.done = end, True
+                return end, None
         pos, size = 0, len(data)
         while pos < size:
             newline = data.find(b"\n", pos)
