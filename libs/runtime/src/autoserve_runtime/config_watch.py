@@ -3,9 +3,9 @@
 A value that does not validate (written straight into KV, say) must not cost an app its
 monitoring, in this process or one started later. So the newest earlier revision that
 does validate is used instead: the one in memory while following, else the newest in the
-key's KV history (the buckets keep 5), never reaching back past a delete. Each refused value is
-logged with the app, its revision and its problems (never the value: it may hold a
-secret), and counted; an app with no valid revision left is not monitored, and says so
+key's KV history (the buckets keep 5), never reaching back past a delete. Each refused
+value is logged with the app, its revision and its problems (never the value: it may hold
+a secret), and counted; an app with no valid revision left is not monitored, and says so
 as an error and in ``autoserve_config_invalid_keys{outcome="none"}``. Readiness is not
 touched: the service still works for every other app.
 """
