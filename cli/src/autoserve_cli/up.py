@@ -125,6 +125,7 @@ class Runner:
             os.close(fd)
             self.watchdog.reaped(process.pid)
             self.execute(self.supervisor.exited(child.name, process.returncode, time.monotonic()))
+            self._wake.set()  # a restart may now be due
 
         loop.add_reader(fd, on_exit)
 
@@ -138,7 +139,6 @@ class Runner:
                     process.send_signal(action.signal)
             elif isinstance(action, Exited):
                 self._report(action)
-        self._wake.set()
 
     def _restart(self, name: str) -> None:
         try:
@@ -187,6 +187,7 @@ class Runner:
 
     def stop(self) -> None:
         self.execute(self.supervisor.stop(time.monotonic()))
+        self._wake.set()
 
 
 def _stop_registered(directory: Path) -> None:
@@ -237,7 +238,7 @@ async def _prepare(nats_url: str, config: Config | None) -> str:
     nc = await connect(nats_url, "autoserve-up", timeout=10)
     try:
         js = nc.jetstream()
-        await provision(js)
+        await provision(js, durables=True)  # before anything publishes
         return str(await store_config(js, config)) if config else "no config given; using what is in KV"
     finally:
         await nc.close()

@@ -35,7 +35,8 @@ class DurableSpec:
 
 
 DETECTOR = DurableSpec(PROBES_STREAM, "autoserve-detector", (PROBES_WILDCARD,), DETECTOR_WINDOW_SECONDS)
-BREAKER = DurableSpec(PROBES_STREAM, "autoserve-breaker", (wildcard(ProbeCompleted),), BREAKER_REPLAY_SECONDS)
+# The breaker's durable kept its first name, "breaker": renaming it would replay a deployment.
+BREAKER = DurableSpec(PROBES_STREAM, "breaker", (wildcard(ProbeCompleted),), BREAKER_REPLAY_SECONDS)
 REPORTER_PROBES = DurableSpec(PROBES_STREAM, "autoserve-reporter-probes", (PROBES_WILDCARD,), EVERYTHING)
 # Not autoserve.deadletter.>: the reporter's own letters would loop.
 REPORTER_EVENTS = DurableSpec(EVENTS_STREAM, "autoserve-reporter-events", (EVENTS_WILDCARD,), EVERYTHING)
