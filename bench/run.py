@@ -29,6 +29,7 @@ from bench.alerter import alerter_tables
 from bench.breaker_rpc import run_bench as breaker_tables
 from bench.common import BENCH_DIR, LOG_DIR, WORK_DIR, Table, apply_config, environment, fmt, write_config
 from bench.detector import detector_tables
+from bench.faults import fault_tables
 from bench.probe_cost import probe_cost_samples, probe_cost_table
 from bench.recovery import recovery_tables
 from bench.report import machine_speed_ms, write_report
@@ -122,6 +123,11 @@ async def run(args: argparse.Namespace) -> list[Table]:
         await section("reporter", 90, reporter_tables)
         await section("recovery", 90, recovery_tables)
         await section("alerter", 60, alerter_tables)
+
+        async def faults() -> list[Table]:
+            return await asyncio.to_thread(fault_tables)
+
+        await section("faults", 150, faults)
     return tables
 
 
@@ -129,7 +135,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--sections",
-        default="transports,cost,scale,detector,breaker,reporter,recovery,alerter",
+        default="transports,cost,scale,detector,breaker,reporter,recovery,alerter,faults",
         type=lambda s: s.split(","),
     )
     parser.add_argument("--transport-seconds", type=float, default=4.0)

@@ -1,0 +1,177 @@
+"""Faults under ``autoserve up``: how long the system is not ready after a crash.
+
+- nats-server SIGKILLed (``up`` starts it again on the same store): time until the bus
+  accepts connections again (the floor: ``up``'s 1 s restart backoff plus nats-server's
+  start), and until every service's ``/readyz`` answers 200 again;
+- each service SIGKILLed: time until ``up`` has started a new process (its 1 s backoff),
+  and until that process is ready. New process to ready is the service's own start plus
+  its replay: the floor a restart cannot go below.
+
+Everything on 127.0.0.1; ``up`` with the demo config (its targets give the services
+something to replay) and its own data directory under bench/.work/faults.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from autoserve_cli.services import SERVICES
+from autoserve_runtime import free_port
+from bench.common import LOG_DIR, REPO_DIR, WORK_DIR, Table, descendants, fmt
+
+ROUNDS = 5
+POLL_S = 0.02
+SERVICE_NAMES = list(SERVICES)
+
+
+def _consecutive_free_ports(n: int) -> int:
+    for _ in range(50):
+        base = free_port()
+        if base + n < 65535 and all(_bindable(base + i) for i in range(n)):
+            return base
+    raise RuntimeError(f"no {n} consecutive free ports")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+class UpRun:
+    def __init__(self) -> None:
+        self.data_dir = WORK_DIR / "faults"
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+        self.data_dir.mkdir(parents=True)
+        self.nats_port = free_port()
+        self.metrics_base = _consecutive_free_ports(len(SERVICE_NAMES))
+        LOG_DIR.mkdir(parents=True, exist_ok=True)
+        with (LOG_DIR / "faults-up.log").open("wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "autoserve_cli.main", "up", "--demo", "-c", str(REPO_DIR / "examples" / "demo.yaml"),
+                 "--no-status", "--data-dir", str(self.data_dir), "--nats-port", str(self.nats_port)],
+                stdout=out, stderr=out, stdin=subprocess.DEVNULL, start_new_session=True,
+                env={**os.environ, "AUTOSERVE_METRICS_PORT": str(self.metrics_base)},
+            )  # fmt: skip
+
+    def ready(self, service: str) -> bool:
+        port = self.metrics_base + SERVICE_NAMES.index(service)
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def all_ready(self) -> bool:
+        return all(self.ready(s) for s in SERVICE_NAMES)
+
+    def pid_of(self, name: str) -> int | None:
+        for pid in descendants(self.process.pid):
+            try:
+                command = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+            except OSError:
+                continue
+            if name == "nats-server" and command[0].endswith(b"nats-server"):
+                return pid
+            if b"autoserve_cli.main" in command and command[command.index(b"autoserve_cli.main") + 1 :][:2] == [
+                b"run",
+                name.encode(),
+            ]:
+                return pid
+        return None
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def _until(condition, timeout: float, what: str) -> float:  # type: ignore[no-untyped-def]
+    """Poll ``condition``; the monotonic time it first held."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(POLL_S)
+    return time.monotonic()
+
+
+def _p(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered) + 0.5) - 1))]  # nearest rank
+
+
+def _row(table: Table, what: str, floor: list[float], total: list[float]) -> None:
+    table.add(
+        what, len(total),
+        fmt(statistics.median(floor), 2), fmt(_p(floor, 0.95), 2),
+        fmt(statistics.median(total), 2), fmt(_p(total, 0.95), 2),
+        f"{statistics.median(total) / statistics.median(floor):.2f}x",
+    )  # fmt: skip
+
+
+def fault_tables() -> list[Table]:
+    run = UpRun()
+    try:
+        _until(run.all_ready, 120, "every service ready")
+        table = Table(
+            f"Faults under autoserve up --demo: seconds from a SIGKILL until ready again ({ROUNDS} rounds each)",
+            ["fault", "rounds", "floor p50", "floor p95", "ready again p50", "ready again p95", "vs floor"],
+        )
+        bus_back, all_back = [], []
+        for _ in range(ROUNDS):
+            old = run.pid_of("nats-server")
+            assert old is not None, "no nats-server under up"
+            killed = time.monotonic()
+            os.kill(old, signal.SIGKILL)
+            _until(lambda o=old: run.pid_of("nats-server") not in (None, o) and _accepts(run.nats_port), 60, "the bus")
+            bus_back.append(time.monotonic() - killed)
+            all_back.append(_until(run.all_ready, 120, "every service ready") - killed)
+        _row(table, "nats-server (floor: the bus accepts connections again)", bus_back, all_back)
+        for service in SERVICE_NAMES:
+            spawned, ready = [], []
+            for _ in range(ROUNDS if service == "detector" else 2):
+                old = run.pid_of(service)
+                assert old is not None, f"no {service} under up"
+                killed = time.monotonic()
+                os.kill(old, signal.SIGKILL)
+                new_at = _until(lambda s=service, o=old: run.pid_of(s) not in (None, o), 60, f"{service} restarted")
+                ready_at = _until(lambda s=service: run.ready(s), 120, f"{service} ready")
+                spawned.append(new_at - killed)
+                ready.append(ready_at - new_at)
+                _until(run.all_ready, 120, "every service ready")
+            _row(table, f"{service} (floor: new process to ready, its start and replay)", ready,
+                 [s + r for s, r in zip(spawned, ready, strict=True)])  # fmt: skip
+        table.notes += [
+            "ready again = from the SIGKILL until /readyz answers 200 (every service's, for nats-server).",
+            "Between the SIGKILL and a new process: up's restart backoff (1 s on a first crash, as"
+            " systemd's RestartSec would be) and its notice of the exit (a pidfd, no polling).",
+            "The detector is killed 5 times, the other services twice each; p95 is nearest rank.",
+        ]
+        return [table]
+    finally:
+        run.stop()
