@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,36 +25,12 @@ from pathlib import Path
 
 from autoserve_cli.services import SERVICES
 from autoserve_runtime import free_port
+from autoserve_runtime.nats_server import accepts, free_ports
 from bench.common import LOG_DIR, REPO_DIR, WORK_DIR, Table, descendants, fmt
 
 ROUNDS = 5
 POLL_S = 0.02
 SERVICE_NAMES = list(SERVICES)
-
-
-def _consecutive_free_ports(n: int) -> int:
-    for _ in range(50):
-        base = free_port()
-        if base + n < 65535 and all(_bindable(base + i) for i in range(n)):
-            return base
-    raise RuntimeError(f"no {n} consecutive free ports")
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _accepts(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
 
 
 class UpRun:
@@ -64,7 +39,7 @@ class UpRun:
         shutil.rmtree(self.data_dir, ignore_errors=True)
         self.data_dir.mkdir(parents=True)
         self.nats_port = free_port()
-        self.metrics_base = _consecutive_free_ports(len(SERVICE_NAMES))
+        self.metrics_base = free_ports(len(SERVICE_NAMES))
         LOG_DIR.mkdir(parents=True, exist_ok=True)
         with (LOG_DIR / "faults-up.log").open("wb") as out:
             self.process = subprocess.Popen(
@@ -148,7 +123,7 @@ def fault_tables() -> list[Table]:
             assert old is not None, "no nats-server under up"
             killed = time.monotonic()
             os.kill(old, signal.SIGKILL)
-            _until(lambda o=old: run.pid_of("nats-server") not in (None, o) and _accepts(run.nats_port), 60, "the bus")
+            _until(lambda o=old: run.pid_of("nats-server") not in (None, o) and accepts(run.nats_port), 60, "the bus")
             bus_back.append(time.monotonic() - killed)
             all_back.append(_until(run.all_ready, 120, "every service ready") - killed)
         _row(table, "nats-server (floor: the bus accepts connections again)", bus_back, all_back)

@@ -32,6 +32,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def free_ports(n: int) -> int:
+    """The first of ``n`` consecutive free ports on 127.0.0.1 (``autoserve up`` gives its
+    services a base port plus their place in its start order)."""
+    for _ in range(50):
+        base = free_port()
+        if base + n < 65535 and all(_bindable(base + i) for i in range(n)):
+            return base
+    raise OSError(f"no {n} consecutive free ports on 127.0.0.1")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 class EmbeddedNatsServer:
     """nats-server with JetStream on, listening on 127.0.0.1 only, data under ``store_dir``."""
 
@@ -79,7 +98,7 @@ class EmbeddedNatsServer:
             return False
         if self.process.poll() is not None:
             raise NatsServerError(f"nats-server exited with {self.process.returncode}; see {self.log_file}")
-        return _accepts(self.port) and _ready_logged(self.log_file, self._log_offset)
+        return accepts(self.port) and _ready_logged(self.log_file, self._log_offset)
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.process is not None:
@@ -98,7 +117,7 @@ class EmbeddedNatsServer:
         self.stop()
 
 
-def _accepts(port: int) -> bool:
+def accepts(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.2):
             return True
