@@ -101,7 +101,8 @@ class Supervisor:
 
     def exited(self, name: str, returncode: int, now: float) -> list[Action]:
         child = self.children[name]
-        ran_for = now - child.started_at
+        # A start that failed (still in backoff) ran for nothing: the backoff keeps doubling.
+        ran_for = now - child.started_at if child.phase in (Phase.RUNNING, Phase.STOPPING) else 0.0
         expected = self.stopping or child.phase is Phase.STOPPING
         restart_in = None if expected else self._restart_delay(child, returncode, ran_for)
         if restart_in is None:

@@ -28,7 +28,7 @@ import contextlib
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -36,7 +36,7 @@ import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
-from nats.js.errors import NotFoundError
+from nats.js.errors import BadRequestError, NotFoundError
 
 from autoserve_events import AnyEvent, Event, MalformedEvent, deadletter, decode
 from autoserve_events.durables import DurableSpec
@@ -59,6 +59,8 @@ def start_point(seconds_ago: float | None) -> dict[str, Any]:
     """The deliver policy of a durable created now that starts ``seconds_ago`` back."""
     if seconds_ago is None:
         return {"deliver_policy": DeliverPolicy.ALL}
+    if seconds_ago == 0:  # from its creation: the server's clock, and the same config from every creator
+        return {"deliver_policy": DeliverPolicy.NEW}
     since = datetime.fromtimestamp(time.time() - seconds_ago, UTC).isoformat()
     return {"deliver_policy": DeliverPolicy.BY_START_TIME, "opt_start_time": since}
 
@@ -78,13 +80,31 @@ def pull_config(spec: DurableSpec, ack_wait: float, max_ack_pending: int = 10_00
 
 async def create_durable(js: JetStreamContext, spec: DurableSpec, pull_ack_wait: float = 30.0) -> bool:
     """Create ``spec``'s durable unless it exists; True if this call created it."""
+    config = pull_config(spec, pull_ack_wait) if spec.pull else ConsumerSpec.of(spec).config()
+    created, _ = await ensure_durable(js, spec.stream, config)
+    return created
+
+
+async def ensure_durable(js: JetStreamContext, stream: str, config: ConsumerConfig) -> tuple[bool, ConsumerInfo]:
+    """The durable ``config`` names: created if missing (True), else the existing one with
+    the service's own ``ack_wait`` and ``max_ack_pending`` (``apply`` created it with the
+    defaults; its start point stays). Two creators at once: the loser reads the winner's."""
+    name = config.durable_name
     try:
-        await js.consumer_info(spec.stream, spec.name)
-        return False
+        info = await js.consumer_info(stream, name)
     except NotFoundError:
-        config = pull_config(spec, pull_ack_wait) if spec.pull else ConsumerSpec.of(spec).config()
-        await js.add_consumer(spec.stream, config)
-        return True
+        try:
+            return True, await js.add_consumer(stream, config)
+        except BadRequestError:
+            info = await js.consumer_info(stream, name)  # created meanwhile: not an error
+    have = info.config
+    if (have.ack_wait, have.max_ack_pending) != (config.ack_wait, config.max_ack_pending):
+        # No ``name``: nats-py then asks DURABLE.CREATE, which a service's credential may use.
+        updated = replace(have, name=None, ack_wait=config.ack_wait, max_ack_pending=config.max_ack_pending)
+        info = await js.add_consumer(stream, updated)  # the same durable with new tunables: an update
+        log.info("durable consumer updated", durable=name, ack_wait=config.ack_wait,
+                 max_ack_pending=config.max_ack_pending)  # fmt: skip
+    return False, info
 
 
 @dataclass(frozen=True)
@@ -102,9 +122,10 @@ class ConsumerSpec:
     start_seconds_ago: float | None = None
 
     @classmethod
-    def of(cls, spec: DurableSpec, **tuning: Any) -> ConsumerSpec:
+    def of(cls, spec: DurableSpec, name: str | None = None, **tuning: Any) -> ConsumerSpec:
+        """``spec``'s consumer, under another ``name`` where a deployment runs several."""
         (subject,) = spec.filter_subjects
-        return cls(spec.stream, spec.name, subject, start_seconds_ago=spec.start_seconds_ago, **tuning)
+        return cls(spec.stream, name or spec.name, subject, start_seconds_ago=spec.start_seconds_ago, **tuning)
 
     @property
     def deliver_subject(self) -> str:
@@ -300,10 +321,7 @@ class EventConsumer:
         )
 
     async def _ensure_consumer(self) -> ConsumerInfo:
-        try:
-            return await self._js.consumer_info(self._spec.stream, self._spec.durable)
-        except NotFoundError:
-            return await self._js.add_consumer(self._spec.stream, self._spec.config())
+        return (await ensure_durable(self._js, self._spec.stream, self._spec.config()))[1]
 
     async def _on_message(self, msg: Msg) -> None:
         self.stats.received += 1

@@ -33,7 +33,11 @@ from . import observability
 log = structlog.get_logger("autoserve.feed")
 
 OnMessage = Callable[[Msg], Awaitable[None]]
-_FEEDS: weakref.WeakSet[Feed] = weakref.WeakSet()  # for /metrics
+_FEEDS: weakref.WeakSet[Feed] = weakref.WeakSet()
+observability.add_counter(
+    "feed_breaks", "Times a feed was found unable to read (its consumer lost, JetStream away)",
+    lambda: {(feed.name,): feed.breaks for feed in list(_FEEDS)}, ("feed",),
+)  # fmt: skip
 
 
 async def start_sequence(js: JetStreamContext, stream: str, since: float) -> int:
@@ -118,12 +122,11 @@ class Feed:
         self.problem: str | None = None
         self.breaks = 0  # times the feed was found broken
         self.resubscribed = 0
-        observability.add_check(f"feed {name}", lambda: self.problem is None, reason=lambda: self.problem)
+        me = weakref.ref(self)  # the check must not keep a stopped feed alive
+        observability.add_check(
+            f"feed {name}", lambda: (f := me()) is None or f.problem is None, reason=lambda: (f := me()) and f.problem
+        )
         _FEEDS.add(self)
-        observability.add_counter(
-            "feed_breaks", "Times a feed was found unable to read (its consumer lost, JetStream away)",
-            lambda: {(feed.name,): feed.breaks for feed in list(_FEEDS)}, ("feed",),
-        )  # fmt: skip
 
     async def start(self, *, since: float | None = None, start_seq: int | None = None) -> Feed:
         self._sub = await subscribe_from(
@@ -133,6 +136,7 @@ class Feed:
         return self
 
     async def stop(self) -> None:
+        observability.remove_check(f"feed {self.name}")
         if self._watcher is not None:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -147,7 +151,9 @@ class Feed:
         while time.monotonic() < deadline:
             with contextlib.suppress(NotFoundError, nats.errors.Error, TimeoutError):
                 info = await self._sub.consumer_info()  # type: ignore[union-attr]
-                if info.num_pending == 0 and self.last_seq >= info.delivered.stream_seq:
+                # Nothing delivered yet: its delivered stream sequence is the one before its start.
+                delivered = info.delivered.stream_seq if info.delivered.consumer_seq else 0
+                if info.num_pending == 0 and self.last_seq >= delivered:
                     return True
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._advanced.wait(), max(min(0.2, deadline - time.monotonic()), 0.0))
@@ -158,7 +164,10 @@ class Feed:
         async with self._order:  # while re-subscribing, two subscriptions may deliver
             if seq <= self.last_seq:
                 return  # a re-subscription overlapped what was already taken
-            await self._on_message(msg)
+            try:
+                await self._on_message(msg)
+            except Exception:  # a bug in one input must not stop the feed (nats-py would only tell error_cb)
+                log.exception("feed input failed; skipped", feed=self.name, seq=seq)
             self.last_seq = seq
         self._advanced.set()
         self._advanced = asyncio.Event()

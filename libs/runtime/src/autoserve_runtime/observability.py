@@ -332,6 +332,11 @@ def add_check(name: str, check: Callable[[], bool], reason: Callable[[], str | N
         STATE.reasons[name] = reason
 
 
+def remove_check(name: str) -> None:
+    STATE.checks.pop(name, None)
+    STATE.reasons.pop(name, None)
+
+
 def reasons(checks: Mapping[str, bool]) -> dict[str, str]:
     """Why each failing check fails, where the check can say."""
     said = {}

@@ -25,13 +25,11 @@ def spawn_child(command: list[str], **popen: Any) -> subprocess.Popen[bytes]:
     )
 
 
-def stop_child(process: subprocess.Popen[bytes], timeout: float = 10.0, *, signalled: bool = False) -> None:
-    """SIGTERM, then SIGKILL after ``timeout``. ``signalled``: the caller already sent the
-    SIGTERM; a second one would cut the child's drain short (services stop at once on it)."""
+def stop_child(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after ``timeout``."""
     if process.poll() is not None:
         return
-    if not signalled:
-        process.terminate()
+    process.terminate()
     try:
         process.wait(timeout)
     except subprocess.TimeoutExpired:

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import hashlib
 import time
-from dataclasses import replace
 
 import structlog
 
@@ -99,7 +98,7 @@ class BreakerService:
 
             self.follower = BreakerEventFollower(js, self.core.follow)
             self.replayed["breakers"] = await self.follower.start()
-            spec = replace(ConsumerSpec.of(durables.BREAKER), durable=self.durable)
+            spec = ConsumerSpec.of(durables.BREAKER, self.durable)
             self.consumer = EventConsumer(js, publisher, spec, SERVICE, self.core.probe, admit=admission)
             floor = await self.consumer.ack_floor()
             self.replayed["probes"] = await self.consumer.replay(

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -45,7 +45,6 @@ from .core.rows import EVENT_COLUMNS, EVENTS_TABLE, METRIC_COLUMNS, METRICS_TABL
 log = structlog.get_logger("autoserve.reporter")
 
 SERVICE = "reporter"
-DEFAULT_DURABLE_PREFIX = "autoserve-reporter"
 
 
 @dataclass(frozen=True)
@@ -65,15 +64,15 @@ class ReporterSettings:
     # The memory bound while ClickHouse is away: JetStream delivers at most this many
     # unacknowledged messages per consumer, so the reporter stops pulling, never drops.
     max_ack_pending: int = 50_000
-    durable_prefix: str = DEFAULT_DURABLE_PREFIX
+    durable_prefix: str = "autoserve-reporter"  # durables.REPORTER_*
 
 
 def consumer_specs(settings: ReporterSettings) -> tuple[ConsumerSpec, ConsumerSpec]:
-    def named(spec: durables.DurableSpec) -> ConsumerSpec:
-        name = settings.durable_prefix + spec.name.removeprefix(DEFAULT_DURABLE_PREFIX)
-        return replace(ConsumerSpec.of(spec, max_ack_pending=settings.max_ack_pending), durable=name)
-
-    return named(durables.REPORTER_PROBES), named(durables.REPORTER_EVENTS)
+    prefix, most = settings.durable_prefix, settings.max_ack_pending
+    return (
+        ConsumerSpec.of(durables.REPORTER_PROBES, f"{prefix}-probes", max_ack_pending=most),
+        ConsumerSpec.of(durables.REPORTER_EVENTS, f"{prefix}-events", max_ack_pending=most),
+    )
 
 
 class ReporterService:
