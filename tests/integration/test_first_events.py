@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from nats.aio.client import Client
+from nats.js.api import DeliverPolicy
 
 from autoserve_events import EVENTS_STREAM, PROBES_STREAM, FailureDetected, HealthChanged, durables, encode, subject_for
 from autoserve_runtime import EmbeddedNatsServer, provision
@@ -67,3 +68,20 @@ async def wait_for_pending(nc: Client, spec: durables.DurableSpec, n: int) -> No
     while await pending(nc, spec) != n:
         assert time.monotonic() < deadline, f"{spec.name}: {await pending(nc, spec)} pending, wanted {n}"
         await asyncio.sleep(0.05)
+
+
+async def test_a_service_applies_its_own_tunables_to_the_durable_apply_created(nc: Client) -> None:
+    """``apply`` creates recovery's work durable with the defaults; recovery's lease (its
+    ack_wait) and two creators racing each other must still work."""
+    from autoserve_runtime.consumer import create_durable, ensure_durable, pull_config
+
+    js = nc.jetstream()
+    await provision(js, durables=True)
+    assert (await js.consumer_info(EVENTS_STREAM, durables.RECOVERY_WORK.name)).config.ack_wait == 30.0
+    assert await create_durable(js, durables.RECOVERY_WORK, pull_ack_wait=15.0) is False
+    info = await js.consumer_info(EVENTS_STREAM, durables.RECOVERY_WORK.name)
+    assert (info.config.ack_wait, DeliverPolicy(info.config.deliver_policy)) == (15.0, DeliverPolicy.NEW)
+    await js.delete_consumer(EVENTS_STREAM, durables.RECOVERY_WORK.name)
+    config = pull_config(durables.RECOVERY_WORK, 15.0)
+    created = await asyncio.gather(*(ensure_durable(js, EVENTS_STREAM, config) for _ in range(3)))
+    assert sum(c for c, _ in created) >= 1 and {i.name for _, i in created} == {durables.RECOVERY_WORK.name}
