@@ -323,3 +323,13 @@ def test_a_bad_number_from_the_environment_is_named(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("AUTOSERVE_X", raw)
     with pytest.raises(ValueError, match="AUTOSERVE_X: must be a number >= 0"):
         env_number("AUTOSERVE_X", 7)
+
+
+def test_a_wrongly_typed_header_or_body_is_named_but_never_echoed() -> None:
+    token = "Bearer s3cr3t-t0ken"
+    for field, value in (("headers", {"Authorization": token, "X-Retries": 3}), ("body", {"token": token})):
+        with pytest.raises(ConfigError) as caught:
+            parse_config({"apps": {"web": {"health_check": {field: value}}}})
+        text = "\n".join(caught.value.problems)
+        assert f"apps.web.health_check.{field}" in text and "value not shown" in text
+        assert "s3cr3t" not in text

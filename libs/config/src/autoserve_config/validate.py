@@ -140,7 +140,7 @@ def _check(tp: Any, value: Any, path: str, problems: list[str]) -> None:
             msgspec.convert(value, tp)
         except msgspec.ValidationError as exc:
             message = re.sub(r", got `[^`]*`", "", str(exc)).replace("`", "")
-            problems.append(f"{path}: {message[:1].lower()}{message[1:]}, got {_describe(value)}")
+            problems.append(f"{path}: {message[:1].lower()}{message[1:]}, got {_describe(value, path)}")
 
 
 def _check_struct(cls: type[msgspec.Struct], value: Any, path: str, problems: list[str]) -> None:
@@ -170,7 +170,14 @@ def _is_struct(tp: Any) -> bool:
     return isinstance(tp, type) and issubclass(tp, msgspec.Struct)
 
 
-def _describe(value: Any) -> str:
+# Where a value may be a credential (an Authorization header, a token in a body): a
+# problem there names the type only, since problems are printed and logged.
+_SECRET_PARTS = ("headers", "body")
+
+
+def _describe(value: Any, path: str = "") -> str:
+    if any(part in _SECRET_PARTS for part in re.split(r"[.\[]", path)):
+        return f"{type(value).__name__} (value not shown: it may be a secret)"
     text = repr(value)
     return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
 
