@@ -13,13 +13,13 @@ import statistics
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from autoserve_detector.service import CONSUMER
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.api import ConsumerConfig
 
 from autoserve_cli.apply import store_config
 from autoserve_config import load_config_text
@@ -256,9 +256,7 @@ async def _rebuild(detector: DetectorProcess) -> Table:
 
 def _from_start() -> ConsumerConfig:
     """The detector's own durable consumer, made to start at the beginning of the stream."""
-    config = CONSUMER.config()
-    config.deliver_policy = DeliverPolicy.ALL
-    return config
+    return replace(CONSUMER, start_seconds_ago=None).config()  # None: everything stored
 
 
 async def _latency(js: JetStreamContext, rate: int, seconds: float, cycle: int) -> dict[str, list[float]]:

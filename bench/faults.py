@@ -143,8 +143,10 @@ def fault_tables() -> list[Table]:
                  [s + r for s, r in zip(spawned, ready, strict=True)])  # fmt: skip
         table.notes += [
             "ready again = from the SIGKILL until /readyz answers 200 (every service's, for nats-server).",
-            "Between the SIGKILL and a new process: up's restart backoff (1 s on a first crash, as"
-            " systemd's RestartSec would be) and its notice of the exit (a pidfd, no polling).",
+            "Between the SIGKILL and a new process: up's restart backoff and its notice of the exit"
+            " (a pidfd, no polling). The kills come back to back, so the backoff doubles as for a"
+            " crash loop (1, 2, 4, 8, 16 s): it is most of the p95. Ready again minus the floor is"
+            " what the services themselves take (reconnect, or start and replay).",
             "The detector is killed 5 times, the other services twice each; p95 is nearest rank.",
         ]
         return [table]
