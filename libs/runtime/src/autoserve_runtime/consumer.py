@@ -288,6 +288,18 @@ class EventConsumer:
             pending_msgs_limit=self._spec.max_ack_pending * 2,
         )
 
+    async def caught_up(self, timeout: float = 60.0) -> bool:
+        """Wait until what was stored before ``start`` is folded (the backlog a service must
+        know before it acts: the alerter's own notification log, say); False on timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = await self._js.consumer_info(self._spec.stream, self._spec.durable)
+            delivered = info.delivered.stream_seq if info.delivered else 0
+            if info.num_pending == 0 and (info.num_ack_pending == 0 or self._highest_seq >= delivered):
+                return True
+            await asyncio.sleep(0.02)
+        return False
+
     async def stop(self, timeout: float = 5.0) -> None:
         """Stop taking messages, wait for outputs to be stored, acknowledge what is done."""
         if self._sub is not None:

@@ -1,5 +1,5 @@
-"""The breaker's composition root: wires NATS, the config watch, the replay, the handlers
-and the timer around the pure core, and stops them in order.
+"""The breaker's composition root: the config watch, the replay, the handlers and the timer
+around the pure core, on the service host.
 
 Start-up is the replay: (1) every breaker's last transition and trial count, from the
 breaker events in AUTOSERVE_EVENTS; (2) probe results after each breaker's last transition,
@@ -9,41 +9,19 @@ answer ``allow``, so a restarted breaker answers exactly as before, open waits i
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
-import time
+from typing import Any
 
-import structlog
-
-from autoserve_events import (
-    APPS_BUCKET,
-    BREAKER_ALLOW_RPC,
-    BREAKER_OVERRIDE_RPC,
-    BREAKER_REPORT_WILDCARD,
-    durables,
-)
-from autoserve_runtime import (
-    Admission,
-    ConsumerSpec,
-    EventConsumer,
-    EventPublisher,
-    cancel_all,
-    close_nats,
-    connect,
-    follow_apps,
-    provision,
-)
+from autoserve_events import APPS_BUCKET, BREAKER_ALLOW_RPC, BREAKER_OVERRIDE_RPC, BREAKER_REPORT_WILDCARD, durables
+from autoserve_runtime import Admission, ConsumerSpec, follow_apps
+from autoserve_runtime.host import Consume, Host, HostedService, Plan, Rpc, Watch
 
 from .adapters.follow import BreakerEventFollower
 from .adapters.handlers import SERVICE, Handlers
 from .core.breakers import Breakers
 
-log = structlog.get_logger("autoserve.breaker")
-
 ALLOW_QUEUE = "autoserve-breaker"  # replicas share allow requests
 REPLAY_SECONDS = durables.BREAKER_REPLAY_SECONDS
-CONFIG_WAIT_SECONDS = 10.0
 
 
 def replica_of(app_name: str, instance_id: str, replicas: int) -> int:
@@ -52,21 +30,19 @@ def replica_of(app_name: str, instance_id: str, replicas: int) -> int:
     return int.from_bytes(digest, "big") % replicas
 
 
-class BreakerService:
+class BreakerService(HostedService):
+    name = SERVICE
+
     def __init__(self, nats_url: str, *, replica: int = 0, replicas: int = 1, replay_seconds: float = REPLAY_SECONDS):
         if not 0 <= replica < replicas:
             raise ValueError(f"replica {replica} is not in 0..{replicas - 1}")
-        self.nats_url = nats_url
+        super().__init__(nats_url)
         self.replica = replica
         self.replicas = replicas
         self.replay_seconds = replay_seconds
         self.core = Breakers(owns=self._owns)
-        self.ready = asyncio.Event()
         self.handlers: Handlers | None = None
-        self.consumer: EventConsumer | None = None
-        self.publisher: EventPublisher | None = None
-        self.follower: BreakerEventFollower | None = None
-        self.replayed = {"breakers": 0, "probes": 0}
+        self._admission = Admission()
 
     def _owns(self, app_name: str, instance_id: str) -> bool:
         return self.replicas == 1 or replica_of(app_name, instance_id, self.replicas) == self.replica
@@ -75,64 +51,49 @@ class BreakerService:
     def durable(self) -> str:
         return SERVICE if self.replicas == 1 else f"{SERVICE}-{self.replica}-of-{self.replicas}"
 
-    async def run(self, stop: asyncio.Event) -> None:
-        nc = await connect(self.nats_url, f"autoserve-{self.durable}")
-        js = nc.jetstream()
-        await provision(js)
-        self.publisher = publisher = EventPublisher(js).start()
-        tasks: list[asyncio.Task[None]] = []
-        subs = []
-        try:
-            configured = asyncio.Event()
-            admission = Admission()
+    @property
+    def consumer_spec(self) -> ConsumerSpec:
+        return ConsumerSpec.of(durables.BREAKER, self.durable)
 
-            def on_apps(apps: dict, _written_at: float | None) -> None:
-                self.core.set_apps(apps)
-                admission.update(apps)
-                configured.set()
+    @property
+    def client_name(self) -> str:
+        return f"autoserve-{self.durable}"
 
-            kv = await js.key_value(APPS_BUCKET)
-            tasks.append(asyncio.create_task(follow_apps(kv, on_apps), name="follow-apps"))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(configured.wait(), CONFIG_WAIT_SECONDS)
+    async def open(self, host: Host) -> None:
+        assert host.nc is not None
+        self.handlers = Handlers(host.nc, self.core, host.publisher)
 
-            self.follower = BreakerEventFollower(js, self.core.follow)
-            self.replayed["breakers"] = await self.follower.start()
-            spec = ConsumerSpec.of(durables.BREAKER, self.durable)
-            self.consumer = EventConsumer(js, publisher, spec, SERVICE, self.core.probe, admit=admission)
-            floor = await self.consumer.ack_floor()
-            self.replayed["probes"] = await self.consumer.replay(
-                time.time() - self.replay_seconds, floor, spec.filter_subject
-            )
-            await self.consumer.start()
+    def plan(self) -> Plan:
+        assert self.handlers is not None
+        return Plan(
+            watches=[Watch(APPS_BUCKET, follow_apps, self._on_apps)],
+            consumes=[Consume(self.consumer_spec, self.core.probe, lambda: self.replay_seconds, self._admission)],
+            rpcs=[
+                Rpc(BREAKER_REPORT_WILDCARD, self.handlers.on_report, unbounded=True),
+                Rpc(BREAKER_OVERRIDE_RPC, self.handlers.on_override),
+                Rpc(BREAKER_ALLOW_RPC, self.handlers.on_allow, queue=ALLOW_QUEUE),
+            ],
+        )
 
-            self.handlers = handlers = Handlers(nc, self.core, publisher)
-            subs.append(await nc.subscribe(BREAKER_REPORT_WILDCARD, cb=handlers.on_report, pending_msgs_limit=-1))
-            subs.append(await nc.subscribe(BREAKER_OVERRIDE_RPC, cb=handlers.on_override))
-            subs.append(await nc.subscribe(BREAKER_ALLOW_RPC, queue=ALLOW_QUEUE, cb=handlers.on_allow))
-            await nc.flush()
-            tasks.append(asyncio.create_task(handlers.tick_forever(), name="breaker-timer"))
-            log.info(
-                "breaker started",
-                replica=self.replica,
-                replicas=self.replicas,
-                breakers=len(self.core.breakers),
-                replayed=self.replayed,
-                states=self.core.states(),
-            )
-            self.ready.set()
-            await stop.wait()
-        finally:
-            log.info("breaker stopping")
-            for sub in subs:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
-            await cancel_all(tasks)
-            if self.consumer is not None:
-                await self.consumer.stop()
-            if self.follower is not None:
-                with contextlib.suppress(Exception):
-                    await self.follower.stop()
-            await publisher.close()
-            await close_nats(nc)
-            log.info("breaker stopped", states=self.core.states(), published=publisher.stats.acked)
+    def _on_apps(self, apps: dict, _written_at: float | None) -> None:
+        self.core.set_apps(apps)
+        self._admission.update(apps)
+
+    async def prepare(self, host: Host) -> None:
+        """Each breaker's last transition first: the probe replay folds on top of it."""
+        follower = BreakerEventFollower(host.js, self.core.follow)
+        self.replayed["breaker-events"] = await follower.start()
+        host.closing(follower.stop)
+
+    async def started(self, host: Host) -> None:
+        assert self.handlers is not None
+        host.spawn(self.handlers.tick_forever(), "breaker-timer")
+
+    def stopped(self) -> dict[str, Any]:
+        published = self.publisher.stats.acked if self.publisher else 0
+        return {
+            "replica": self.replica,
+            "replicas": self.replicas,
+            "states": self.core.states(),
+            "published": published,
+        }

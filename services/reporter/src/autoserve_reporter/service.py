@@ -10,10 +10,8 @@ loses it; the tables' ReplacingMergeTree key makes the repeat harmless.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -21,63 +19,28 @@ import structlog
 from aiohttp import web
 
 from autoserve_config import AppSpec
-from autoserve_events import APPS_BUCKET, AnyEvent, ProbeCompleted, durables
-from autoserve_runtime import (
-    ConsumerSpec,
-    EventConsumer,
-    EventPublisher,
-    add_counter,
-    add_gauge,
-    cancel_all,
-    close_nats,
-    connect,
-    follow_apps,
-    provision,
-)
+from autoserve_events import APPS_BUCKET, AnyEvent, ProbeCompleted
+from autoserve_runtime import add_counter, add_gauge, follow_apps
+from autoserve_runtime.host import Consume, Host, HostedService, Plan, Watch
 
-from .adapters.api import DEFAULT_LISTEN, build_app, parse_listen
+from .adapters.api import build_app, parse_listen
 from .adapters.batcher import BatchWriter
 from .adapters.clickhouse import Store, describe
 from .adapters.migrations import SchemaNotReady, check_schema, prepare
 from .adapters.queries import Reports
 from .core.rows import EVENT_COLUMNS, EVENTS_TABLE, METRIC_COLUMNS, METRICS_TABLE, event_row, metric_rows
+from .settings import ReporterSettings, consumer_specs
 
 log = structlog.get_logger("autoserve.reporter")
 
 SERVICE = "reporter"
 
 
-@dataclass(frozen=True)
-class ReporterSettings:
-    clickhouse_url: str
-    # Reports read through this URL when given (a SELECT-only user); batches are written
-    # through clickhouse_url. With chDB both are the one engine of this process.
-    clickhouse_read_url: str | None = None
-    # Off in a least-privilege deployment: `autoserve migrate` creates the tables, and the
-    # reporter only checks them (see adapters/migrations.py).
-    migrate: bool = True
-    listen: str = DEFAULT_LISTEN
-    metrics_retention_days: int = 30
-    events_retention_days: int = 90
-    batch_rows: int = 10_000
-    batch_seconds: float = 1.0
-    # The memory bound while ClickHouse is away: JetStream delivers at most this many
-    # unacknowledged messages per consumer, so the reporter stops pulling, never drops.
-    max_ack_pending: int = 50_000
-    durable_prefix: str = "autoserve-reporter"  # durables.REPORTER_*
+class ReporterService(HostedService):
+    name = SERVICE
 
-
-def consumer_specs(settings: ReporterSettings) -> tuple[ConsumerSpec, ConsumerSpec]:
-    prefix, most = settings.durable_prefix, settings.max_ack_pending
-    return (
-        ConsumerSpec.of(durables.REPORTER_PROBES, f"{prefix}-probes", max_ack_pending=most),
-        ConsumerSpec.of(durables.REPORTER_EVENTS, f"{prefix}-events", max_ack_pending=most),
-    )
-
-
-class ReporterService:
     def __init__(self, nats_url: str, settings: ReporterSettings) -> None:
-        self.nats_url = nats_url
+        super().__init__(nats_url)
         self.settings = settings
         self.host, self.port = parse_listen(settings.listen)
         self.store = Store(settings.clickhouse_url)
@@ -93,8 +56,6 @@ class ReporterService:
         self.reports = Reports(self.read_store)
         self.metrics: BatchWriter | None = None
         self.events: BatchWriter | None = None
-        self.consumers: list[EventConsumer] = []
-        self.ready = asyncio.Event()
         self._configured: set[str] = set()
 
     # -- what the API asks ---------------------------------------------------------------
@@ -140,7 +101,7 @@ class ReporterService:
     def _on_apps(self, apps: dict[str, AppSpec], _written_at: float | None) -> None:
         self._configured = set(apps)
 
-    # -- lifecycle -------------------------------------------------------------------------
+    # -- on the service host -----------------------------------------------------------------
 
     async def _prepare_schema(self) -> list[int]:
         s = self.settings
@@ -153,43 +114,32 @@ class ReporterService:
             raise SystemExit(f"autoserve run reporter: {exc}") from None
         return []
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def open(self, host: Host) -> None:
         s = self.settings
-        started = time.monotonic()
+        for store in {self.store, self.read_store}:
+            host.closing(store.close)
         applied = await self._prepare_schema()
-        nc = await connect(self.nats_url, "autoserve-reporter")
-        js = nc.jetstream()
-        await provision(js)
-        watcher = asyncio.create_task(follow_apps(await js.key_value(APPS_BUCKET), self._on_apps))
-        publisher = EventPublisher(js).start()  # dead letters only
         batch = {"max_rows": s.batch_rows, "max_delay": s.batch_seconds}
         self.metrics = BatchWriter(self.store, METRICS_TABLE, METRIC_COLUMNS, **batch).start()
         self.events = BatchWriter(self.store, EVENTS_TABLE, EVENT_COLUMNS, **batch).start()
+        for writer in (self.events, self.metrics):
+            host.closing(writer.close)
         self._export_writer_stats()
-        # Everything on the bus, refused inputs too: the audit trail (autoserve_runtime.admission).
-        self.consumers = [EventConsumer(js, publisher, spec, SERVICE, self.process) for spec in consumer_specs(s)]
         runner = web.AppRunner(build_app(self), access_log=None)
-        try:
-            await runner.setup()
-            await web.TCPSite(runner, self.host, self.port).start()
-            for consumer in self.consumers:
-                await consumer.start()
-            self.ready.set()
-            log.info("reporter started", nats=self.nats_url, clickhouse=describe(s.clickhouse_url),
-                     api=f"http://{self.host}:{self.port}", migrations_applied=applied,
-                     seconds=round(time.monotonic() - started, 3))  # fmt: skip
-            await stop.wait()
-        finally:
-            log.info("reporter stopping")
-            for consumer in self.consumers:
-                await consumer.stop(timeout=s.batch_seconds + 5.0)
-            for writer in (self.metrics, self.events):
-                await writer.close()
-            with contextlib.suppress(Exception):
-                await runner.cleanup()
-            await publisher.close()
-            await cancel_all([watcher])
-            await close_nats(nc)
-            for store in {self.store, self.read_store}:
-                await store.close()
-            log.info("reporter stopped", **self.status())
+        host.closing(runner.cleanup)
+        await runner.setup()
+        await web.TCPSite(runner, self.host, self.port).start()
+        log.info("report API listening", api=f"http://{self.host}:{self.port}", migrations_applied=applied,
+                 clickhouse=describe(s.clickhouse_url))  # fmt: skip
+
+    def plan(self) -> Plan:
+        # Everything on the bus, refused inputs too: the audit trail (autoserve_runtime.admission).
+        # The publisher carries dead letters only.
+        drain = self.settings.batch_seconds + 5.0
+        return Plan(
+            watches=[Watch(APPS_BUCKET, follow_apps, self._on_apps, required=False)],
+            consumes=[Consume(spec, self.process, stop_timeout=drain) for spec in consumer_specs(self.settings)],
+        )
+
+    def stopped(self) -> dict[str, Any]:
+        return self.status()
