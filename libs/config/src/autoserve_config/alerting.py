@@ -1,21 +1,21 @@
 """The ``alerting:`` section: a routing tree in the style of Alertmanager, receivers,
-escalation tiers and maintenance windows; durations and a small cron, and their rules.
+escalation tiers and maintenance windows; durations, and their rules.
 
 Durations are seconds or text such as ``30s``, ``5m``, ``2h``, ``1d`` (Alertmanager's
-style). Maintenance schedules are five-field cron expressions in UTC.
+style). Maintenance schedules are cron expressions in an IANA time zone (``cron.py``).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypedDict
 
 import msgspec
 
 from autoserve_events import is_valid_name
+
+from .cron import parse_cron, time_zone
 
 Duration = float | str
 
@@ -39,77 +39,6 @@ def parse_duration(value: Duration) -> float:
     if seconds < 0 or seconds != seconds or seconds == float("inf"):
         raise ValueError(f"must be a duration >= 0, got {value!r}")
     return seconds
-
-
-# -- cron: minute hour day-of-month month day-of-week, UTC -----------------------------
-
-_FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31), ("month", 1, 12), ("day of week", 0, 7))
-
-
-@dataclass(frozen=True)
-class Cron:
-    minutes: frozenset[int]
-    hours: frozenset[int]
-    days: frozenset[int]
-    months: frozenset[int]
-    weekdays: frozenset[int]  # 0 = Sunday (7 is accepted for Sunday too)
-    any_day: bool  # day of month is "*"
-    any_weekday: bool
-
-    def matches(self, t: datetime) -> bool:
-        if t.minute not in self.minutes or t.hour not in self.hours or t.month not in self.months:
-            return False
-        day_ok = t.day in self.days
-        weekday_ok = (t.isoweekday() % 7) in self.weekdays
-        # Vixie cron: when both day fields are restricted, either one matching is enough.
-        if self.any_day or self.any_weekday:
-            return day_ok and weekday_ok
-        return day_ok or weekday_ok
-
-    def last_start(self, now: float, within: float) -> float | None:
-        """The latest matching minute at or before ``now``, no more than ``within`` seconds
-        back; None if there is none. Walks back an hour at a time where the hour cannot
-        match, so a day-long window costs at most a few thousand checks."""
-        t = datetime.fromtimestamp(now, UTC).replace(second=0, microsecond=0)
-        earliest = datetime.fromtimestamp(now - within, UTC)
-        while t >= earliest:
-            if t.hour not in self.hours or t.month not in self.months:
-                t = t.replace(minute=0) - timedelta(minutes=1)
-                continue
-            if self.matches(t):
-                return t.timestamp()
-            t -= timedelta(minutes=1)
-        return None
-
-
-def parse_cron(text: str) -> Cron:
-    parts = text.split()
-    if len(parts) != 5:
-        raise ValueError(f"must be a cron expression of 5 fields (minute hour day month weekday), got {text!r}")
-    sets = [_cron_field(part, name, low, high) for part, (name, low, high) in zip(parts, _FIELDS, strict=True)]
-    weekdays = frozenset(d % 7 for d in sets[4])
-    return Cron(sets[0], sets[1], sets[2], sets[3], weekdays, parts[2] == "*", parts[4] == "*")
-
-
-def _cron_field(text: str, name: str, low: int, high: int) -> frozenset[int]:
-    values: set[int] = set()
-    for item in text.split(","):
-        base, _, step_text = item.partition("/")
-        try:
-            step = int(step_text) if step_text else 1
-            if base == "*":
-                start, end = low, high
-            elif "-" in base:
-                start, end = (int(x) for x in base.split("-", 1))
-            else:
-                start = int(base)
-                end = high if step_text else start
-        except ValueError:
-            raise ValueError(f"{name} field {text!r} is not a number, range, list or step") from None
-        if step < 1 or not low <= start <= end <= high:
-            raise ValueError(f"{name} field {text!r} must stay within {low}-{high}")
-        values.update(range(start, end + 1, step))
-    return frozenset(values)
 
 
 # -- the model ---------------------------------------------------------------------------
@@ -174,8 +103,12 @@ class RouteConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class MaintenanceWindow(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A silence that begins on a schedule: cron in ``timezone`` (an IANA name, default UTC),
+    with cron's behaviour on DST changes (``cron.py``)."""
+
     name: str
-    schedule: str  # cron, UTC: "0 2 * * 0" is Sundays 02:00
+    schedule: str  # "0 2 * * SUN" is Sundays 02:00; "@daily" is midnight
+    timezone: str = "UTC"  # wall clock of the schedule: "Europe/Berlin"
     duration: Duration
     apps: list[str] = []  # empty: every app
     reason: str = ""
@@ -294,8 +227,14 @@ def _window(window: MaintenanceWindow, path: str) -> list[str]:
     problems: list[str] = []
     if not is_valid_name(window.name):
         problems.append(f"{path}.name: name {window.name!r} must be 1-128 characters of [A-Za-z0-9_-]")
+    zone = window.timezone
     try:
-        parse_cron(window.schedule)
+        time_zone(zone)
+    except ValueError as exc:
+        problems.append(f"{path}.timezone: {exc}")
+        zone = "UTC"  # the schedule is still checked
+    try:
+        parse_cron(window.schedule, zone)
     except ValueError as exc:
         problems.append(f"{path}.schedule: {exc}")
     found = _duration_problem(f"{path}.duration", window.duration, 60)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from autoserve_config import AlertingConfig, AppSpec, parse_cron, parse_duration
-from autoserve_config.alerting import Cron
+from autoserve_config.cron import Cron
 from autoserve_events import (
     AlertAcknowledged,
     AlertChanged,
@@ -279,7 +279,7 @@ class Alerter:
         self.resolve_timeout = parse_duration(config.resolve_timeout)
         self.history = parse_duration(config.history)
         self.windows = tuple(
-            Window(w.name, parse_cron(w.schedule), parse_duration(w.duration), tuple(w.apps), w.reason)
+            Window(w.name, parse_cron(w.schedule, w.timezone), parse_duration(w.duration), tuple(w.apps), w.reason)
             for w in config.maintenance_windows
         )
         self._window_starts.clear()
