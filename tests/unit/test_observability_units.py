@@ -88,12 +88,31 @@ def test_scrape_time_series_with_labels_and_a_reader_that_fails() -> None:
         }
     finally:
         for name in ("autoserve_unit_level", "autoserve_unit_broken"):
-            observability.STATE.gauges.pop(name)
-        observability.STATE.counters.pop("autoserve_unit_rows_stored")
+            observability.SCRAPED.gauges.pop(name)
+        observability.SCRAPED.counters.pop("autoserve_unit_rows_stored")
     assert page[("autoserve_unit_rows_stored_total", (("table", "health_metrics"),))] == 3
     assert page[("autoserve_unit_rows_stored_total", (("table", "events"),))] == 4
     assert page[("autoserve_unit_level", ())] == 2.5
     assert not [key for key in page if key[0] == "autoserve_unit_broken"]  # no sample, and no error
+
+
+def test_a_family_can_be_named_as_another_exporter_names_it() -> None:
+    """blackbox_exporter's ``probe_success{app,instance}``: no ``autoserve_`` prefix."""
+    observability.add_gauge("probe_success", "1 when the probe passed", lambda: {("web", "w-1"): 1},
+                            ("app", "instance"), prefixed=False)  # fmt: skip
+    observability.add_counter("unit_probes_seen", "probes", lambda: 7, prefixed=False)
+    try:
+        page = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(observability.metrics_text().decode())
+            for s in family.samples
+        }
+    finally:
+        observability.SCRAPED.gauges.pop("probe_success")
+        observability.SCRAPED.counters.pop("unit_probes_seen")
+    assert page[("probe_success", (("app", "web"), ("instance", "w-1")))] == 1
+    assert page[("unit_probes_seen_total", ())] == 7
+    assert not [key for key in page if key[0].startswith(("autoserve_probe_success", "autoserve_unit_probes"))]
 
 
 def test_dead_letter_reasons_are_a_bounded_set() -> None:

@@ -3,17 +3,20 @@
 from .admission import Admission
 from .bus import DEFAULT_NATS_URL, NatsUnavailable, connect, provision
 from .config_watch import follow_apps, follow_detector_settings
-from .consumer import ConsumerSpec, EventConsumer, SeenIds
+from .consumer import ConsumerSpec, EventConsumer, SeenIds, dead_letter_headers
 from .feed import Feed, start_sequence, subscribe_from
 from .lifecycle import cancel_all, close_nats, serve
 from .logs import configure_logging
 from .nats_server import EmbeddedNatsServer, NatsServerError, free_port, nats_server_binary
 from .observability import (
+    EVENTS_IN,
+    HANDLER_SECONDS,
     Endpoint,
     add_check,
     add_counter,
     add_gauge,
     count_published,
+    dead_lettered,
     endpoint_for,
     instrument,
     request_endpoint,
@@ -22,9 +25,12 @@ from .observability import (
 )
 from .process import spawn_child, stop_child
 from .publisher import EventPublisher, PublisherStats
+from .pull import PullConsumer, PullStats
 
 __all__ = [
     "DEFAULT_NATS_URL",
+    "EVENTS_IN",
+    "HANDLER_SECONDS",
     "Admission",
     "ConsumerSpec",
     "EmbeddedNatsServer",
@@ -35,6 +41,8 @@ __all__ = [
     "NatsServerError",
     "NatsUnavailable",
     "PublisherStats",
+    "PullConsumer",
+    "PullStats",
     "SeenIds",
     "add_check",
     "add_counter",
@@ -44,6 +52,8 @@ __all__ = [
     "configure_logging",
     "connect",
     "count_published",
+    "dead_letter_headers",
+    "dead_lettered",
     "endpoint_for",
     "follow_apps",
     "follow_detector_settings",
