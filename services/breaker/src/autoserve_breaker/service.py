@@ -15,6 +15,7 @@ from typing import Any
 from autoserve_events import APPS_BUCKET, BREAKER_ALLOW_RPC, BREAKER_OVERRIDE_RPC, BREAKER_REPORT_WILDCARD, durables
 from autoserve_runtime import Admission, ConsumerSpec, follow_apps
 from autoserve_runtime.host import Consume, Host, HostedService, Plan, Rpc, Watch
+from autoserve_runtime.timer import DueTimer
 
 from .adapters.follow import BreakerEventFollower
 from .adapters.handlers import SERVICE, Handlers
@@ -87,7 +88,9 @@ class BreakerService(HostedService):
 
     async def started(self, host: Host) -> None:
         assert self.handlers is not None
-        host.spawn(self.handlers.tick_forever(), "breaker-timer")
+        # Waits are short: a trial's timeout is measured in seconds and nothing wakes the timer.
+        timer = DueTimer(SERVICE, self.handlers.tick, min_wait=0.005, max_wait=0.25)
+        host.spawn(timer.run(), "breaker-timer")
 
     def stopped(self) -> dict[str, Any]:
         published = self.publisher.stats.acked if self.publisher else 0

@@ -158,15 +158,12 @@ class Handlers:
             )
             await self._nc.publish(msg.reply, encode_message(reply))
 
-    # -- the timer ------------------------------------------------------------------------
+    # -- the timer (autoserve_runtime.timer) ----------------------------------------------
 
-    async def tick_forever(self, max_sleep: float = 0.25, min_sleep: float = 0.005) -> None:
-        """Open breakers half-open after ``recovery_timeout`` with no request needed."""
-        while True:
-            now = self._clock()
-            for change in self._core.tick(now):
-                self.stats.transitions += 1
-                self._publisher.submit(change)
-            due = self._core.next_due()
-            wait = max_sleep if due is None else min(max_sleep, max(min_sleep, due - now))
-            await asyncio.sleep(wait)
+    def tick(self, now: float) -> float | None:
+        """Open breakers half-open after ``recovery_timeout`` with no request needed; returns
+        the next time one is due."""
+        for change in self._core.tick(now):
+            self.stats.transitions += 1
+            self._publisher.submit(change)
+        return self._core.next_due()
