@@ -12,6 +12,7 @@ from autoserve_events import (
     breaker_report,
     decode_allow_reply,
     decode_allow_request,
+    decode_override_reply,
     decode_override_request,
     decode_report,
     encode_message,
@@ -65,6 +66,13 @@ def test_an_override_action_is_checked() -> None:
 def test_the_allow_reply_is_the_contract_and_nothing_more() -> None:
     assert encode_message(AllowReply(allow=True, state="closed")) == b'{"allow":true,"state":"closed"}'
     assert decode_allow_reply(b'{"allow":false,"state":"open","known":false}').known is False
+
+
+def test_a_malformed_reply_names_the_field_and_value_as_a_request_does() -> None:
+    with pytest.raises(MalformedMessage, match=r"^allow reply\.allow: expected bool, got 'yes'"):
+        decode_allow_reply(b'{"allow": "yes", "state": "open"}')
+    with pytest.raises(MalformedMessage, match=r"^override reply\.ok: required"):
+        decode_override_reply(b'{"state": "open"}')
 
 
 def test_report_and_rpc_subjects_are_outside_every_stream() -> None:

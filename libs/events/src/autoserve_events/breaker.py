@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Literal, get_args
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar, get_args
 
 import msgspec
 
@@ -58,12 +59,29 @@ class OverrideReply(msgspec.Struct, frozen=True, omit_defaults=True):
     error: str | None = None
 
 
+Message = TypeVar("Message", BreakerReport, AllowRequest, AllowReply, OverrideRequest, OverrideReply)
+
+
+def _check_duration(report: BreakerReport, what: str) -> None:
+    if not (report.duration_ms >= 0 and math.isfinite(report.duration_ms)):
+        raise MalformedMessage(f"{what}.duration_ms: must be a finite number >= 0, got {report.duration_ms!r}")
+
+
+def _check_names(request: AllowRequest | OverrideRequest, what: str) -> None:
+    for field, value in (("app_name", request.app_name), ("instance_id", request.instance_id)):
+        if not is_valid_name(value):
+            raise MalformedMessage(f"{what}.{field}: {value!r} is not a name of 1-128 characters of [A-Za-z0-9_-]")
+
+
+# Each message: what an error calls it, its decoder, and what msgspec cannot check for us.
+_KINDS: dict[type[msgspec.Struct], tuple[str, msgspec.json.Decoder[Any], Callable[[Any, str], None] | None]] = {
+    BreakerReport: ("report", msgspec.json.Decoder(BreakerReport), _check_duration),
+    AllowRequest: ("allow request", msgspec.json.Decoder(AllowRequest), _check_names),
+    AllowReply: ("allow reply", msgspec.json.Decoder(AllowReply), None),
+    OverrideRequest: ("override request", msgspec.json.Decoder(OverrideRequest), _check_names),
+    OverrideReply: ("override reply", msgspec.json.Decoder(OverrideReply), None),
+}
 _encoder = msgspec.json.Encoder()
-_report = msgspec.json.Decoder(BreakerReport)
-_allow = msgspec.json.Decoder(AllowRequest)
-_allow_reply = msgspec.json.Decoder(AllowReply)
-_override = msgspec.json.Decoder(OverrideRequest)
-_override_reply = msgspec.json.Decoder(OverrideReply)
 _raw = msgspec.json.Decoder()
 _AT = re.compile(r" - at `\$\.([A-Za-z_]+)`")
 
@@ -93,51 +111,37 @@ def _explain(exc: msgspec.DecodeError, data: bytes, what: str) -> MalformedMessa
     return MalformedMessage(f"{what}.{field}: {detail[:1].lower()}{detail[1:]}{value}"[:500])
 
 
-def _check_size(data: bytes, what: str) -> None:
+def decode_message(data: bytes, kind: type[Message]) -> Message:
+    """One breaker message of type ``kind``. ``MalformedMessage`` names the field and the
+    value when the message is too large, not of that type, or holds a value out of range
+    (a negative duration, an app or instance that is not a name)."""
+    what, decoder, check = _KINDS[kind]
     if len(data) > MAX_MESSAGE_BYTES:
         raise MalformedMessage(f"{what}: {len(data)} bytes, more than {MAX_MESSAGE_BYTES}")
-
-
-def _check_names(what: str, app_name: str, instance_id: str) -> None:
-    for field, value in (("app_name", app_name), ("instance_id", instance_id)):
-        if not is_valid_name(value):
-            raise MalformedMessage(f"{what}.{field}: {value!r} is not a name of 1-128 characters of [A-Za-z0-9_-]")
+    try:
+        message: Message = decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise _explain(exc, data, what) from None
+    if check is not None:
+        check(message, what)
+    return message
 
 
 def decode_report(data: bytes) -> BreakerReport:
-    _check_size(data, "report")
-    try:
-        report = _report.decode(data)
-    except msgspec.DecodeError as exc:
-        raise _explain(exc, data, "report") from None
-    if not (report.duration_ms >= 0 and math.isfinite(report.duration_ms)):
-        raise MalformedMessage(f"report.duration_ms: must be a finite number >= 0, got {report.duration_ms!r}")
-    return report
+    return decode_message(data, BreakerReport)
 
 
 def decode_allow_request(data: bytes) -> AllowRequest:
-    _check_size(data, "allow request")
-    try:
-        request = _allow.decode(data)
-    except msgspec.DecodeError as exc:
-        raise _explain(exc, data, "allow request") from None
-    _check_names("allow request", request.app_name, request.instance_id)
-    return request
+    return decode_message(data, AllowRequest)
 
 
 def decode_allow_reply(data: bytes) -> AllowReply:
-    return _allow_reply.decode(data)
+    return decode_message(data, AllowReply)
 
 
 def decode_override_request(data: bytes) -> OverrideRequest:
-    _check_size(data, "override request")
-    try:
-        request = _override.decode(data)
-    except msgspec.DecodeError as exc:
-        raise _explain(exc, data, "override request") from None
-    _check_names("override request", request.app_name, request.instance_id)
-    return request
+    return decode_message(data, OverrideRequest)
 
 
 def decode_override_reply(data: bytes) -> OverrideReply:
-    return _override_reply.decode(data)
+    return decode_message(data, OverrideReply)
