@@ -25,7 +25,7 @@ import structlog
 
 from autoserve_events.catalogue import NotificationOutcome
 
-from ..core.alerter import Notification
+from ..core.notification import Notification
 from .receivers import DeliveryError, Receiver
 
 log = structlog.get_logger("autoserve.alerter.dispatch")

@@ -40,7 +40,8 @@ import aiohttp
 
 from autoserve_config import ReceiverConfig, parse_duration
 
-from ..core.alerter import AlertView, Notification
+from ..core.alerts import AlertView
+from ..core.notification import Notification
 
 SIGNATURE_HEADER = "X-Autoserve-Signature"
 TIMESTAMP_HEADER = "X-Autoserve-Timestamp"
