@@ -1,8 +1,10 @@
 """Delivering notifications: one task each, retried with backoff, never blocking another.
 
 A receiver gets at most ``PER_RECEIVER`` deliveries at a time, so a black-hole receiver
-ties up its own slots and timeouts only. A delivery retries (0.5 s doubling to 30 s) until
-it succeeds, fails permanently, or ``retry_for`` has passed; then ``on_done`` records the
+ties up its own slots and timeouts only. A delivery retries (tenacity: 0.5 s doubling to
+30 s, plus up to 0.5 s of jitter so that a receiver coming back is not hit by every retry
+at once) until it succeeds, fails permanently, or the next try would start after
+``retry_for`` (counted from the submit, the wait for a slot too); then ``on_done`` records the
 outcome (the notification log entry). Every way a delivery ends reaches ``on_done``, an
 unexpected exception too (as ``failed``): otherwise the core would hold the notification in
 flight for ever and its group would never notify again.
@@ -22,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import structlog
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
 
 from autoserve_events.catalogue import NotificationOutcome
 
@@ -76,42 +79,61 @@ class Dispatcher:
             self._on_done(n, "failed", 0, f"receiver {n.receiver!r} is not configured")
             return
         retry_for = receiver.retry_for if n.retry_for is None else min(receiver.retry_for, n.retry_for)
-        deadline = time.monotonic() + retry_for
-        delay, attempts = self._initial, 0
+        deadline = time.monotonic() + retry_for  # waiting for a slot counts too
+        attempts = 0
+
+        async def attempt() -> None:
+            nonlocal attempts
+            attempts += 1
+            self.attempts += 1
+            await asyncio.wait_for(receiver.send(n), receiver.timeout + 1)
+
+        def warn(state: RetryCallState) -> None:
+            if state.attempt_number in (1, 5) or state.attempt_number % 20 == 0:
+                log.warning("notification retrying", receiver=n.receiver, attempts=state.attempt_number,
+                            error=_error(_exception(state), receiver.timeout), retry_in=round(state.upcoming_sleep, 3))  # fmt: skip
+
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(_transient),
+            wait=wait_exponential_jitter(multiplier=self._initial, max=self._max, jitter=self._initial),
+            stop=lambda state: time.monotonic() + state.upcoming_sleep > deadline,  # no try after retry_for
+            before_sleep=warn,
+            reraise=True,  # the receiver's own error, not tenacity's RetryError
+        )
         async with self._slots[n.receiver]:
-            while True:
-                attempts += 1
-                self.attempts += 1
-                try:
-                    await asyncio.wait_for(receiver.send(n), receiver.timeout + 1)
-                except (DeliveryError, TimeoutError) as exc:
-                    error = str(exc) or f"no answer within {receiver.timeout + 1:g}s"
-                    permanent = isinstance(exc, DeliveryError) and exc.permanent
-                    if permanent or time.monotonic() + delay > deadline:
-                        self.failed += 1
-                        log.error("notification failed", receiver=n.receiver, group=n.group_key,
-                                  notification=n.notification_id, attempts=attempts, error=error)  # fmt: skip
-                        self._on_done(n, "failed", attempts, error)
-                        return
-                    if attempts in (1, 5) or attempts % 20 == 0:
-                        log.warning("notification retrying", receiver=n.receiver, attempts=attempts, error=error,
-                                    retry_in=delay)  # fmt: skip
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, self._max)
-                    continue
-                except Exception as exc:
-                    # A bug, not an answer: trying again would repeat it, so it fails now, through
-                    # the same path as any failure (the group tries again a group_interval later).
-                    # Only the type and place are told: the message may quote the url.
-                    self.failed += 1
-                    error = f"unexpected {type(exc).__name__} in the alerter at {_origin(exc)}"
-                    log.error("notification failed", receiver=n.receiver, group=n.group_key,
-                              notification=n.notification_id, attempts=attempts, error=error)  # fmt: skip
-                    self._on_done(n, "failed", attempts, error)
-                    return
-                self.sent += 1
-                report = log.debug if n.resend else log.info  # a re-send to Alertmanager every minute: no news
-                report("notification sent", receiver=n.receiver, group=n.group_key, status=n.status, tier=n.tier,
-                       firing=len(n.firing), resolved=len(n.resolved), attempts=attempts, resend=n.resend)  # fmt: skip
-                self._on_done(n, "sent", attempts, None)
+            try:
+                await retrying(attempt)
+            except (DeliveryError, TimeoutError) as exc:
+                self._failed(n, attempts, _error(exc, receiver.timeout))
                 return
+            except Exception as exc:
+                # A bug, not an answer: trying again would repeat it, so it fails now, through
+                # the same path as any failure (the group tries again a group_interval later).
+                # Only the type and place are told: the message may quote the url.
+                self._failed(n, attempts, f"unexpected {type(exc).__name__} in the alerter at {_origin(exc)}")
+                return
+        self.sent += 1
+        report = log.debug if n.resend else log.info  # a re-send to Alertmanager every minute: no news
+        report("notification sent", receiver=n.receiver, group=n.group_key, status=n.status, tier=n.tier,
+               firing=len(n.firing), resolved=len(n.resolved), attempts=attempts, resend=n.resend)  # fmt: skip
+        self._on_done(n, "sent", attempts, None)
+
+    def _failed(self, n: Notification, attempts: int, error: str) -> None:
+        self.failed += 1
+        log.error("notification failed", receiver=n.receiver, group=n.group_key, notification=n.notification_id,
+                  attempts=attempts, error=error)  # fmt: skip
+        self._on_done(n, "failed", attempts, error)
+
+
+def _transient(exc: BaseException) -> bool:
+    """An answer worth trying again: a timeout, or a delivery error that is not permanent
+    (a 3xx or 4xx is, say). Anything else is a bug, and fails at once."""
+    return isinstance(exc, TimeoutError) or (isinstance(exc, DeliveryError) and not exc.permanent)
+
+
+def _exception(state: RetryCallState) -> BaseException | None:
+    return state.outcome.exception() if state.outcome is not None else None
+
+
+def _error(exc: BaseException | None, timeout: float) -> str:
+    return str(exc) or f"no answer within {timeout + 1:g}s"
