@@ -20,7 +20,7 @@ import contextlib
 import time
 import traceback
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import structlog
@@ -45,13 +45,23 @@ def _origin(exc: BaseException) -> str:
 
 
 class Dispatcher:
-    def __init__(self, on_done: OnDone, *, initial_backoff: float = 0.5, max_backoff: float = 30.0) -> None:
+    def __init__(
+        self,
+        on_done: OnDone,
+        *,
+        initial_backoff: float = 0.5,
+        max_backoff: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         self.receivers: dict[str, Receiver] = {}
         self._on_done = on_done
         self._slots: dict[str, asyncio.Semaphore] = defaultdict(lambda: asyncio.Semaphore(PER_RECEIVER))
         self._tasks: set[asyncio.Task[None]] = set()
         self._initial = initial_backoff
         self._max = max_backoff
+        self._clock = clock  # and sleep: a test's own, to check the waits without waiting
+        self._sleep = sleep
         self.sent = 0
         self.failed = 0
         self.attempts = 0
@@ -79,7 +89,7 @@ class Dispatcher:
             self._on_done(n, "failed", 0, f"receiver {n.receiver!r} is not configured")
             return
         retry_for = receiver.retry_for if n.retry_for is None else min(receiver.retry_for, n.retry_for)
-        deadline = time.monotonic() + retry_for  # waiting for a slot counts too
+        deadline = self._clock() + retry_for  # waiting for a slot counts too
         attempts = 0
 
         async def attempt() -> None:
@@ -96,8 +106,9 @@ class Dispatcher:
         retrying = AsyncRetrying(
             retry=retry_if_exception(_transient),
             wait=wait_exponential_jitter(multiplier=self._initial, max=self._max, jitter=self._initial),
-            stop=lambda state: time.monotonic() + state.upcoming_sleep > deadline,  # no try after retry_for
+            stop=lambda state: self._clock() + state.upcoming_sleep > deadline,  # no try after retry_for
             before_sleep=warn,
+            sleep=self._sleep,
             reraise=True,  # the receiver's own error, not tenacity's RetryError
         )
         async with self._slots[n.receiver]:
