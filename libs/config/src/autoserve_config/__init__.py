@@ -7,8 +7,8 @@ from .alerting import (
     ReceiverConfig,
     RouteConfig,
     parse_cron,
-    parse_duration,
 )
+from .durations import Duration, format_duration, parse_duration
 from .load import decode_app_spec, encode_app_spec, encode_detector, load_config, load_config_text, load_yaml
 from .model import (
     AppSpec,
@@ -39,6 +39,7 @@ __all__ = [
     "ConfigError",
     "DetectorConfig",
     "DockerDiscovery",
+    "Duration",
     "EscalationTier",
     "HealthCheckConfig",
     "Instance",
@@ -51,6 +52,7 @@ __all__ = [
     "encode_app_spec",
     "encode_detector",
     "env_number",
+    "format_duration",
     "is_valid_host",
     "load_config",
     "load_config_text",

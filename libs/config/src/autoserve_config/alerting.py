@@ -1,8 +1,8 @@
 """The ``alerting:`` section: a routing tree in the style of Alertmanager, receivers,
 escalation tiers and maintenance windows; durations, and their rules.
 
-Durations are seconds or text such as ``30s``, ``5m``, ``2h``, ``1d`` (Alertmanager's
-style). Maintenance schedules are cron expressions in an IANA time zone (``cron.py``).
+Durations are the one syntax of ``durations.py`` (``30s``, ``1h30m``, bare seconds).
+Maintenance schedules are cron expressions in an IANA time zone (``cron.py``).
 """
 
 from __future__ import annotations
@@ -16,29 +16,10 @@ import msgspec
 from autoserve_events import is_valid_name
 
 from .cron import parse_cron, time_zone
+from .durations import Duration, parse_duration
 
-Duration = float | str
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0, None: 1.0}
 MATCH_KEYS_BUILTIN = ("app", "instance", "severity", "failure_type", "alertname")
 SEVERITIES = ("low", "medium", "high", "critical")
-
-
-def parse_duration(value: Duration) -> float:
-    """Seconds from ``30``, ``30s``, ``5m``, ``2h``, ``1d``; ``ValueError`` names the value."""
-    if isinstance(value, bool):
-        raise ValueError(f"must be a duration such as 30s, 5m or 2h, got {value!r}")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    else:
-        match = _DURATION.match(value)
-        if not match:
-            raise ValueError(f"must be a duration such as 30s, 5m or 2h, got {value!r}")
-        seconds = float(match.group(1)) * _UNITS[match.group(2)]
-    if seconds < 0 or seconds != seconds or seconds == float("inf"):
-        raise ValueError(f"must be a duration >= 0, got {value!r}")
-    return seconds
 
 
 # -- the model ---------------------------------------------------------------------------
