@@ -8,7 +8,7 @@ import contextlib
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from autoserve_events import EVENTS_STREAM, ProbeCompleted, decode, wildcard
 from autoserve_prober.service import ProberService
 from autoserve_runtime import EmbeddedNatsServer, connect, free_port, provision
 
-LOCALHOST = "127.0.0.1"
+from ..support.processes import LOCALHOST, http_server, recorded_process
 
 
 async def wait_for(condition: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
@@ -375,3 +375,36 @@ async def detector_runner(nats_server: EmbeddedNatsServer, nc: Client) -> AsyncI
     runner = ServiceRunner(lambda: DetectorService(nats_server.url))
     yield runner
     await runner.stop()
+
+
+@pytest.fixture
+def http_process(tmp_path: Path) -> Iterator[tuple[Path, int]]:
+    """``python -m http.server`` on 127.0.0.1, recorded as restartable instance demo/web-1:
+    yields the records' directory and the port."""
+    port = free_port()
+    directory = tmp_path / "processes"
+    with recorded_process(http_server(port, tmp_path), directory, "demo", "web-1", port):
+        yield directory, port
+
+
+WatchLocally = Callable[..., Awaitable[None]]
+
+
+@pytest.fixture
+async def watch_locally(
+    nats_server: EmbeddedNatsServer, nc: Client, detector_runner: ServiceRunner
+) -> AsyncIterator[WatchLocally]:
+    """``await watch_locally(instance, port, **app)``: app demo with that one instance applied,
+    then the detector and a prober without Docker started, as the local-process tests need."""
+    probers: list[ServiceRunner] = []
+
+    async def watch(instance: str, port: int, **app: object) -> None:
+        instances = [{"id": instance, "host": LOCALHOST, "port": port}]
+        await apply_yaml(nc, config_for({"demo": {**app, "instances": instances}}))
+        await detector_runner.start()
+        probers.append(ServiceRunner(lambda: ProberService(nats_server.url, docker=False)))
+        await probers[-1].start()
+
+    yield watch
+    for prober in probers:
+        await prober.stop()

@@ -17,12 +17,11 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from autoserve_events import EVENTS_STREAM, HealthChanged, RecoveryStrategy, encode, subject
-from autoserve_prober.service import ProberService
 from autoserve_runtime import EmbeddedNatsServer, Feed, observability, provision
 
-from .conftest import LOCALHOST, Outputs, ServiceRunner, apply_yaml, check, config_for, wait_for
+from ..support.processes import serving
+from .conftest import Outputs, WatchLocally, check, wait_for
 from .test_recovery_docker import executed, recoveries  # noqa: F401
-from .test_recovery_process import http_process, serving  # noqa: F401
 
 
 def restart(server: EmbeddedNatsServer) -> None:
@@ -73,30 +72,23 @@ async def test_a_feed_started_from_a_time_reads_on_after_a_server_restart_and_sa
 
 
 async def test_recovery_acts_after_each_of_three_server_restarts(
-    nats_server: EmbeddedNatsServer, nc: Client, detector_runner: ServiceRunner, recoveries, outputs: Outputs,
+    nats_server: EmbeddedNatsServer, nc: Client, watch_locally: WatchLocally, recoveries, outputs: Outputs,
     http_process: tuple[Path, int],
 ) -> None:  # fmt: skip
     directory, port = http_process
-    await apply_yaml(nc, config_for({"demo": {"health_check": check(path="/", failure_threshold=2),
-                                              "instances": [{"id": "web-1", "host": LOCALHOST, "port": port}]}}))  # fmt: skip
-    await detector_runner.start()
-    prober = ServiceRunner(lambda: ProberService(nats_server.url, docker=False))
-    await prober.start()
-    try:
-        recovery = await recoveries(docker=False, process_dir=directory)
-        await wait_for(lambda: serving(port), what="serving")
-        for round_ in range(1, 4):
-            restart(nats_server)
-            await wait_for(lambda: nc.is_connected, timeout=20, what="reconnected")
-            pid = json.loads((directory / "demo" / "web-1.json").read_text())["pid"]
-            os.kill(pid, signal.SIGKILL)
-            await wait_for(
-                lambda n=round_: len(executed(outputs, RecoveryStrategy.RESTART_CONTAINER)) >= n,
-                timeout=60,
-                what=f"a restart after server restart {round_}",
-            )
-            assert executed(outputs, RecoveryStrategy.RESTART_CONTAINER)[-1].success
-            await wait_for(lambda: serving(port), timeout=20, what="serving again")
-        assert recovery.state_seq > 0
-    finally:
-        await prober.stop()
+    await watch_locally("web-1", port, health_check=check(path="/", failure_threshold=2))
+    recovery = await recoveries(docker=False, process_dir=directory)
+    await wait_for(lambda: serving(port), what="serving")
+    for round_ in range(1, 4):
+        restart(nats_server)
+        await wait_for(lambda: nc.is_connected, timeout=20, what="reconnected")
+        pid = json.loads((directory / "demo" / "web-1.json").read_text())["pid"]
+        os.kill(pid, signal.SIGKILL)
+        await wait_for(
+            lambda n=round_: len(executed(outputs, RecoveryStrategy.RESTART_CONTAINER)) >= n,
+            timeout=60,
+            what=f"a restart after server restart {round_}",
+        )
+        assert executed(outputs, RecoveryStrategy.RESTART_CONTAINER)[-1].success
+        await wait_for(lambda: serving(port), timeout=20, what="serving again")
+    assert recovery.state_seq > 0

@@ -8,12 +8,10 @@ way, and no planted password appears in any log."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,10 +22,10 @@ from nats.aio.msg import Msg
 
 from autoserve_cli.services import SERVICES
 from autoserve_events import FailureDetected, HealthChanged, RecoveryExecuted, decode
-from autoserve_recovery.adapters.process import register
 from autoserve_runtime import free_port, spawn_child, stop_child
 from autoserve_runtime.breaker_client import BreakerClient
 
+from ..support.processes import http_server, recorded_process
 from .conftest import LOCALHOST, check, config_for, wait_for
 from .test_security import AUTOSERVE, SecureNats, command, get, inbox, session
 
@@ -37,18 +35,8 @@ def target(tmp_path: Path) -> Iterator[tuple[Path, int]]:
     """``python -m http.server``, recorded as the restartable local process demo/web-1."""
     port = free_port()
     processes = tmp_path / "data" / "processes"
-    argv = [sys.executable, "-m", "http.server", "--bind", LOCALHOST, str(port), "--directory", str(tmp_path)]
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    register(processes, "demo", "web-1", argv, port)
-    record = processes / "demo" / "web-1.json"
-    record.write_text(json.dumps({**json.loads(record.read_text()), "pid": process.pid}))
-    yield record, port
-    process.kill()
-    process.wait()
-    pid = json.loads(record.read_text())["pid"]
-    if pid != process.pid:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    with recorded_process(http_server(port, tmp_path), processes, "demo", "web-1", port) as record:
+        yield record, port
 
 
 async def test_each_service_in_its_own_process_with_its_own_credentials_runs_the_full_flow(

@@ -9,7 +9,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -20,9 +19,9 @@ from pathlib import Path
 import nats
 import pytest
 
-from autoserve_recovery.adapters.process import register
-from autoserve_runtime import free_port
+from autoserve_runtime import free_port, stop_child
 
+from ..support.processes import http_server, recorded_process, serving
 from .conftest import LOCALHOST, check, config_for
 from .test_cli import AUTOSERVE, wait_until
 
@@ -119,28 +118,15 @@ class Up:
         return set(SERVICES) <= self.children().keys() and all(self.ready(s) for s in SERVICES)
 
 
-def serving(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://{LOCALHOST}:{port}/", timeout=1) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
 @pytest.fixture
 def target(tmp_path: Path) -> Iterator[tuple[Path, int]]:
     """An HTTP server recorded as restartable instance web/web-1 under up's data dir."""
     port = free_port()
     data = tmp_path / "data"
-    argv = [sys.executable, "-m", "http.server", "--bind", LOCALHOST, str(port), "--directory", str(tmp_path)]
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    register(data / "processes", "web", "web-1", argv, port)
-    record = data / "processes" / "web" / "web-1.json"
-    record.write_text(json.dumps({**json.loads(record.read_text()), "pid": process.pid}))
-    yield data, port
-    if process.poll() is None:
-        process.kill()
-    process.wait()
+    with recorded_process(
+        http_server(port, tmp_path), data / "processes", "web", "web-1", port, start_new_session=True
+    ):
+        yield data, port
 
 
 @pytest.fixture
@@ -169,13 +155,7 @@ def start_up(tmp_path: Path, target: tuple[Path, int]) -> Iterator[Callable[[], 
 
     yield start
     for up in started:
-        if up.process.poll() is None:
-            up.process.send_signal(signal.SIGTERM)
-            try:
-                up.process.wait(60)
-            except subprocess.TimeoutExpired:
-                up.process.kill()
-                up.process.wait()
+        stop_child(up.process, 60)
 
 
 def test_a_killed_service_is_restarted_and_the_others_keep_running(start_up: Callable[[], Up]) -> None:
