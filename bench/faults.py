@@ -24,7 +24,7 @@ import urllib.request
 from pathlib import Path
 
 from autoserve_cli.services import SERVICES
-from autoserve_runtime import free_port
+from autoserve_runtime import free_port, stop_child
 from autoserve_runtime.nats_server import accepts, free_ports
 from bench.common import LOG_DIR, REPO_DIR, WORK_DIR, Table, descendants, fmt
 
@@ -76,13 +76,7 @@ class UpRun:
         return None
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_child(self.process, 60)
 
 
 def _until(condition, timeout: float, what: str) -> float:  # type: ignore[no-untyped-def]

@@ -20,6 +20,7 @@ import nats
 import pytest
 
 from autoserve_runtime import free_port, stop_child
+from autoserve_runtime.nats_server import free_ports
 
 from ..support.processes import http_server, recorded_process, serving
 from .conftest import LOCALHOST, check, config_for
@@ -37,14 +38,6 @@ def _free(port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def free_run(n: int) -> int:
-    """A first port with the n ports from it free (each service's metrics port)."""
-    while True:
-        base = free_port()
-        if base + n < 65536 and all(_free(base + i) for i in range(n)):
-            return base
 
 
 def _stat(pid: int) -> list[str] | None:
@@ -139,7 +132,7 @@ def start_up(tmp_path: Path, target: tuple[Path, int]) -> Iterator[Callable[[], 
     started: list[Up] = []
 
     def start() -> Up:
-        nats_port, base = free_port(), free_run(len(SERVICES))
+        nats_port, base = free_port(), free_ports(len(SERVICES))
         output = tmp_path / "up.out"
         env = {**os.environ, "AUTOSERVE_METRICS_PORT": str(base), "AUTOSERVE_REPORTER_LISTEN": f"{LOCALHOST}:{free_port()}",
                "AUTOSERVE_STATUS_LISTEN": f"{LOCALHOST}:{free_port()}"}  # fmt: skip
