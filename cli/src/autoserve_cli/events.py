@@ -98,7 +98,8 @@ def parse_types(values: Iterable[str] | None) -> tuple[str, ...]:
 
 
 def parse_since(text: str | None, now: float) -> float | None:
-    """``--since 90s|10m|2h|1d`` (a bare number is seconds) -> the epoch time to start at."""
+    """``--since`` in the config's duration syntax (``90s``, ``10m``, ``1h30m``; a bare
+    number is seconds) -> the epoch time to start at."""
     if text is None:
         return None
     try:
