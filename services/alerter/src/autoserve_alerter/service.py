@@ -69,8 +69,6 @@ class AlerterService(HostedService):
         self._session: aiohttp.ClientSession | None = None
         self.timer = DueTimer(SERVICE, self._step, min_wait=tick_seconds, max_wait=max_sleep)
 
-    # -- configuration ---------------------------------------------------------------------
-
     def _on_apps(self, apps: dict[str, AppSpec], _written_at: float | None) -> None:
         self.apps = apps
         self.core.set_apps(apps)
@@ -79,16 +77,12 @@ class AlerterService(HostedService):
     def _on_settings(self, config: AlertingConfig) -> None:
         self.core.configure(config)
         if self._session is not None:
-            self.dispatcher.receivers = build_receivers(config.receivers, self._session)
-            for name, receiver in self.dispatcher.receivers.items():
-                problem = getattr(receiver, "problem", None)
-                if problem:
-                    log.error("receiver misconfigured; its notifications will fail", receiver=name, problem=problem)
+            self.dispatcher.use(build_receivers(config.receivers, self._session))
         log.info("alerting settings loaded", receivers=sorted(config.receivers), enabled=config.enabled,
                  windows=[w.name for w in config.maintenance_windows])  # fmt: skip
         self.timer.wakeup.set()  # new timers (group_wait, windows, resend intervals)
 
-    # -- lifecycle -------------------------------------------------------------------------
+    # -- on the service host --------------------------------------------------------------
 
     async def open(self, host: Host) -> None:
         self._session = aiohttp.ClientSession(headers={"User-Agent": "AutoServe-Alerter/1.0"})
@@ -130,32 +124,26 @@ class AlerterService(HostedService):
     # -- the timer (autoserve_runtime.timer): woken by ``_process``, ``_delivered`` and settings --
 
     def _step(self, now: float) -> float | None:
-        self.tick(now)
+        assert self.publisher is not None
+        if self.core.config.enabled:
+            decisions = self.core.tick(now, tuple(self.apps))
+            for event in decisions.events:
+                self.publisher.submit(event)
+            for notification in decisions.notifications:
+                self.notifications.append(notification)
+                self.dispatcher.submit(notification)
+        self.ticked_at = now
+        self.ticks += 1
         return self.core.next_due(now) if self.core.config.enabled else None
 
     @property
     def tick_errors(self) -> int:
         return self.timer.errors
 
-    def tick(self, now: float) -> None:
-        if self.core.config.enabled:
-            decisions = self.core.tick(now, tuple(self.apps))
-            for event in decisions.events:
-                self._submit(event)
-            for notification in decisions.notifications:
-                self.notifications.append(notification)
-                self.dispatcher.submit(notification)
-        self.ticked_at = now
-        self.ticks += 1
-
-    def _submit(self, event: Event) -> None:
-        assert self.publisher is not None, "the alerter publishes only once it runs"
-        self.publisher.submit(event)
-
     def _delivered(
         self, notification: Notification, outcome: NotificationOutcome, attempts: int, error: str | None
     ) -> None:
         log_entry = self.core.delivered(notification, outcome, time.time(), attempts, error)
-        if log_entry is not None:  # a re-send to Alertmanager is not logged
-            self._submit(log_entry)
+        if log_entry is not None and self.publisher is not None:  # a re-send to Alertmanager is not logged
+            self.publisher.submit(log_entry)
         self.timer.wakeup.set()  # the group may have more to say now

@@ -66,6 +66,14 @@ class Dispatcher:
         self.failed = 0
         self.attempts = 0
 
+    def use(self, receivers: dict[str, Receiver]) -> None:
+        """New settings' receivers; one that cannot work is said so now, not at its first alert."""
+        self.receivers = receivers
+        for name, receiver in receivers.items():
+            problem = getattr(receiver, "problem", None)
+            if problem:
+                log.error("receiver misconfigured; its notifications will fail", receiver=name, problem=problem)
+
     def submit(self, notification: Notification) -> None:
         task = asyncio.create_task(self._deliver(notification), name=f"notify:{notification.receiver}")
         self._tasks.add(task)
