@@ -2,7 +2,8 @@
 
 ``add`` returns the future of the batch the rows joined; it resolves True once that batch
 is stored, and the consumer acknowledges the JetStream messages behind it only then. A
-failing insert is retried with backoff until it succeeds: a batch is never dropped. While
+failing insert is retried until it succeeds (tenacity: ``retry_initial`` doubling to
+``retry_max``, plus up to ``retry_initial`` of jitter): a batch is never dropped. While
 ClickHouse is away, batches wait in order; the bound on memory is the durable consumer's
 ``max_ack_pending`` (JetStream delivers no more unacknowledged messages than that, so the
 reporter stops pulling instead of dropping). ``stats.buffered_rows`` shows the level.
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 import structlog
+from tenacity import AsyncRetrying, RetryCallState, wait_exponential_jitter
 
 from .clickhouse import Store
 
@@ -61,8 +63,7 @@ class BatchWriter:
         self.columns = tuple(columns)
         self.max_rows = max_rows
         self.max_delay = max_delay
-        self._retry_initial = retry_initial
-        self._retry_max = retry_max
+        self._wait = wait_exponential_jitter(multiplier=retry_initial, max=retry_max, jitter=retry_initial)
         self._open = _Batch()
         self._sealed: deque[_Batch] = deque()
         self._wakeup = asyncio.Event()
@@ -115,23 +116,20 @@ class BatchWriter:
 
     async def _store(self, batch: _Batch) -> None:
         """Insert until it succeeds; a partial insert repeated is collapsed by the table's
-        ReplacingMergeTree key, so retrying is always safe."""
-        delay = self._retry_initial
-        data = b"\n".join(batch.lines)
-        while True:
-            try:
-                await self.store.insert_lines(self.table, self.columns, data)
-            except Exception as exc:
-                self.stats.insert_failures += 1
-                self.stats.last_error = f"{type(exc).__name__}: {exc}"[:500]
-                log.warning("insert failed; retrying", table=self.table, rows=len(batch.lines),
-                            retry_in=round(delay, 2), error=self.stats.last_error[:200])  # fmt: skip
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self._retry_max)
-                continue
-            self.stats.rows_stored += len(batch.lines)
-            self.stats.batches_stored += 1
-            return
+        ReplacingMergeTree key, so retrying is always safe. It never gives up by itself;
+        ``close`` cancels it, in a try or in a wait."""
+
+        def failed(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            self.stats.insert_failures += 1
+            self.stats.last_error = f"{type(exc).__name__}: {exc}"[:500]
+            log.warning("insert failed; retrying", table=self.table, rows=len(batch.lines),
+                        retry_in=round(state.upcoming_sleep, 2), error=self.stats.last_error[:200])  # fmt: skip
+
+        retrying = AsyncRetrying(wait=self._wait, before_sleep=failed)  # any Exception, for ever
+        await retrying(self.store.insert_lines, self.table, self.columns, b"\n".join(batch.lines))
+        self.stats.rows_stored += len(batch.lines)
+        self.stats.batches_stored += 1
 
     async def flush(self, timeout: float) -> bool:
         """Seal what is open and wait up to ``timeout`` for everything to be stored."""
