@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from autoserve_events import APPS_BUCKET
 from autoserve_runtime import EmbeddedNatsServer, free_port
 
 from ..conftest import plant_secret
+from ..support.processes import http_server
 from .conftest import LOCALHOST, check, config_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,6 +28,10 @@ AUTOSERVE = str(Path(sys.executable).parent / "autoserve")
 
 def autoserve(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([AUTOSERVE, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def apply(path: Path, url: str) -> subprocess.CompletedProcess[str]:
+    return autoserve("apply", "-c", str(path), "--nats-url", url)
 
 
 def write(path: Path, apps: dict) -> Path:
@@ -66,37 +72,36 @@ def test_check_lists_every_problem_and_exits_2(tmp_path: Path) -> None:
     ]
 
 
+@pytest.fixture
+def web_and_api(tmp_path: Path, nats_server: EmbeddedNatsServer) -> tuple[Path, str]:
+    """A file with apps web and api, and the URL of the nats-server to apply it to."""
+    return write(tmp_path / "both.yaml", {"web": web(), "api": web()}), nats_server.url
+
+
 async def test_apply_is_declarative_and_a_bad_file_changes_nothing(
-    tmp_path: Path, nats_server: EmbeddedNatsServer, nc: Client
+    tmp_path: Path, web_and_api: tuple[Path, str], nc: Client
 ) -> None:
-    url = nats_server.url
-    both = write(tmp_path / "both.yaml", {"web": web(), "api": web()})
-    result = autoserve("apply", "-c", str(both), "--nats-url", url)
+    both, url = web_and_api
+    result = apply(both, url)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"applied to {url}: created: api, web"
     assert await kv_keys(nc) == {"web", "api"}
 
-    assert (
-        autoserve("apply", "-c", str(both), "--nats-url", url).stdout.strip()
-        == f"applied to {url}: unchanged: api, web"
-    )
+    assert apply(both, url).stdout.strip() == f"applied to {url}: unchanged: api, web"
 
     bad = write(tmp_path / "bad.yaml", {"web": {"health_check": {"port": -1}}})
-    result = autoserve("apply", "-c", str(bad), "--nats-url", url)
+    result = apply(bad, url)
     assert result.returncode == 2
     assert await kv_keys(nc) == {"web", "api"}  # nothing applied
 
     one = write(tmp_path / "one.yaml", {"web": web(18082)})
-    assert (
-        autoserve("apply", "-c", str(one), "--nats-url", url).stdout.strip()
-        == f"applied to {url}: updated: web; removed: api"
-    )
+    assert apply(one, url).stdout.strip() == f"applied to {url}: updated: web; removed: api"
     assert await kv_keys(nc) == {"web"}
 
 
 def test_apply_without_nats_says_so(tmp_path: Path) -> None:
     url = f"nats://127.0.0.1:{free_port()}"
-    result = autoserve("apply", "-c", str(write(tmp_path / "ok.yaml", {"web": web()})), "--nats-url", url)
+    result = apply(write(tmp_path / "ok.yaml", {"web": web()}), url)
     assert result.returncode == 1
     assert f"cannot reach NATS at {url}" in result.stderr
 
@@ -169,13 +174,21 @@ def wait_for_probes(nats_port: int) -> list[dict]:
     return rows
 
 
-def test_up_runs_everything_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
-    # A target in its own process: this test is synchronous, so no server runs in its loop.
-    server = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", LOCALHOST, str(port := free_port())],
-                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+@pytest.fixture
+def ok_target(tmp_path: Path) -> Iterator[int]:
+    """A target answering /ok in its own process: the ``up`` tests are synchronous, so no
+    server runs in their loop. Yields its port."""
     (tmp_path / "ok").write_text("ok")
+    port = free_port()
+    server = subprocess.Popen(http_server(port, tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    yield port
+    server.terminate()
+    server.wait()
+
+
+def test_up_runs_everything_and_stops_cleanly_on_sigterm(tmp_path: Path, ok_target: int) -> None:
     nats_port = free_port()
-    up = start_up(tmp_path, port, nats_port)
+    up = start_up(tmp_path, ok_target, nats_port)
     try:
         rows = wait_for_probes(nats_port)
         assert {(r["app_name"], r["instance_id"]) for r in rows} == {("web", "w-1"), ("web", "w-2")}
@@ -190,8 +203,6 @@ def test_up_runs_everything_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None
     finally:
         if up.poll() is None:
             up.kill()
-        server.terminate()
-        server.wait()
 
 
 def report_of(app: str) -> dict | None:
@@ -242,20 +253,13 @@ def test_make_run_demo_gives_a_real_report_and_stops_on_ctrl_c(tmp_path: Path) -
             up.wait()
 
 
-def test_up_killed_outright_leaves_no_orphans(tmp_path: Path) -> None:
-    server = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", LOCALHOST, str(port := free_port())],
-                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    (tmp_path / "ok").write_text("ok")
+def test_up_killed_outright_leaves_no_orphans(tmp_path: Path, ok_target: int) -> None:
     nats_port = free_port()
-    up = start_up(tmp_path, port, nats_port)
-    try:
-        wait_for_probes(nats_port)
-        up.kill()  # SIGKILL: no cleanup code runs in `up`
-        up.wait()
-        wait_until(lambda: not processes_mentioning(str(tmp_path / "data")), 20, "children to die with their parent")
-    finally:
-        server.terminate()
-        server.wait()
+    up = start_up(tmp_path, ok_target, nats_port)
+    wait_for_probes(nats_port)
+    up.kill()  # SIGKILL: no cleanup code runs in `up`
+    up.wait()
+    wait_until(lambda: not processes_mentioning(str(tmp_path / "data")), 20, "children to die with their parent")
 
 
 @pytest.mark.parametrize(

@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (the web_and_api fixture from test_cli is used as a parameter)
 """``autoserve apply`` / ``check`` with a file that is empty, truncated or ambiguous: exit 2,
 every problem named, and nothing in KV touched; ``apps: {}`` removes every app on purpose."""
 
@@ -8,9 +9,8 @@ from pathlib import Path
 from nats.aio.client import Client
 
 from autoserve_events import SETTINGS_BUCKET
-from autoserve_runtime import EmbeddedNatsServer
 
-from .test_cli import autoserve, kv_keys, web, write
+from .test_cli import apply, autoserve, kv_keys, web_and_api  # noqa: F401
 
 HINT = "write `apps: {}` to remove every app on purpose"
 
@@ -31,11 +31,10 @@ REFUSED = {
 
 
 async def test_an_empty_truncated_or_ambiguous_file_exits_2_and_only_apps_empty_removes_every_app(
-    tmp_path: Path, nats_server: EmbeddedNatsServer, nc: Client
+    tmp_path: Path, web_and_api: tuple[Path, str], nc: Client
 ) -> None:
-    url = nats_server.url
-    both = write(tmp_path / "both.yaml", {"web": web(), "api": web()})
-    assert autoserve("apply", "-c", str(both), "--nats-url", url).returncode == 0
+    both, url = web_and_api
+    assert apply(both, url).returncode == 0
     settings = await nc.jetstream().key_value(SETTINGS_BUCKET)
     detector_revision = (await settings.get("detector")).revision
 
@@ -57,7 +56,7 @@ async def test_an_empty_truncated_or_ambiguous_file_exits_2_and_only_apps_empty_
     none = tmp_path / "none.yaml"
     none.write_text("# every app retired on purpose\napps: {}\n")
     assert autoserve("check", "-c", str(none)).stdout.strip() == f"{none}: ok (0 apps, 0 static instances)"
-    result = autoserve("apply", "-c", str(none), "--nats-url", url)
+    result = apply(none, url)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"applied to {url}: removed: api, web"
     assert await kv_keys(nc) == set()
