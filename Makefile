@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-PACKAGES := libs/events libs/config libs/runtime services/prober services/breaker services/detector services/recovery services/reporter services/alerter cli
+PACKAGES := libs/events libs/config libs/runtime libs/probes services/prober services/breaker services/detector services/recovery services/reporter services/alerter cli
 
 .PHONY: setup system run test unit integration lint bench clean docs deploy-config image
 

@@ -11,10 +11,10 @@ import pytest
 
 from autoserve_config import HealthCheckConfig
 from autoserve_events import ErrorKind
-from autoserve_prober.adapters.http import BASE_HEADERS, HttpProbe
-from autoserve_prober.adapters.http11 import Http11Pool
-from autoserve_prober.core.outcome import READ_LIMIT
-from autoserve_prober.core.targets import Target
+from autoserve_probes import HttpProbe, Target
+from autoserve_probes.http11 import Http11Pool
+from autoserve_probes.outcome import READ_LIMIT
+from autoserve_probes.request import BASE_HEADERS
 
 Responder = Callable[[asyncio.StreamReader, asyncio.StreamWriter], object]
 

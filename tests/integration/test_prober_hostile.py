@@ -22,10 +22,8 @@ from nats.aio.client import Client
 
 from autoserve_config import HealthCheckConfig
 from autoserve_events import ErrorKind
-from autoserve_prober.adapters.attempt import Attempt
-from autoserve_prober.adapters.http import HttpProbe
-from autoserve_prober.adapters.tcp import tcp_attempt
-from autoserve_prober.core.limits import (
+from autoserve_probes import Attempt, HttpProbe, Target, tcp_attempt
+from autoserve_probes.limits import (
     FRAMING_TOO_LARGE,
     HEAD_TOO_LARGE,
     LINE_TOO_LONG,
@@ -34,8 +32,7 @@ from autoserve_prober.core.limits import (
     MAX_RESPONSE_HEADERS,
     TOO_MANY_HEADERS,
 )
-from autoserve_prober.core.outcome import READ_LIMIT
-from autoserve_prober.core.targets import Target
+from autoserve_probes.outcome import READ_LIMIT
 
 from .conftest import LOCALHOST, Received, apply_yaml, check, config_for, wait_for
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from nats.aio.client import Client
 
 from autoserve_events import ErrorKind
-from autoserve_prober.core.outcome import RESPONSE_BODY_LIMIT
+from autoserve_probes.outcome import RESPONSE_BODY_LIMIT
 
 from .conftest import LOCALHOST, HttpTarget, Received, apply_yaml, check, config_for, wait_for
 

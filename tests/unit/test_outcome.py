@@ -10,8 +10,8 @@ import pytest
 from aiohttp.client_reqrep import ConnectionKey
 
 from autoserve_events import ErrorKind
-from autoserve_prober.adapters import http, tcp
-from autoserve_prober.core.outcome import (
+from autoserve_probes import http, tcp
+from autoserve_probes.outcome import (
     RESPONSE_BODY_LIMIT,
     body_text,
     failure,

@@ -11,6 +11,8 @@ import structlog
 
 from autoserve_config import AppSpec
 from autoserve_events import APPS_BUCKET, Event
+from autoserve_probes.http import HttpProbe
+from autoserve_probes.probe import Prober
 from autoserve_runtime import (
     EventPublisher,
     add_counter,
@@ -25,9 +27,7 @@ from autoserve_runtime import (
 )
 
 from .adapters.docker_source import DockerSource, docker_available
-from .adapters.http import HttpProbe
 from .core.targets import Container, TargetKey, desired_targets, shard_of
-from .probe import Prober
 from .workers import ProbeWorkers
 
 log = structlog.get_logger("autoserve.prober")

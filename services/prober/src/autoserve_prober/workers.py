@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import structlog
 
 from autoserve_events import ProbeCompleted
+from autoserve_probes import Target, TargetKey
 
 from .core.schedule import first_due, next_due, on_tick
-from .core.targets import Target, TargetChanges, TargetKey, diff
+from .core.targets import TargetChanges, diff
 
 log = structlog.get_logger("autoserve.prober")
 

@@ -1,16 +1,16 @@
-"""What to probe: targets from the config and from discovered containers, and how the
-set changes. A target's key is ``(app_name, instance_id)``: one worker per key.
+"""What to probe: targets from the config and from discovered containers, which of them
+this shard owns, and how the set changes. A target's key is ``(app_name, instance_id)``:
+one worker per key. ``Target`` itself is a probe's (``autoserve_probes``).
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from autoserve_config import AppSpec, HealthCheckConfig
-
-TargetKey = tuple[str, str]
+from autoserve_config import AppSpec
+from autoserve_probes import Target, TargetKey
 
 
 @dataclass(frozen=True)
@@ -21,21 +21,6 @@ class Container:
     app_name: str
     ip: str | None  # its address on its network; None with network_mode=host
     port_label: int | None  # the container's ``autoserve.port`` label
-
-
-@dataclass(frozen=True)
-class Target:
-    app_name: str
-    instance_id: str
-    host: str
-    port: int
-    check: HealthCheckConfig = field(compare=True)
-    source: str = "config"  # "config" or "docker"
-    container_id: str | None = None
-
-    @property
-    def key(self) -> TargetKey:
-        return (self.app_name, self.instance_id)
 
 
 @dataclass(frozen=True)

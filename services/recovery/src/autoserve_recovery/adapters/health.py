@@ -2,11 +2,11 @@
 each restarted member this way: a restart this fast is often never seen failing by the
 prober, so no ``HealthChanged`` would say it is back).
 
-It is the prober's own check (``autoserve_prober.probe.Prober``), not a second
+It is the prober's own check (``autoserve_probes.Prober``, shared by both), not a second
 implementation: https and ``verify_ssl``, ``headers``, ``method``, ``body``,
 ``expected_status_codes``, redirects, retries, and TCP ``probe_data`` /
-``expected_response`` mean exactly what they mean to the prober. The dependency points
-one way (recovery uses the prober's check; the prober knows nothing of recovery).
+``expected_response`` mean exactly what they mean to the prober. Recovery and the prober
+both import the probes library; neither imports the other.
 """
 
 from __future__ import annotations
@@ -15,9 +15,7 @@ import asyncio
 import time
 
 from autoserve_config import AppSpec
-from autoserve_prober.adapters.http import HttpProbe
-from autoserve_prober.core.targets import Target
-from autoserve_prober.probe import Prober
+from autoserve_probes import HttpProbe, Prober, Target
 
 from .runtime import Member
 

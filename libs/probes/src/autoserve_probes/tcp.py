@@ -2,7 +2,7 @@
 
 Unlike the seed, the response time covers the whole exchange, and a banner protocol
 (``expected_response`` without ``probe_data``) works too. At most ``READ_LIMIT`` bytes
-are read.
+are read. I/O: the connection; ``outcome`` says what the response means.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import socket
 
 from autoserve_events import ErrorKind
 
-from ..core.outcome import HEALTHY, READ_LIMIT, Verdict, failure, tcp_response_verdict
-from ..core.targets import Target
 from .attempt import Attempt
+from .outcome import HEALTHY, READ_LIMIT, Verdict, failure, tcp_response_verdict
+from .target import Target
 
 
 def classify_exception(exc: BaseException, timeout: float) -> Verdict:

@@ -1,4 +1,4 @@
-"""How much of a response the prober reads, whatever the target sends.
+"""How much of a response a probe reads, whatever the target sends.
 
 A probe needs the status line, a few headers and the start of the body; a target that is
 broken or hostile may send megabytes of headers, header lines without end, or a body without

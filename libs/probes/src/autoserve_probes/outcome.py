@@ -4,6 +4,7 @@ Like Consul's check types, each probe only reports what happened; this module de
 what it means. Error texts start with a stable phrase per kind ("Request timeout",
 "Connection refused", "DNS resolution failed", "TLS error", "Unexpected status code"),
 so the seed's substring classifier still works, and ``ErrorKind`` says it exactly.
+Pure: values in, verdicts and publishable texts out.
 """
 
 from __future__ import annotations

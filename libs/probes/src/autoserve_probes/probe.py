@@ -1,23 +1,34 @@
-"""One probe of one target: the protocol's attempt, retried up to ``max_retries``, as an event."""
+"""One check of one target: the protocol's attempt, retried up to ``max_retries``, as a
+``ProbeCompleted``. I/O: it runs the attempts (``http``, ``tcp``); what their outcome
+means is decided by the pure ``outcome``.
+
+A protocol is one module with an ``AttemptFn`` and one entry in ``Prober.attempts``.
+"""
 
 from __future__ import annotations
 
 import time
 
 from autoserve_events import ProbeCompleted
+from autoserve_events.catalogue import CheckType
 
-from .adapters.http import HttpProbe
-from .adapters.tcp import tcp_attempt
-from .core.targets import Target
+from .attempt import AttemptFn
+from .http import HttpProbe
+from .target import Target
+from .tcp import tcp_attempt
 
 
 class Prober:
     def __init__(self, http: HttpProbe) -> None:
-        self._http = http
+        # HealthCheckConfig.protocol -> ProbeCompleted.check_type and the protocol's attempt
+        self.attempts: dict[str, tuple[CheckType, AttemptFn]] = {
+            "HTTP": ("http", http.attempt),
+            "TCP": ("tcp", tcp_attempt),
+        }
 
     async def probe(self, target: Target, scheduled_at: float | None = None) -> ProbeCompleted:
         check = target.check
-        attempt_once = self._http.attempt if check.protocol == "HTTP" else tcp_attempt
+        check_type, attempt_once = self.attempts[check.protocol]
         for attempt_number in range(1, check.max_retries + 2):  # noqa: B007 - reported below
             started = time.perf_counter()
             attempt = await attempt_once(target)
@@ -28,7 +39,7 @@ class Prober:
         return ProbeCompleted(
             instance_id=target.instance_id,
             app_name=target.app_name,
-            check_type="http" if check.protocol == "HTTP" else "tcp",
+            check_type=check_type,
             is_healthy=verdict.healthy,
             response_time_ms=round(elapsed_ms, 3),
             timestamp=time.time(),

@@ -6,8 +6,9 @@ machinery cost the prober well over half its CPU, and the goal of three times
 blackbox_exporter's probes per CPU-second was out of reach with it. This path does one
 thing: send a prepared GET, read the status, headers and at most ``READ_LIMIT`` bytes of
 body. The head is counted before the parser sees it and the bytes after it are counted too
-(``core.limits``): a response past a bound fails the probe and its connection is closed, so
-memory stays bounded whatever the target sends. Everything else (https, bodies, other methods, redirects to follow) stays on aiohttp.
+(``limits``): a response past a bound fails the probe and its connection is closed, so
+memory stays bounded whatever the target sends. Everything else (https, bodies, other
+methods, redirects to follow) stays on aiohttp. I/O: sockets; the bounds are the pure ``limits``.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import contextlib
 
 import httptools
 
-from ..core.limits import BODY_WIRE_LIMIT, FRAMING_TOO_LARGE, HeadScanner
-from ..core.outcome import READ_LIMIT
-from ..core.targets import Target
+from .limits import BODY_WIRE_LIMIT, FRAMING_TOO_LARGE, HeadScanner
+from .outcome import READ_LIMIT
+from .request import probe_headers
+from .target import Target
 
 Endpoint = tuple[str, int]
 MAX_CACHED_REQUESTS = 100_000
@@ -34,7 +36,7 @@ class ProtocolError(ValueError):
 
 
 class ResponseTooLarge(ProtocolError):
-    """The response passed a bound of ``core.limits``; reading stopped there."""
+    """The response passed a bound of ``limits``; reading stopped there."""
 
 
 class _Connection(asyncio.Protocol):
@@ -208,19 +210,8 @@ class Http11Pool:
         cached = self._requests.get(target.key)
         if cached is not None and cached[0] is target:
             return cached[1]
-        check = target.check
-        host = f"[{target.host}]" if ":" in target.host else target.host
-        headers = {
-            "Host": f"{host}:{target.port}",
-            **base_headers,
-            **(check.headers or {}),
-            "X-Health-Check": "true",
-            "X-Instance-ID": target.instance_id[:12],
-            "X-App-Name": target.app_name,
-        }
-        if not check.keep_alive:
-            headers["Connection"] = "close"
-        lines = [f"GET {check.path} HTTP/1.1", *(f"{name}: {value}" for name, value in headers.items()), "", ""]
+        headers = {"Host": target.authority, **base_headers, **probe_headers(target)}
+        lines = [f"GET {target.check.path} HTTP/1.1", *(f"{name}: {value}" for name, value in headers.items()), "", ""]
         data = "\r\n".join(lines).encode("latin-1")
         if len(self._requests) > MAX_CACHED_REQUESTS:  # targets come and go: keep it bounded
             self._requests.clear()

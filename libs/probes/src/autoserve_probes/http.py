@@ -5,8 +5,11 @@ One shared session and connection pool each. Every field of the seed's ``HealthC
 is honoured, ``verify_ssl`` and ``follow_redirects`` included. Redirects are followed by
 hand so that they never leave the configured target, and at most ``READ_LIMIT`` bytes of
 a body are ever read; a connection left with unread body is closed, not drained. Response
-heads are bounded on both paths by ``core.limits`` (aiohttp by its own line and count limits
+heads are bounded on both paths by ``limits`` (aiohttp by its own line and count limits
 while it reads, set from ours, and its total checked once read), with the same error texts.
+
+I/O: this module does the exchange; ``request`` says what is sent and ``outcome`` what the
+answer means.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 
 from autoserve_events import ErrorKind
 
-from ..core.limits import LINE_TOO_LONG, MAX_HEAD_LINE, MAX_RESPONSE_HEADERS, TOO_MANY_HEADERS, head_problem
-from ..core.outcome import (
+from .attempt import Attempt
+from .http11 import Http11Pool, ProtocolError, ServerClosed
+from .limits import LINE_TOO_LONG, MAX_HEAD_LINE, MAX_RESPONSE_HEADERS, TOO_MANY_HEADERS, head_problem
+from .outcome import (
     MAX_REDIRECTS,
     READ_LIMIT,
     REDIRECT_STATUSES,
@@ -33,17 +38,8 @@ from ..core.outcome import (
     same_origin,
     status_verdict,
 )
-from ..core.targets import Target
-from .attempt import Attempt
-from .http11 import Http11Pool, ProtocolError, ServerClosed
-
-USER_AGENT = "AutoServe-HealthChecker/1.0"
-BASE_HEADERS = {"User-Agent": USER_AGENT, "Accept": "application/json, text/plain, */*"}
-
-
-def target_url(target: Target) -> str:
-    host = f"[{target.host}]" if ":" in target.host else target.host
-    return f"{target.check.scheme}://{host}:{target.port}{target.check.path}"
+from .request import BASE_HEADERS, probe_headers, target_url
+from .target import Target
 
 
 def classify_exception(exc: BaseException, timeout: float) -> Verdict:
@@ -130,12 +126,7 @@ class HttpProbe:
             return Attempt(
                 status_verdict(status, check.expected_status_codes), status, body_text(raw), public_headers(headers)
             )
-        headers = dict(check.headers or {})
-        headers.update(
-            {"X-Health-Check": "true", "X-Instance-ID": target.instance_id[:12], "X-App-Name": target.app_name}
-        )
-        if not check.keep_alive:
-            headers["Connection"] = "close"
+        headers = probe_headers(target)  # the session adds BASE_HEADERS
         url, method = target_url(target), check.method
         verify: bool | None = None if check.verify_ssl else False
         try:
