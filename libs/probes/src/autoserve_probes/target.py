@@ -1,7 +1,7 @@
 """What one probe checks: an instance's address and its app's health check. Pure.
 
 Which targets exist, who owns them and how the set changes is the prober's business
-(``autoserve_prober.core.targets``); a probe needs only this.
+(its ``core/targets.py``); a probe needs only this.
 """
 
 from __future__ import annotations
