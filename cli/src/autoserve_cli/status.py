@@ -16,7 +16,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 from nats.aio.msg import Msg
@@ -186,53 +186,15 @@ class StatusView:
             "breaker": self.breaker(key),
             "breaker_forced": bool(breaker and breaker.forced),
             "breaker_since": breaker.timestamp if breaker else None,
-            "last_probe": None,
-            "last_failure": None,
-            "last_recovery": None,
-            "alert": None,
+            "last_probe": _fields(probe, _LAST_PROBE),
+            "last_failure": _fields(failure, _LAST_FAILURE),
+            "last_recovery": _fields(recovery, _LAST_RECOVERY),
+            "alert": _fields(self.alert(key), _ALERT, since="timestamp"),
             "probes_seen": self.seen.get(key, 0),
         }
         if probe is not None:
-            row["last_probe"] = {
-                "timestamp": probe.timestamp,
-                "is_healthy": probe.is_healthy,
-                "check_type": probe.check_type,
-                "status_code": probe.status_code,
-                "response_time_ms": probe.response_time_ms,
-                "error": probe.error,
-                "error_kind": probe.error_kind,
-            }
             # Before these columns a row was the last probe's fields: they stay, flat.
             row = {**msgspec.to_builtins(probe), **row}
-        if failure is not None:
-            row["last_failure"] = {
-                "timestamp": failure.timestamp,
-                "failure_type": failure.failure_type,
-                "severity": failure.severity,
-                "message": failure.message,
-                "consecutive_count": failure.consecutive_count,
-                "is_critical": failure.is_critical,
-                "event_id": failure.event_id,
-            }
-        if recovery is not None:
-            row["last_recovery"] = {
-                "timestamp": recovery.timestamp,
-                "strategy": recovery.strategy,
-                "success": recovery.success,
-                "failure_type": recovery.failure_type,
-                "duration_ms": recovery.duration_ms,
-                "error": recovery.error,
-                "event_id": recovery.event_id,
-            }
-        if (alert := self.alert(key)) is not None:
-            row["alert"] = {
-                "alert_id": alert.alert_id,
-                "status": alert.status,
-                "failure_type": alert.failure_type,
-                "severity": alert.severity,
-                "since": alert.timestamp,
-                "acknowledged_by": alert.acknowledged_by,
-            }
         return row
 
     def as_json(self) -> str:
@@ -262,54 +224,60 @@ class StatusView:
         for column in columns:
             table.add_column(column)
         for key in keys:
-            table.add_row(*key, self._health_cell(key, now), self._breaker_cell(key, now), self._probe_cell(key, now),
-                          self._failure_cell(key, now), self._recovery_cell(key, now),
-                          self._alert_cell(key, now))  # fmt: skip
+            table.add_row(
+                *key,
+                aged(self.health.get(key), now, _health_text, "[dim]unknown[/]", " {}"),
+                aged(self.breakers.get(key), now, _breaker_text, "closed", " {}"),
+                aged(self.latest.get(key), now, _probe_text),
+                aged(self.failures.get(key), now, _failure_text),
+                aged(self.recoveries.get(key), now, _recovery_text),
+                aged(self.alert(key), now, _alert_text),
+            )
         return table
 
-    def _health_cell(self, key: InstanceKey, now: float) -> str:
-        change = self.health.get(key)
-        if change is None:
-            return "[dim]unknown[/]"
-        word = "[green]healthy[/]" if change.healthy else "[red]unhealthy[/]"
-        return f"{word} {age(now - change.timestamp)}"
 
-    def _breaker_cell(self, key: InstanceKey, now: float) -> str:
-        change = self.breakers.get(key)
-        if change is None:
-            return "closed"
-        text = _BREAKER_STYLE[change.state].format(change.state + (" (held)" if change.forced else ""))
-        return f"{text} {age(now - change.timestamp)}"
+class _Stamped(Protocol):
+    @property
+    def timestamp(self) -> float: ...
 
-    def _probe_cell(self, key: InstanceKey, now: float) -> str:
-        probe = self.latest.get(key)
-        if probe is None:
-            return "[dim]-[/]"
-        if probe.is_healthy:
-            result = f"[green]ok[/] {probe.status_code or probe.check_type} {probe.response_time_ms:.1f} ms"
-        else:
-            result = f"[red]failed[/] {(probe.error or str(probe.status_code or ''))[:40]}"
-        return f"{result} · {age(now - probe.timestamp)} ago"
 
-    def _failure_cell(self, key: InstanceKey, now: float) -> str:
-        failure = self.failures.get(key)
-        if failure is None:
-            return "[dim]-[/]"
-        return f"{failure.failure_type} ({failure.severity}) · {age(now - failure.timestamp)} ago"
+_E = TypeVar("_E", bound=_Stamped)
 
-    def _recovery_cell(self, key: InstanceKey, now: float) -> str:
-        recovery = self.recoveries.get(key)
-        if recovery is None:
-            return "[dim]-[/]"
-        outcome = "[green]ok[/]" if recovery.success else "[red]failed[/]"
-        return f"{recovery.strategy} {outcome} · {age(now - recovery.timestamp)} ago"
 
-    def _alert_cell(self, key: InstanceKey, now: float) -> str:
-        alert = self.alert(key)
-        if alert is None:
-            return "[dim]-[/]"
-        style = {"firing": "[red]{}[/]", "acknowledged": "[yellow]{}[/]"}.get(alert.status, "[green]{}[/]")
-        return f"{style.format(alert.status)} {alert.failure_type} · {age(now - alert.timestamp)} ago"
+def aged(
+    event: _E | None, now: float, text: Callable[[_E], str], missing: str = "[dim]-[/]", when: str = " · {} ago"
+) -> str:
+    """One cell of the table: what the latest event says, and how long ago it happened."""
+    if event is None:
+        return missing
+    return text(event) + when.format(age(now - event.timestamp))
+
+
+def _health_text(change: HealthChanged) -> str:
+    return "[green]healthy[/]" if change.healthy else "[red]unhealthy[/]"
+
+
+def _breaker_text(change: BreakerStateChanged) -> str:
+    return _BREAKER_STYLE[change.state].format(change.state + (" (held)" if change.forced else ""))
+
+
+def _probe_text(probe: ProbeCompleted) -> str:
+    if probe.is_healthy:
+        return f"[green]ok[/] {probe.status_code or probe.check_type} {probe.response_time_ms:.1f} ms"
+    return f"[red]failed[/] {(probe.error or str(probe.status_code or ''))[:40]}"
+
+
+def _failure_text(failure: FailureDetected) -> str:
+    return f"{failure.failure_type} ({failure.severity})"
+
+
+def _recovery_text(recovery: RecoveryExecuted) -> str:
+    return f"{recovery.strategy} {'[green]ok[/]' if recovery.success else '[red]failed[/]'}"
+
+
+def _alert_text(alert: AlertChanged) -> str:
+    style = {"firing": "[red]{}[/]", "acknowledged": "[yellow]{}[/]"}.get(alert.status, "[green]{}[/]")
+    return f"{style.format(alert.status)} {alert.failure_type}"
 
 
 def alert_subject(app: str) -> str:
@@ -320,6 +288,18 @@ def alert_subject(app: str) -> str:
 LatestProbes = StatusView  # the name ``up`` knew it by
 
 _BREAKER_STYLE = {"open": "[red]{}[/]", "half_open": "[yellow]{}[/]", "closed": "{}"}
+# The fields of each last event in a ``--json`` row (documented in the README).
+_LAST_PROBE = ("timestamp", "is_healthy", "check_type", "status_code", "response_time_ms", "error", "error_kind")
+_LAST_FAILURE = ("timestamp", "failure_type", "severity", "message", "consecutive_count", "is_critical", "event_id")
+_LAST_RECOVERY = ("timestamp", "strategy", "success", "failure_type", "duration_ms", "error", "event_id")
+_ALERT = ("alert_id", "status", "failure_type", "severity", "since", "acknowledged_by")
+
+
+def _fields(event: object | None, names: tuple[str, ...], **renamed: str) -> dict[str, Any] | None:
+    """The ``names`` of ``event`` (``renamed`` maps a name to the attribute it shows); None without one."""
+    if event is None:
+        return None
+    return {name: getattr(event, renamed.get(name, name)) for name in names}
 
 
 async def show_status(nats_url: str, *, once: bool, as_json: bool, app: str | None = None) -> int:
