@@ -108,6 +108,16 @@ async def _print_notification(request: web.Request) -> web.Response:
     return web.Response(text="ok")
 
 
+async def _http(port: int, route: web.RouteDef) -> web.AppRunner:
+    """One route served on 127.0.0.1:``port``; clean up through the runner."""
+    app = web.Application()
+    app.router.add_routes([route])
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, HOST, port).start()
+    return runner
+
+
 async def serve_one(instance: str) -> None:
     app_name, port = TARGETS[instance]
     stop = asyncio.Event()
@@ -118,20 +128,10 @@ async def serve_one(instance: str) -> None:
         server = await asyncio.start_server(_pong, HOST, port)
         cleanup = server.close
     elif instance == ALERT_RECEIVER:
-        app = web.Application()
-        app.router.add_post("/alerts", _print_notification)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, HOST, port).start()
-        cleanup = runner.cleanup
+        cleanup = (await _http(port, web.post("/alerts", _print_notification))).cleanup
     else:
         handler = {"web-1": _steady, "web-2": _flapping, "api-1": _sometimes_slow(), "web-3": _steady}[instance]
-        app = web.Application()
-        app.router.add_get("/health", handler)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, HOST, port).start()
-        cleanup = runner.cleanup
+        cleanup = (await _http(port, web.get("/health", handler))).cleanup
     if instance != ALERT_RECEIVER:  # not an app: nothing for the recovery service to restart
         _register(instance)
     if instance == "web-3":  # a crash, not a clean exit: nothing is flushed or closed
@@ -146,12 +146,7 @@ async def serve_one(instance: str) -> None:
 async def serve() -> None:
     runners = []
     for port, handler in ((18081, _steady), (18082, _flapping), (18083, _sometimes_slow())):
-        app = web.Application()
-        app.router.add_get("/health", handler)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, HOST, port).start()
-        runners.append(runner)
+        runners.append(await _http(port, web.get("/health", handler)))
     tcp = await asyncio.start_server(_pong, HOST, 18091)
     print("demo targets listening on 127.0.0.1:18081-18083 (HTTP) and 18091 (TCP)", flush=True)
     stop = asyncio.Event()
