@@ -19,7 +19,7 @@ from typing import Any
 
 from autoserve_config import AppSpec
 
-# The prober names a discovered container by its short id (autoserve_prober.core.targets).
+# The prober names a discovered container by its short id (the prober's core/targets.py, short_id).
 CONTAINER_ID = re.compile(r"[0-9a-f]{12}")
 UNCONFIGURED = "unconfigured"
 

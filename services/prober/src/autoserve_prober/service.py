@@ -1,30 +1,19 @@
-"""The prober's composition root: wires NATS, the target sources, the workers and the
-publisher, and stops them in order.
+"""The prober's composition root: the target sources, the workers and the publisher, on the
+service host.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
+from typing import Any
 
 import structlog
 
 from autoserve_config import AppSpec
 from autoserve_events import APPS_BUCKET, Event
-from autoserve_probes.http import HttpProbe
-from autoserve_probes.probe import Prober
-from autoserve_runtime import (
-    EventPublisher,
-    add_counter,
-    add_gauge,
-    cancel_all,
-    close_nats,
-    connect,
-    count_published,
-    follow_apps,
-    provision,
-    watch_publisher,
-)
+from autoserve_probes import HttpProbe, Prober
+from autoserve_runtime import EventPublisher, add_counter, add_gauge, count_published, follow_apps
+from autoserve_runtime.host import Host, HostedService, Plan, Watch
 
 from .adapters.docker_source import DockerSource, docker_available
 from .core.targets import Container, TargetKey, desired_targets, shard_of
@@ -33,7 +22,9 @@ from .workers import ProbeWorkers
 log = structlog.get_logger("autoserve.prober")
 
 
-class ProberService:
+class ProberService(HostedService):
+    name = "prober"
+
     def __init__(
         self,
         nats_url: str,
@@ -43,7 +34,7 @@ class ProberService:
         docker: bool | None = None,
         container_stats_seconds: float = 15.0,
     ) -> None:
-        self.nats_url = nats_url
+        super().__init__(nats_url)
         self.shard = shard
         self.shards = shards
         self.use_docker = docker_available() if docker is None else docker
@@ -52,42 +43,39 @@ class ProberService:
         self.containers: dict[str, Container] = {}
         self.container_started: dict[str, float] = {}
         self.workers: ProbeWorkers | None = None
-        self.publisher: EventPublisher | None = None
-        self.ready = asyncio.Event()
         self._docker: DockerSource | None = None
 
-    async def run(self, stop: asyncio.Event) -> None:
-        nc = await connect(self.nats_url, f"autoserve-prober-{self.shard}")
-        js = nc.jetstream()
-        await provision(js)
-        kv = await js.key_value(APPS_BUCKET)
-        self.publisher = EventPublisher(js).start()
-        submit = self._observe(self.publisher)
+    @property
+    def client_name(self) -> str:
+        return f"autoserve-prober-{self.shard}"
+
+    async def open(self, host: Host) -> None:
+        submit = self._observe(host.publisher)
         http = await HttpProbe().start()
-        self.workers = ProbeWorkers(Prober(http).probe, submit)
-        tasks = [asyncio.create_task(follow_apps(kv, self._on_apps), name="follow-apps")]
+        host.closing(http.close)
+        self.workers = workers = ProbeWorkers(Prober(http).probe, submit)
+        host.closing(workers.stop_all)
         if self.use_docker:
             self._docker = DockerSource(
                 self._on_containers, submit, self._owns, stats_seconds=self.container_stats_seconds
             )
-            tasks.append(asyncio.create_task(self._docker.run(), name="docker-discovery"))
         else:
             log.info("no Docker engine socket: container discovery off")
-        log.info("prober started", shard=self.shard, shards=self.shards, nats=self.nats_url)
-        try:
-            await stop.wait()
-        finally:
-            log.info("prober stopping")
-            await cancel_all(tasks)
-            await self.workers.stop_all()
-            await self.publisher.close()
-            await http.close()
-            await close_nats(nc)
-            log.info("prober stopped", published=self.publisher.stats.acked, dropped=self.publisher.stats.dropped)
+
+    def plan(self) -> Plan:
+        # Not ready before the targets are known: a prober that probes nothing says so.
+        return Plan(watches=[Watch(APPS_BUCKET, follow_apps, self._on_apps)], config_wait=None)
+
+    async def started(self, host: Host) -> None:
+        if self._docker is not None:
+            host.spawn(self._docker.run(), "docker-discovery")
+
+    def stopped(self) -> dict[str, Any]:
+        stats = self.publisher.stats if self.publisher else None
+        return {"shard": self.shard, "published": stats.acked if stats else 0, "dropped": stats.dropped if stats else 0}
 
     def _observe(self, publisher: EventPublisher) -> Callable[[Event], None]:
         """/metrics: probes by result (rate() gives probes per second), targets, missed slots."""
-        watch_publisher("prober", publisher)
         add_gauge("probe_targets", "Targets this prober (shard) probes", lambda: len(self.workers.targets))
         add_counter("probe_missed_slots", "Probe slots skipped: the probe before overran", self._missed_slots)
         return count_published("prober", publisher.submit)
@@ -100,7 +88,6 @@ class ProberService:
         if self._docker is not None:
             self._docker.watch_labels({name: spec.docker.label for name, spec in apps.items() if spec.docker})
         self._reconcile(written_at)
-        self.ready.set()
 
     def _owns(self, app_name: str, instance_id: str) -> bool:
         return self.shards == 1 or shard_of((app_name, instance_id), self.shards) == self.shard
