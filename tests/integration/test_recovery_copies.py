@@ -12,7 +12,7 @@ from nats.aio.client import Client
 
 from autoserve_events import HealthChanged, RecoveryStrategy
 from autoserve_prober.service import ProberService
-from autoserve_recovery.adapters.runtime import Member
+from autoserve_recovery.ports import Member
 from autoserve_runtime import free_port
 
 from .conftest import LOCALHOST, Outputs, apply_yaml, check, config_for, wait_for

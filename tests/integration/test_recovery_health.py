@@ -23,7 +23,7 @@ from autoserve_config import AppSpec, HealthCheckConfig
 from autoserve_events import FailureDetected, FailureType, RecoveryStrategy, encode, new_event_id, subject_for
 from autoserve_recovery.adapters.health import HealthChecks
 from autoserve_recovery.adapters.process import register
-from autoserve_recovery.adapters.runtime import Member
+from autoserve_recovery.ports import Member
 from autoserve_runtime import free_port
 
 from ..conftest import allow_secret_file, plant_secret

@@ -18,7 +18,7 @@ from nats.aio.client import Client
 from autoserve_events import FailureDetected, HealthChanged, RecoveryStrategy
 from autoserve_prober.service import ProberService
 from autoserve_recovery.adapters.nginx import NginxSettings, parse_down, render, upstream_name
-from autoserve_recovery.adapters.runtime import Member
+from autoserve_recovery.ports import Member
 from autoserve_runtime import free_port
 
 from .conftest import LOCALHOST, Outputs, apply_yaml, wait_for
@@ -192,7 +192,7 @@ async def test_with_three_of_four_failing_the_ejection_cap_holds_and_panic_is_an
 
 async def test_a_failed_reload_puts_the_previous_upstream_file_back(tmp_path: Path) -> None:
     from autoserve_recovery.adapters.nginx import NginxUpstreams
-    from autoserve_recovery.adapters.runtime import RecoveryError
+    from autoserve_recovery.ports import RecoveryError
 
     members = [Member("a", LOCALHOST, 18001), Member("b", LOCALHOST, 18002)]
     good = NginxUpstreams(NginxSettings(tmp_path, ("true",)))

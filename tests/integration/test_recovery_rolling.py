@@ -21,7 +21,7 @@ from autoserve_events import (
     subject_for,
 )
 from autoserve_prober.service import ProberService
-from autoserve_recovery.adapters.runtime import Member
+from autoserve_recovery.ports import Member
 from autoserve_runtime import free_port
 
 from .conftest import LOCALHOST, Outputs, apply_yaml, wait_for

@@ -10,7 +10,7 @@ import json
 import pytest
 
 from autoserve_recovery.adapters.docker import LINEAGE_LABEL, DockerRuntime, PortPolicy
-from autoserve_recovery.adapters.runtime import RecoveryError
+from autoserve_recovery.ports import RecoveryError
 from autoserve_runtime import free_port
 
 from .test_recovery_docker import app, docker  # noqa: F401

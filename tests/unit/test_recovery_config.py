@@ -7,7 +7,7 @@ import pytest
 
 from autoserve_config import ConfigError, RecoveryConfig, parse_config
 from autoserve_recovery.adapters.nginx import parse_down, render, upstream_name
-from autoserve_recovery.adapters.runtime import Member
+from autoserve_recovery.ports import Member
 
 
 def problems(recovery: dict) -> list[str]:

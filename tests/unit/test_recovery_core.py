@@ -11,7 +11,6 @@ import pytest
 from autoserve_config import RecoveryConfig
 from autoserve_events import FailureDetected, FailureType, HealthChanged, RecoveryStrategy
 from autoserve_recovery.adapters.process import CAPABILITIES
-from autoserve_recovery.adapters.runtime import RecoveryError
 from autoserve_recovery.core import (
     DEFAULT_STRATEGY_MAP,
     AppPolicy,
@@ -29,7 +28,8 @@ from autoserve_recovery.core import (
     strategy_map,
     traffic_steps,
 )
-from autoserve_recovery.service import time_left
+from autoserve_recovery.ports import RecoveryError
+from autoserve_recovery.rolling import time_left
 
 S = RecoveryStrategy
 F = FailureType

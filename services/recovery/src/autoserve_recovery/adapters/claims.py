@@ -22,6 +22,8 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from ..ports import ClaimHeld
+
 CLAIMS_BUCKET = "autoserve-recovery-claims"
 
 
@@ -47,16 +49,6 @@ async def claims_bucket(js: JetStreamContext, max_age_seconds: float = 86_400) -
                 storage=StorageType.FILE,
             )
         )
-
-
-class ClaimHeld(Exception):
-    """An action claim another replica still holds while this one holds the instance's
-    lease: its owner died after its instance lease ran out and before its action claim
-    did. Not done, so not dropped: the input is looked at again once the claim runs out."""
-
-    def __init__(self, key: str, held: Lease) -> None:
-        super().__init__(f"{key} is held by {held.owner} until {held.until:.3f}")
-        self.retry_in = max(0.05, held.until - time.time())
 
 
 class Claims:
@@ -115,7 +107,7 @@ class Claims:
         on nothing), so that owner is gone or finishing, and the input must not be dropped."""
         claim = await self.acquire(key, cause, action=action)
         if claim is None and (held := await self.peek(key)) is not None and not held.done:
-            raise ClaimHeld(key, held)
+            raise ClaimHeld(key, held.owner, held.until)
         return claim
 
     async def peek(self, key: str) -> Lease | None:

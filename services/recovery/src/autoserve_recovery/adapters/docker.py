@@ -27,7 +27,7 @@ from typing import Any
 import aiodocker
 import structlog
 
-from .runtime import AwaitHealthy, Member, Outcome, RecoveryError
+from ..ports import AwaitHealthy, Member, Outcome, RecoveryError
 
 log = structlog.get_logger("autoserve.recovery.docker")
 

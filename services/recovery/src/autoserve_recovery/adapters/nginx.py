@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .runtime import Member, RecoveryError
+from ..ports import Member, RecoveryError
 
 _LINE = re.compile(r"^\s*server\s+(?P<addr>\S+?)(?P<down>\s+down)?;\s*#\s*(?P<id>[A-Za-z0-9_-]+)\s*$")
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from autoserve_events import RecoveryStrategy
 
 from ..core.strategies import Capabilities
-from .runtime import AwaitHealthy, Member, Outcome, RecoveryError
+from ..ports import AwaitHealthy, Member, Outcome, RecoveryError
 
 # A fresh process from the recorded command is all a local process can get: a restart, or a
 # recreate (the same thing here). Replace and scale out need an image and a port of their
