@@ -9,7 +9,8 @@ import json
 
 import pytest
 
-from autoserve_recovery.adapters.docker import LINEAGE_LABEL, DockerRuntime, PortPolicy
+from autoserve_recovery.adapters.copy_ports import PortPolicy
+from autoserve_recovery.adapters.docker import LINEAGE_LABEL, DockerRuntime
 from autoserve_recovery.ports import RecoveryError
 from autoserve_runtime import free_port
 

@@ -80,7 +80,8 @@ def test_a_bad_replica_port_range_names_the_field(ports: list[int], expected: st
 
 
 def test_copies_get_the_probers_port_rule_and_docker_times_keep_their_fraction() -> None:
-    from autoserve_recovery.adapters.docker import PortPolicy, docker_time
+    from autoserve_recovery.adapters.copy_ports import PortPolicy
+    from autoserve_recovery.adapters.docker import docker_time
 
     assert PortPolicy(None, 8000).port_of({"autoserve.port": "18081"}) == 18081
     assert PortPolicy(None, 8000).port_of({}) == 8000
@@ -89,3 +90,17 @@ def test_copies_get_the_probers_port_rule_and_docker_times_keep_their_fraction()
     assert docker_time("2024-05-01T12:00:00Z") == 1714564800.0
     spec = parse_config({"apps": {"web": {"docker": {"label": "app=web", "replica_ports": [20000, 20009]}}}})
     assert spec.apps["web"].docker.replica_ports == [20000, 20009]
+
+
+def test_a_copy_gets_the_lowest_free_port_of_its_range_or_says_why_none() -> None:
+    from autoserve_recovery.adapters.copy_ports import PortPolicy, copy_port
+    from autoserve_recovery.ports import RecoveryError
+    from autoserve_runtime import free_port
+
+    low = free_port()
+    assert copy_port("web", PortPolicy(replica_range=(low, low)), set()) == low
+    with pytest.raises(RecoveryError, match=rf"no free port left in docker\.replica_ports \[{low}, {low}\]"):
+        copy_port("web", PortPolicy(replica_range=(low, low)), {low})  # a stopped container has it
+    with pytest.raises(RecoveryError, match=r"docker\.port 9000 puts every container on one port"):
+        copy_port("web", PortPolicy(fixed=9000), set())
+    assert copy_port("web", PortPolicy(), {1}) > 1024  # no range: the kernel's pick

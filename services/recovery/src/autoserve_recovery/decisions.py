@@ -25,7 +25,7 @@ from autoserve_events import APPS_BUCKET, Event, FailureDetected, HealthChanged,
 from .core import AppPolicy, Limits, RecoveryState, decide, panic_announcement, panic_restores, restore_plan
 from .core.strategies import DEFAULT_STRATEGY_MAP, TRAFFIC
 from .leases import InstanceLeases
-from .ports import KeepAlive, RecoveryError, Runtimes
+from .ports import KeepAlive, RecoveryError, Runtimes, SpecOf
 from .runner import ActionRunner
 from .settings import policy_for
 
@@ -39,7 +39,7 @@ class Decisions:
     def __init__(
         self,
         state: RecoveryState,
-        spec_of: Callable[[str], AppSpec | None],
+        spec_of: SpecOf,
         runtimes: Runtimes,
         leases: InstanceLeases,
         runner: ActionRunner,

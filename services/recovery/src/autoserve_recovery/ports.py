@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from autoserve_config import AppSpec
-from autoserve_events import Event, FailureDetected, RecoveryExecuted, RecoveryStrategy
+from autoserve_events import Event, FailureDetected, RecoveryExecuted
 from autoserve_runtime import PullStats
 
-from .core import AppPolicy, RecoveryState
+from .core import RecoveryState
 
 # (app, instance id, timeout) -> became healthy in time; answered from HealthChanged events.
 AwaitHealthy = Callable[[str, str, float], Awaitable[bool]]
@@ -182,19 +182,11 @@ class Records(Protocol):
         """The stream sequence of the last ``RecoveryExecuted`` of these instances (0: none)."""
 
 
-class Act(Protocol):
-    """The action runner's one entry (``runner.ActionRunner.act``)."""
-
-    async def __call__(
-        self,
-        cause: Any,
-        strategy: RecoveryStrategy,
-        policy: AppPolicy,
-        spec: AppSpec,
-        operation: str | None = None,
-        target: str | None = None,
-        extra: dict[str, object] | None = None,
-    ) -> RecoveryExecuted | None: ...
+# The app's spec as configured in KV now (None: not configured).
+SpecOf = Callable[[str], AppSpec | None]
+# The decide step's restore of a left-out member (cause, spec, instance): False if another
+# replica holds the instance's lease.
+Restore = Callable[[FailureDetected, AppSpec, str], Awaitable[bool]]
 
 
 class Roll(Protocol):

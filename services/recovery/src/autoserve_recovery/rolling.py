@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import structlog
@@ -30,12 +30,21 @@ from autoserve_runtime import cancel_all
 
 from .core import RecoveryState, left_out, rolling_member
 from .leases import InstanceLeases, LeaseBusy
-from .ports import HealthCheck, LoadBalancer, Member, Outcome, Records, RecoveryError, Runtime, Runtimes
+from .ports import (
+    HealthCheck,
+    LoadBalancer,
+    Member,
+    Outcome,
+    Records,
+    RecoveryError,
+    Restore,
+    Runtime,
+    Runtimes,
+    SpecOf,
+)
 
 log = structlog.get_logger("autoserve.recovery.rolling")
 
-# (cause, spec, instance) -> False if another replica holds the instance's lease
-Restore = Callable[[FailureDetected, AppSpec, str], Awaitable[bool]]
 MIN_PACE_SECONDS = 0.5  # a left-out member is checked at the prober's pace, not faster
 
 
@@ -52,7 +61,7 @@ def time_left(deadline: float, now: float, timeout: float, member: str, restarte
 
 
 @dataclass
-class Roll:
+class RollingRun:
     """One rolling restart under way."""
 
     cause: FailureDetected
@@ -84,7 +93,7 @@ class RollingRestart:
         leases: InstanceLeases,
         records: Records,
         restore: Restore,
-        spec_of: Callable[[str], AppSpec | None],
+        spec_of: SpecOf,
         *,
         replica: str,
         watch_seconds: float,
@@ -114,7 +123,7 @@ class RollingRestart:
             # recorded (and left out of the LB) by us, not cut off by that cancellation.
             deadline = time.monotonic() + timeout - min(1.0, timeout / 10)
             members = {m.instance_id: m for m in await self._runtimes.members(app, spec)}
-            roll = Roll(cause, runtime, spec, members, deadline, timeout)
+            roll = RollingRun(cause, runtime, spec, members, deadline, timeout)
             own: dict[str, object] = {}
             for member in sorted(await runtime.instances(app), key=lambda i: i != cause.instance_id):
                 if self._state.is_done(cause.event_id, RecoveryStrategy.ROLLING_RESTART, member):
@@ -129,7 +138,7 @@ class RollingRestart:
             return Outcome({**own, "restarted": roll.restarted})
 
     @contextlib.asynccontextmanager
-    async def _member_lease(self, roll: Roll, member: str):  # type: ignore[no-untyped-def]
+    async def _member_lease(self, roll: RollingRun, member: str) -> AsyncIterator[None]:
         """Another instance's lease, waited for (its own action may be running) within
         what is left of the roll's time."""
         busy = f"until action_timeout_seconds ({roll.timeout:g}s) ran out"
@@ -140,7 +149,7 @@ class RollingRestart:
             why = "was leased by another replica" if exc.by_replica else "stayed busy with another action"
             raise RecoveryError(f"rolling_restart: {member} {why} {busy}") from None
 
-    async def _roll_one(self, roll: Roll, member: str) -> dict[str, object]:
+    async def _roll_one(self, roll: RollingRun, member: str) -> dict[str, object]:
         """One member. Taken out of the LB unless an ejection of its own has it out (that
         one is undone by its own restore); put back once it answers. One that fails is
         recorded, and stays out only as a recorded ejection."""
@@ -184,13 +193,13 @@ class RollingRestart:
             await self._records.record(event)
         return done.details
 
-    async def _set_down(self, roll: Roll, member: str, down: bool) -> dict[str, object]:
+    async def _set_down(self, roll: RollingRun, member: str, down: bool) -> dict[str, object]:
         assert self._lb is not None  # only a member the roll marks ("ours") gets here
         return await self._lb.set_down(roll.app, list(roll.members.values()), member, down)
 
     async def _member_failed(
         self,
-        roll: Roll,
+        roll: RollingRun,
         member: str,
         ours: bool,
         marked: dict[str, object],

@@ -8,7 +8,8 @@ from collections.abc import Mapping
 
 from autoserve_config import AppSpec
 
-from .adapters.docker import DockerRuntime, PortPolicy
+from .adapters.copy_ports import PortPolicy
+from .adapters.docker import DockerRuntime
 from .adapters.process import ProcessRuntime
 from .ports import Member, RecoveryError, Runtime
 

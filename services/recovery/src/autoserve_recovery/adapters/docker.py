@@ -18,40 +18,24 @@ import contextlib
 import datetime
 import json
 import os
-import socket
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import aiodocker
 import structlog
 
 from ..ports import AwaitHealthy, Member, Outcome, RecoveryError
+from .copy_ports import PORT_LABEL, PortPolicy, copy_port
 
 log = structlog.get_logger("autoserve.recovery.docker")
 
 LINEAGE_LABEL = "autoserve.recovery.lineage"
 CAUSE_LABEL = "autoserve.recovery.cause"  # the failure a replacement was started for
-PORT_LABEL = "autoserve.port"
 PORT_ENV = "PORT"  # a copy on host networking listens where this says
 # Container config keys that make up "the same spec" when a container is created again.
 SPEC_KEYS = ("Image", "Env", "Labels", "Cmd", "Entrypoint", "WorkingDir", "User", "ExposedPorts", "StopSignal",
              "Healthcheck", "Tty", "OpenStdin")  # fmt: skip
-
-
-@dataclass(frozen=True)
-class PortPolicy:
-    """Where an app's containers listen: the prober's rule (``docker.port``, else the
-    ``autoserve.port`` label, else ``health_check.port``), and where copies may go."""
-
-    fixed: int | None = None  # docker.port: every container of the app on this port
-    default: int = 8000  # health_check.port
-    replica_range: tuple[int, int] | None = None  # docker.replica_ports
-
-    def port_of(self, labels: Mapping[str, str]) -> int:
-        label = labels.get(PORT_LABEL, "")
-        return self.fixed or (int(label) if label.isdigit() else self.default)
 
 
 def docker_time(text: str) -> float:
@@ -59,21 +43,6 @@ def docker_time(text: str) -> float:
     head, _, frac = text.rstrip("Z").partition(".")
     stamp = datetime.datetime.fromisoformat(head).replace(tzinfo=datetime.UTC).timestamp()
     return stamp + (float(f"0.{frac}") if frac.isdigit() else 0.0)
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
-def _kernel_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def docker_socket_available() -> bool:
@@ -203,22 +172,8 @@ class DockerRuntime:
         if (info.get("HostConfig") or {}).get("NetworkMode") != "host":
             return None
         policy = self.ports.get(app_name, PortPolicy())
-        if policy.fixed:
-            raise RecoveryError(
-                f"{app_name}: docker.port {policy.fixed} puts every container on one port; on host networking a "
-                "copy cannot run beside the original. Use the autoserve.port label instead of docker.port"
-            )
-        taken = {policy.port_of(summary.get("Labels") or {}) for summary in await self._app_containers(app_name, False)}
-        if policy.replica_range is None:
-            for _ in range(20):  # the kernel's pick is free now; skip one a stopped container owns
-                if (port := _kernel_port()) not in taken:
-                    return port
-            raise RecoveryError(f"{app_name}: no free 127.0.0.1 port found for a copy")
-        low, high = policy.replica_range
-        for port in range(low, high + 1):  # the lowest free one: the same choice on every replica
-            if port not in taken and _bindable(port):
-                return port
-        raise RecoveryError(f"{app_name}: no free port left in docker.replica_ports [{low}, {high}]")
+        every = await self._app_containers(app_name, running_only=False)
+        return copy_port(app_name, policy, {policy.port_of(summary.get("Labels") or {}) for summary in every})
 
     # -- actions -------------------------------------------------------------------------
 
