@@ -37,6 +37,7 @@ from autoserve_runtime import connect, provision, spawn_child, stop_child
 from bench.common import LOG_DIR, VENV_BIN, Table, fmt, nats_server
 
 INSTANCES = 2000
+LATENCY_INSTANCES = 5000
 WARM_UP_S = 3.0
 REPO = Path(__file__).resolve().parent.parent
 
@@ -181,7 +182,14 @@ async def _fleet(
     try:
         js = nc.jetstream()
         await provision(js)
-        config = "apps:\n  bench:\n    health_check: {failure_threshold: 3, success_threshold: 1, period_seconds: 1, timeout_seconds: 1}\n    instances: [{id: i0, host: 127.0.0.1, port: 9}]\n"
+        # Every instance the inputs name is configured: an input for an unknown one is refused
+        # (dead-lettered), and the bench would measure refusals.
+        configured = max(INSTANCES, LATENCY_INSTANCES)
+        instances = ", ".join(f"{{id: i{n}, host: 127.0.0.1, port: {9000 + n}}}" for n in range(configured))
+        config = (
+            "apps:\n  bench:\n    health_check: {failure_threshold: 3, success_threshold: 1, period_seconds: 1, "
+            f"timeout_seconds: 1}}\n    instances: [{instances}]\n"
+        )
         await store_config(js, load_config_text(config))
         await js.add_consumer(PROBES_STREAM, _from_start())
         now = time.time()
@@ -274,14 +282,13 @@ async def _latency(js: JetStreamContext, rate: int, seconds: float, cycle: int) 
             samples[kind].append((time.perf_counter() - sent) * 1000)
 
     sub = await js._nc.subscribe("autoserve.event.>", cb=on_output)
-    instances = 5000
     start = time.perf_counter()
     n = 0
     while (elapsed := time.perf_counter() - start) < seconds + WARM_UP_S:
         counting = elapsed >= WARM_UP_S
         due = int(elapsed * rate)
         while n < due:
-            event = probe(n + 10_000_000, instances, time.time(), cycle)
+            event = probe(n + 10_000_000, LATENCY_INSTANCES, time.time(), cycle)
             sent = time.perf_counter()
             if not event.is_healthy:
                 published[derived_event_id(event.event_id, "failure/health_check_failed/")] = sent

@@ -209,9 +209,11 @@ class Host:
         consumer = EventConsumer(self.js, service.publisher, spec, service.name, consume.fold, admit=consume.admit)
         service.consumers.append(consumer)
         if consume.replay_seconds is not None:
-            floor = await consumer.ack_floor()
+            started, floor = time.monotonic(), await consumer.ack_floor()
             since = time.time() - consume.replay_seconds()
-            service.replayed[spec.durable] = await consumer.replay(since, floor, spec.filter_subject)
+            replayed = service.replayed[spec.durable] = await consumer.replay(since, floor, spec.filter_subject)
+            log.info("state rebuilt", durable=spec.durable, replayed=replayed, up_to_seq=floor,
+                     seconds=round(time.monotonic() - started, 3))  # fmt: skip
         await consumer.start()
         self.closing(lambda: consumer.stop(timeout=consume.stop_timeout))
         if consume.catch_up and not await consumer.caught_up():
