@@ -171,6 +171,15 @@ def dead_letter_headers(service: str, msg: Msg, reason: str) -> dict[str, str]:
     }
 
 
+def publish_dead_letter(publisher: EventPublisher, service: str, msg: Msg, reason: str) -> asyncio.Future[bool] | None:
+    """Park ``msg`` on ``autoserve.deadletter.<service>`` with why, as every consumer parks
+    one (headers, id, metrics); the future says when it is stored."""
+    observability.dead_lettered(service, reason)
+    log.warning("message dead-lettered", subject=msg.subject, seq=msg.metadata.sequence.stream, reason=reason[:200])
+    headers = dead_letter_headers(service, msg, reason)
+    return publisher.submit_raw(deadletter(service), msg.data[:MAX_EVENT_BYTES], headers, track=True)
+
+
 class SeenIds:
     """The last ``capacity`` event ids, for idempotency; bounded, oldest forgotten first."""
 
@@ -204,7 +213,6 @@ class EventConsumer:
         self._service = service
         self._publisher = publisher
         self._spec = spec
-        self._deadletter_subject = deadletter(service)
         self._process = process
         self._admit = admit  # inputs for unconfigured apps or instances are dead-lettered
         self._seen = SeenIds(seen_capacity)
@@ -377,11 +385,7 @@ class EventConsumer:
 
     def _dead_letter(self, msg: Msg, reason: str) -> asyncio.Future[bool] | None:
         self.stats.dead_lettered += 1
-        observability.dead_lettered(self._service, reason)
-        meta = msg.metadata
-        headers = dead_letter_headers(self._service, msg, reason)
-        log.warning("message dead-lettered", subject=msg.subject, seq=meta.sequence.stream, reason=reason[:200])
-        return self._publisher.submit_raw(self._deadletter_subject, msg.data[:MAX_EVENT_BYTES], headers, track=True)
+        return publish_dead_letter(self._publisher, self._service, msg, reason)
 
     def _settle(self, msg: Msg, seq: int, futures: list[asyncio.Future[bool]]) -> None:
         """An input becomes ackable once its outputs are stored and every earlier input is."""

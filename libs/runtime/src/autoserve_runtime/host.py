@@ -39,6 +39,8 @@ from .publisher import EventPublisher
 
 log = structlog.get_logger("autoserve.host")
 
+CLOSE_SECONDS = 10.0
+
 Follower = Callable[[KeyValue, Callable[..., None]], Awaitable[None]]
 
 
@@ -131,6 +133,7 @@ class Host:
     def __init__(self, service: HostedService) -> None:
         self.service = service
         self.nc: Client | None = None
+        self.stopping = asyncio.Event()  # set on SIGTERM, before anything is closed
         self._closers = contextlib.AsyncExitStack()
 
     @property
@@ -143,9 +146,11 @@ class Host:
         assert self.service.publisher is not None
         return self.service.publisher
 
-    def closing(self, close: Callable[[], Awaitable[object]]) -> None:
-        """Run ``close`` at teardown, before anything opened earlier is closed."""
-        self._closers.push_async_callback(_quietly, close)
+    def closing(self, close: Callable[[], Awaitable[object]], timeout: float = CLOSE_SECONDS) -> None:
+        """Run ``close`` at teardown, before anything opened earlier is closed. Each step is
+        bounded: NATS may be going away at the same moment (``up`` stops everything at once),
+        and a close against a dead server would wait for its own timeout."""
+        self._closers.push_async_callback(_quietly, close, timeout)
 
     def spawn(self, work: Coroutine[Any, Any, object], name: str) -> asyncio.Task[object]:
         """A task that lives until teardown."""
@@ -160,6 +165,7 @@ class Host:
                 await self._start()
                 log.info(f"{name} started", nats=service.nats_url, replayed=service.replayed)
                 await stop.wait()
+                self.stopping.set()
             finally:
                 log.info(f"{name} stopping")
         log.info(f"{name} stopped", **service.stopped())
@@ -167,7 +173,7 @@ class Host:
     async def _start(self) -> None:
         service = self.service
         self.nc = nc = await connect(service.nats_url, service.client_name)
-        self.closing(lambda: close_nats(nc))
+        self.closing(lambda: _close_nats(nc))
         await provision(self.js)
         buffer = {} if service.publisher_buffer is None else {"max_buffered": service.publisher_buffer}
         service.publisher = EventPublisher(self.js, **buffer).start()
@@ -215,7 +221,7 @@ class Host:
             log.info("state rebuilt", durable=spec.durable, replayed=replayed, up_to_seq=floor,
                      seconds=round(time.monotonic() - started, 3))  # fmt: skip
         await consumer.start()
-        self.closing(lambda: consumer.stop(timeout=consume.stop_timeout))
+        self.closing(lambda: consumer.stop(timeout=consume.stop_timeout), consume.stop_timeout + CLOSE_SECONDS)
         if consume.catch_up and not await consumer.caught_up():
             log.warning("backlog not folded in time; continuing", durable=spec.durable)
 
@@ -228,9 +234,19 @@ def _and_set(on_change: Callable[..., None], loaded: asyncio.Event) -> Callable[
     return on_change_and_set
 
 
-async def _quietly(close: Callable[[], Awaitable[object]]) -> None:
-    """One resource failing to close must not keep the others open."""
+async def _close_nats(nc: Client, timeout: float = 5.0) -> None:
+    """Drain what is pending; a server that is gone gets a plain close instead."""
     try:
-        await close()
+        await asyncio.wait_for(close_nats(nc), timeout)
+    except TimeoutError:
+        await nc.close()
+
+
+async def _quietly(close: Callable[[], Awaitable[object]], timeout: float) -> None:
+    """One resource failing to close, or taking too long, must not keep the others open."""
+    try:
+        await asyncio.wait_for(close(), timeout)
+    except TimeoutError:
+        log.warning("closing timed out; closing the rest", what=getattr(close, "__qualname__", repr(close)))
     except Exception:
         log.exception("closing failed; closing the rest")

@@ -21,9 +21,9 @@ import time
 import nats.errors
 import structlog
 
-from autoserve_events import MalformedEvent, deadletter, decode
-from autoserve_runtime import EVENTS_IN, HANDLER_SECONDS, cancel_all, dead_letter_headers, dead_lettered
-from autoserve_runtime.consumer import MAX_EVENT_BYTES
+from autoserve_events import MalformedEvent, decode
+from autoserve_runtime import EVENTS_IN, HANDLER_SECONDS, cancel_all
+from autoserve_runtime.consumer import publish_dead_letter
 
 from .ports import ClaimHeld, Fold, Handler, RawPublisher, WorkCounts, WorkMessage, WorkSource
 
@@ -168,12 +168,7 @@ class WorkFeed:
         """Parked on ``autoserve.deadletter.<service>`` as every consumer parks one (the
         runtime's headers, id and metrics), then acknowledged: never retried for ever."""
         self._counts.stats.dead_lettered += 1
-        dead_lettered(self._service, reason)
-        log.warning("message dead-lettered", subject=msg.subject, reason=reason[:200])
-        headers = dead_letter_headers(self._service, msg, reason)  # type: ignore[arg-type]
-        stored = self._dead_letters.submit_raw(
-            deadletter(self._service), msg.data[:MAX_EVENT_BYTES], headers, track=True
-        )
+        stored = publish_dead_letter(self._dead_letters, self._service, msg, reason)  # type: ignore[arg-type]
         if stored is not None:
             with contextlib.suppress(Exception):
                 await stored

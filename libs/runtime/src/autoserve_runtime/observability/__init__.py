@@ -11,8 +11,6 @@ process-wide, in three parts and what they share:
 
 from __future__ import annotations
 
-from typing import Any
-
 from .health import STATE, add_check, begin, mark_stopping, readiness, reasons, remove_check
 from .metrics import (
     DEAD_LETTERS,
@@ -47,17 +45,6 @@ from .server import (
     request_endpoint,
 )
 from .watched import WATCHED, watch_consumer, watch_durable, watch_nats, watch_publisher
-
-
-def __getattr__(name: str) -> Any:
-    # Transitional: PullConsumer moved to autoserve_runtime.pull; recovery imported it from
-    # here. Remove once nothing does (the import is lazy: pull imports this package).
-    if name == "PullConsumer":
-        from ..pull import PullConsumer
-
-        return PullConsumer
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 __all__ = [
     "DEAD_LETTERS",

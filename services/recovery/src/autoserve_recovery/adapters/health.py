@@ -17,7 +17,7 @@ import time
 from autoserve_config import AppSpec
 from autoserve_probes import HttpProbe, Prober, Target
 
-from .runtime import Member
+from ..ports import Member
 
 RETRY_PAUSE = 0.05  # between failed checks while waiting: a restarted app binds quickly
 
