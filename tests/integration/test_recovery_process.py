@@ -4,76 +4,37 @@ again from its record and serves again, through prober, detector and recovery.""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
-import subprocess
 import sys
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from nats.aio.client import Client
 
 from autoserve_events import RecoveryStrategy
-from autoserve_prober.service import ProberService
-from autoserve_recovery.adapters.process import register
-from autoserve_runtime import EmbeddedNatsServer, free_port
+from autoserve_runtime import free_port
 
-from .conftest import LOCALHOST, Outputs, ServiceRunner, apply_yaml, check, config_for, wait_for
+from ..support.processes import recorded_process, serving
+from .conftest import Outputs, WatchLocally, check, wait_for
 from .test_recovery_docker import executed, recoveries  # noqa: F401
 
 
-def serving(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://{LOCALHOST}:{port}/", timeout=1) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
-@pytest.fixture
-def http_process(tmp_path: Path) -> Iterator[tuple[Path, int]]:
-    """``python -m http.server`` on 127.0.0.1, recorded as restartable instance demo/web-1."""
-    port = free_port()
-    directory = tmp_path / "processes"
-    argv = [sys.executable, "-m", "http.server", "--bind", LOCALHOST, str(port), "--directory", str(tmp_path)]
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    register(directory, "demo", "web-1", argv, port)
-    record = directory / "demo" / "web-1.json"
-    record.write_text(json.dumps({**json.loads(record.read_text()), "pid": process.pid}))
-    yield directory, port
-    process.kill()
-    process.wait()
-    pid = json.loads(record.read_text())["pid"]
-    if pid != process.pid:
-        os.kill(pid, signal.SIGKILL)
-
-
 async def test_a_killed_local_process_is_started_again_and_serves(
-    nats_server: EmbeddedNatsServer, nc: Client, detector_runner: ServiceRunner, recoveries, outputs: Outputs,
-    http_process: tuple[Path, int],
-) -> None:  # fmt: skip
+    recoveries, outputs: Outputs, http_process: tuple[Path, int], watch_locally: WatchLocally
+) -> None:
     directory, port = http_process
-    await apply_yaml(nc, config_for({"demo": {"health_check": check(path="/", failure_threshold=2),
-                                              "instances": [{"id": "web-1", "host": LOCALHOST, "port": port}]}}))  # fmt: skip
-    await detector_runner.start()
-    prober = ServiceRunner(lambda: ProberService(nats_server.url, docker=False))
-    await prober.start()
-    try:
-        await recoveries(docker=False, process_dir=directory)
-        await wait_for(lambda: serving(port), what="serving")
-        old_pid = json.loads((directory / "demo" / "web-1.json").read_text())["pid"]
-        os.kill(old_pid, signal.SIGKILL)
-        await wait_for(lambda: executed(outputs, RecoveryStrategy.RESTART_CONTAINER), timeout=30, what="a restart")
-        restart = executed(outputs, RecoveryStrategy.RESTART_CONTAINER)[0]
-        assert restart.success, restart.error
-        assert restart.failure_type == "port_not_listening" and restart.details["pid"] != old_pid
-        await wait_for(lambda: serving(port), timeout=10, what="serving again")
-    finally:
-        await prober.stop()
+    await watch_locally("web-1", port, health_check=check(path="/", failure_threshold=2))
+    await recoveries(docker=False, process_dir=directory)
+    await wait_for(lambda: serving(port), what="serving")
+    old_pid = json.loads((directory / "demo" / "web-1.json").read_text())["pid"]
+    os.kill(old_pid, signal.SIGKILL)
+    await wait_for(lambda: executed(outputs, RecoveryStrategy.RESTART_CONTAINER), timeout=30, what="a restart")
+    restart = executed(outputs, RecoveryStrategy.RESTART_CONTAINER)[0]
+    assert restart.success, restart.error
+    assert restart.failure_type == "port_not_listening" and restart.details["pid"] != old_pid
+    await wait_for(lambda: serving(port), timeout=10, what="serving again")
 
 
 # Serves "/" on the port given, then crashes (exit 1, nothing closed) after the seconds given.
@@ -90,49 +51,33 @@ def crash_looping_process(tmp_path: Path) -> Iterator[tuple[Path, int]]:
     """A process that crashes 2 s after every start, recorded as demo/web-3 (the demo's web-3)."""
     port = free_port()
     directory = tmp_path / "processes"
-    argv = [sys.executable, "-c", CRASHER, str(port), "2"]
-    process = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    register(directory, "demo", "web-3", argv, port)
-    record = directory / "demo" / "web-3.json"
-    record.write_text(json.dumps({**json.loads(record.read_text()), "pid": process.pid, "cwd": str(tmp_path)}))
-    yield directory, port
-    process.kill()
-    process.wait()
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(json.loads(record.read_text())["pid"], signal.SIGKILL)
+    with recorded_process([sys.executable, "-c", CRASHER, str(port), "2"], directory, "demo", "web-3", port,
+                          cwd=tmp_path):  # fmt: skip
+        yield directory, port
 
 
 async def test_a_crash_looping_local_process_keeps_coming_back_past_the_old_escalation_point(
-    nats_server: EmbeddedNatsServer, nc: Client, detector_runner: ServiceRunner, recoveries, outputs: Outputs,
-    crash_looping_process: tuple[Path, int],
-) -> None:  # fmt: skip
+    recoveries, outputs: Outputs, crash_looping_process: tuple[Path, int], watch_locally: WatchLocally
+) -> None:
     """Issue 9: after 3 restarts and a recreate, recovery went on to replace_instance, which
     a local process cannot do, and the demo's web-3 stayed down. Now the chain ends at the
     process runtime's limit: every attempt is a restart or a recreate that works, the ones
     past the limit say so, and the process serves again after each crash."""
     directory, port = crash_looping_process
     fast = {"backoff_initial_seconds": 0.2, "backoff_max_seconds": 0.5, "max_restarts": 3}
-    await apply_yaml(nc, config_for({"demo": {"health_check": check(path="/", failure_threshold=1),
-                                              "instances": [{"id": "web-3", "host": LOCALHOST, "port": port}],
-                                              "recovery": fast}}))  # fmt: skip
-    await detector_runner.start()
-    prober = ServiceRunner(lambda: ProberService(nats_server.url, docker=False))
-    await prober.start()
-    try:
-        await recoveries(docker=False, process_dir=directory)
+    await watch_locally("web-3", port, health_check=check(path="/", failure_threshold=1), recovery=fast)
+    await recoveries(docker=False, process_dir=directory)
 
-        def remediations() -> list:
-            return [e for e in executed(outputs, instance="web-3") if e.strategy is not RecoveryStrategy.REMOVE_FROM_LB]
+    def remediations() -> list:
+        return [e for e in executed(outputs, instance="web-3") if e.strategy is not RecoveryStrategy.REMOVE_FROM_LB]
 
-        # 3 restarts, a recreate, then where replace_instance and scale_out used to come.
-        await wait_for(lambda: len(remediations()) >= 7, timeout=90, what="seven remediations of web-3")
-        done = remediations()
-        assert all(e.success for e in done), [(e.strategy, e.error) for e in done]
-        assert {e.strategy for e in done} <= {RecoveryStrategy.RESTART_CONTAINER, RecoveryStrategy.RECREATE_CONTAINER}
-        past = [e for e in done[4:] if "chain_end" in e.details]
-        assert past and all(e.details["escalation_wanted"] == "replace_instance" for e in past), done[4:]
-        assert "process runtime's limit" in past[0].details["chain_end"]
-        assert len({e.details["pid"] for e in done}) == len(done)  # a fresh process every time
-        await wait_for(lambda: serving(port), timeout=15, what="serving again after the last restart")
-    finally:
-        await prober.stop()
+    # 3 restarts, a recreate, then where replace_instance and scale_out used to come.
+    await wait_for(lambda: len(remediations()) >= 7, timeout=90, what="seven remediations of web-3")
+    done = remediations()
+    assert all(e.success for e in done), [(e.strategy, e.error) for e in done]
+    assert {e.strategy for e in done} <= {RecoveryStrategy.RESTART_CONTAINER, RecoveryStrategy.RECREATE_CONTAINER}
+    past = [e for e in done[4:] if "chain_end" in e.details]
+    assert past and all(e.details["escalation_wanted"] == "replace_instance" for e in past), done[4:]
+    assert "process runtime's limit" in past[0].details["chain_end"]
+    assert len({e.details["pid"] for e in done}) == len(done)  # a fresh process every time
+    await wait_for(lambda: serving(port), timeout=15, what="serving again after the last restart")
