@@ -35,6 +35,7 @@ from autoserve_alerter.core.alerter import Alerter, Decisions, Notification
 from autoserve_alerter.service import AlerterService
 from autoserve_config import ReceiverConfig, parse_config
 from autoserve_events import (
+    SETTINGS_BUCKET,
     AlertChanged,
     FailureDetected,
     FailureType,
@@ -47,6 +48,7 @@ from autoserve_events import (
 from autoserve_runtime import EmbeddedNatsServer, free_port, provision
 
 from ..conftest import plant_secret
+from ..support.web import serving_app
 from .conftest import LOCALHOST, Outputs, ServiceRunner, apply_yaml, wait_for
 
 SECRET = plant_secret("s3cret-for-tests", "alerter webhook HMAC secret")
@@ -84,11 +86,8 @@ async def hook() -> AsyncIterator[Hook]:
 
     app = web.Application()
     app.router.add_post("/hook", receive)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, LOCALHOST, target.port).start()
-    yield target
-    await runner.cleanup()
+    async with serving_app(app, target.port):
+        yield target
 
 
 @pytest.fixture
@@ -152,6 +151,22 @@ async def test_webhook_fires_and_resolves_with_a_valid_hmac(nc: Client, alerter:
     assert hook.payloads()[1]["status"] == "resolved"
     await wait_for(lambda: len(logs(outputs, "sent")) == 2, what="both sends logged")
     assert [e.status for e in outputs.events(AlertChanged)] == ["firing", "resolved"]
+
+
+async def test_a_bad_settings_value_falls_back_to_the_newest_valid_one(
+    nc: Client, alerter: ServiceRunner, hook: Hook
+) -> None:
+    """A value written straight into KV that does not validate: the alerter starts with the
+    newest valid revision (its receivers), not the defaults, and says so."""
+    await apply_yaml(nc, config({"team": webhook(hook.url)}))
+    settings = await nc.jetstream().key_value(SETTINGS_BUCKET)
+    bad_revision = await settings.put("alerting", b'{"receivers": "none"}')
+    with structlog.testing.capture_logs() as captured:
+        await alerter.start()
+    [refused] = [entry for entry in captured if entry["log_level"] == "error"]
+    assert (refused["key"], refused["revision"]) == ("alerting", bad_revision)
+    await publish(nc, crash())
+    await wait_for(lambda: len(hook.received) == 1, what="the firing notification, to the last good receiver")
 
 
 async def test_ack_from_the_cli_is_an_event_and_stops_escalation(nc: Client, nats_server: EmbeddedNatsServer,
@@ -442,11 +457,8 @@ async def trap() -> AsyncIterator[Trap]:
     app.router.add_post("/moved/{status}", moved)
     app.router.add_post("/landed", landed)
     app.router.add_post("/services/{rest:.*}", broken)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, LOCALHOST, target.port).start()
-    yield target
-    await runner.cleanup()
+    async with serving_app(app, target.port):
+        yield target
 
 
 def a_notification() -> Notification:

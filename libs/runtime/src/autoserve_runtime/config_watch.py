@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 import nats.errors
@@ -173,40 +173,61 @@ def _app_decoder(app: str) -> Callable[[bytes], AppSpec]:
     return lambda data: decode_app_spec(app, data)
 
 
-OnDetectorSettings = Callable[[DetectorConfig], None]
-
-
-def decode_detector(data: bytes) -> DetectorConfig:
+def decode_setting(key: str, data: bytes) -> Any:
+    """The settings bucket's ``key`` (``detector``, ``alerting``), validated as that section of the file."""
     try:
         raw = msgspec.json.decode(data)
     except msgspec.DecodeError as exc:
-        raise ConfigError([f"detector: not valid JSON: {exc}"]) from None
-    return parse_config({"detector": raw}).detector
+        raise ConfigError([f"{key}: not valid JSON: {exc}"]) from None
+    return getattr(parse_config({key: raw}), key)
 
 
-async def follow_detector_settings(kv: KeyValue, on_change: OnDetectorSettings) -> None:
-    """The ``detector`` key of the settings bucket; defaults until one is written."""
-    current: tuple[int, DetectorConfig] | None = None
-    watcher = await kv.watch("detector")
-    on_change(DetectorConfig())
+async def follow_setting(
+    kv: KeyValue, key: str, defaults: Callable[[], T], on_change: Callable[[T], None], *, defaults_first: bool = False
+) -> None:
+    """One key of the settings bucket: its newest valid value (see above), else the defaults.
+    The first call is the stored value, or the defaults when none is valid, so a service that
+    waits for its settings starts with them; ``defaults_first`` announces the defaults before
+    the key is read, for a service that does not wait."""
+    current: tuple[int, T] | None = None
+    announced = False
+
+    def announce(settings: T) -> None:
+        nonlocal announced
+        announced = True
+        on_change(settings)
+
+    def decode(data: bytes) -> T:
+        return decode_setting(key, data)
+
+    watcher = await kv.watch(key)
+    if defaults_first:
+        announce(defaults())
     with _watching(SETTINGS_BUCKET) as invalid:
         follow = _Key(kv, SETTINGS_BUCKET, invalid, "key", "the defaults are in use")
         async for entry in watcher:
-            if entry is None:
+            if entry is None:  # the stored value is read
+                if not announced:
+                    announce(defaults())
                 continue
             if entry.operation in (KV_DEL, KV_PURGE):
                 invalid.pop(entry.key, None)
                 current = None
-                on_change(DetectorConfig())
+                announce(defaults())
                 continue
             try:
-                settings = decode_detector(entry.value or b"")
+                settings = decode(entry.value or b"")
             except ConfigError as exc:
-                found = await _fallback(follow, entry, exc.problems, current, decode_detector)
+                found = await _fallback(follow, entry, exc.problems, current, decode)
                 if found is not None and found is not current:
                     current = found
-                    on_change(found[1])
+                    announce(found[1])
                 continue
             invalid.pop(entry.key, None)
             current = (entry.revision or 0, settings)
-            on_change(settings)
+            announce(settings)
+
+
+async def follow_detector_settings(kv: KeyValue, on_change: Callable[[DetectorConfig], None]) -> None:
+    """The detector does not wait for its settings: the defaults until the key says otherwise."""
+    await follow_setting(kv, "detector", DetectorConfig, on_change, defaults_first=True)

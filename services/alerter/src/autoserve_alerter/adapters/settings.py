@@ -1,43 +1,20 @@
-"""Following the ``alerting`` key of the settings bucket (``autoserve apply`` writes it)."""
+"""Following the ``alerting`` key of the settings bucket (``autoserve apply`` writes it).
+
+The runtime's settings follower: a refused value falls back to the newest valid revision
+(in memory, else in the key's history), and the alerter's first settings are the stored
+ones, read before it starts (its watch is required), or the defaults when there are none."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-import msgspec
-import structlog
-from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+from nats.js.kv import KeyValue
 
-from autoserve_config import AlertingConfig, ConfigError, parse_config
-
-log = structlog.get_logger("autoserve.alerter.settings")
+from autoserve_config import AlertingConfig
+from autoserve_runtime.config_watch import follow_setting
 
 SETTINGS_KEY = "alerting"
 
 
-def decode_alerting(data: bytes) -> AlertingConfig:
-    try:
-        raw = msgspec.json.decode(data)
-    except msgspec.DecodeError as exc:
-        raise ConfigError([f"alerting: not valid JSON: {exc}"]) from None
-    return parse_config({"alerting": raw}).alerting
-
-
 async def follow_alerting_settings(kv: KeyValue, on_change: Callable[[AlertingConfig], None]) -> None:
-    """Defaults until a value is written; a bad value is logged and the last good one kept."""
-    watcher = await kv.watch(SETTINGS_KEY)
-    seeded = False
-    async for entry in watcher:
-        if entry is None:
-            if not seeded:
-                seeded = True
-                on_change(AlertingConfig())
-            continue
-        seeded = True
-        if entry.operation in (KV_DEL, KV_PURGE):
-            on_change(AlertingConfig())
-            continue
-        try:
-            on_change(decode_alerting(entry.value or b""))
-        except ConfigError as exc:
-            log.error("invalid alerting settings ignored; keeping the last good ones", problems=exc.problems)
+    await follow_setting(kv, SETTINGS_KEY, AlertingConfig, on_change)
