@@ -44,6 +44,7 @@ from autoserve_events.durables import DurableSpec
 from . import observability
 from .admission import Admit
 from .feed import position, subscribe_from
+from .lifecycle import cancel_all
 from .publisher import EventPublisher
 
 log = structlog.get_logger("autoserve.consumer")
@@ -317,9 +318,7 @@ class EventConsumer:
         while self._awaiting and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         if self._acker is not None:
-            self._acker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._acker
+            await cancel_all([self._acker])
         await self._ack_now()
 
     async def _resume_at_ack_floor(self) -> None:

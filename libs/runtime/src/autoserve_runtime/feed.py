@@ -29,6 +29,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from . import observability
+from .lifecycle import cancel_all
 
 log = structlog.get_logger("autoserve.feed")
 
@@ -138,9 +139,7 @@ class Feed:
     async def stop(self) -> None:
         observability.remove_check(f"feed {self.name}")
         if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+            await cancel_all([self._watcher])
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._sub.unsubscribe(), 2)

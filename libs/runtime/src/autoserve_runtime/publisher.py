@@ -26,6 +26,8 @@ from nats.js import JetStreamContext
 
 from autoserve_events import Event, encode, headers_for, subject_for
 
+from .lifecycle import cancel_all
+
 log = structlog.get_logger("autoserve.publisher")
 
 
@@ -83,11 +85,7 @@ class EventPublisher:
         """Wait up to ``timeout`` for everything submitted to be acked, then stop."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.drained(), timeout)
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all(self._tasks)
 
     async def drained(self) -> None:
         await self._idle.wait()

@@ -11,6 +11,7 @@ at once, which is what a lost re-send needs anyway.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 from autoserve_config import AlertingConfig, parse_duration
 from autoserve_events import NotificationLogged, derived_event_id
@@ -24,16 +25,16 @@ DEFAULT_RESEND_INTERVAL = 60.0
 VALID_FOR_RESENDS = 4
 
 
+@dataclass(eq=False)
 class Forwarding:
-    def __init__(self, book: AlertBook, suppression: Suppression, in_flight: InFlight) -> None:
-        self.book = book
-        self.suppression = suppression
-        self.in_flight = in_flight
-        # Alertmanager receiver -> the alerts it was told of as firing (a sent log entry) and has
-        # not yet heard resolved; re-sent every resend interval, from ``resend_at`` on.
-        self.forwarded: dict[str, dict[str, None]] = {}
-        self.resend_at: dict[str, float] = {}
-        self.resend_every: dict[str, float] = {}
+    book: AlertBook
+    suppression: Suppression
+    in_flight: InFlight
+    # Alertmanager receiver -> the alerts it was told of as firing (a sent log entry) and has
+    # not yet heard resolved; re-sent every resend interval, from ``resend_at`` on.
+    forwarded: dict[str, dict[str, None]] = field(default_factory=dict)
+    resend_at: dict[str, float] = field(default_factory=dict)
+    resend_every: dict[str, float] = field(default_factory=dict)
 
     def configure(self, config: AlertingConfig) -> None:
         self.resend_every = {

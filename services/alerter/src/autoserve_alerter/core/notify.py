@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 from autoserve_config import AlertingConfig
 from autoserve_events import NotificationLogged, derived_event_id
@@ -21,13 +22,13 @@ from .routing import Tier
 from .suppression import Suppression
 
 
+@dataclass(eq=False)
 class Notifier:
-    def __init__(self, book: AlertBook, suppression: Suppression, forwarding: Forwarding, in_flight: InFlight) -> None:
-        self.book = book
-        self.suppression = suppression
-        self.forwarding = forwarding
-        self.in_flight = in_flight
-        self.send_resolved: dict[str, bool] = {}
+    book: AlertBook
+    suppression: Suppression
+    forwarding: Forwarding
+    in_flight: InFlight
+    send_resolved: dict[str, bool] = field(default_factory=dict)  # receiver -> its send_resolved
 
     def configure(self, config: AlertingConfig) -> None:
         self.send_resolved = {name: r.send_resolved for name, r in config.receivers.items()}

@@ -20,6 +20,7 @@ import aiodocker
 import structlog
 
 from autoserve_events import ContainerObserved
+from autoserve_runtime import cancel_all
 
 from ..core.containers import observation_from_event, stats_observation
 from ..core.targets import Container, short_id
@@ -115,11 +116,7 @@ class DockerSource:
                     except aiodocker.DockerError as exc:
                         log.warning("docker listing failed", error=str(exc))
             finally:
-                for task in helpers:
-                    task.cancel()
-                for task in helpers:
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
+                await cancel_all(helpers)
 
     async def _list(self, docker: aiodocker.Docker) -> None:
         found: dict[str, tuple[Container, float]] = {}

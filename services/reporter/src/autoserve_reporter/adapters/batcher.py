@@ -22,6 +22,8 @@ import msgspec
 import structlog
 from tenacity import AsyncRetrying, RetryCallState, wait_exponential_jitter
 
+from autoserve_runtime import cancel_all
+
 from .clickhouse import Store
 
 log = structlog.get_logger("autoserve.reporter.batcher")
@@ -145,6 +147,4 @@ class BatchWriter:
         stored stays unacknowledged in JetStream and comes back on the next start."""
         await self.flush(timeout)
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_all([self._task])
