@@ -15,6 +15,7 @@ from nats.aio.msg import Msg
 from autoserve_config import AppSpec, DockerDiscovery, HealthCheckConfig, Instance, RecoveryConfig
 from autoserve_events import Event, FailureDetected, FailureType, HealthChanged, RecoveryExecuted, encode
 from autoserve_recovery.core import RecoveryState
+from autoserve_recovery.leases import InstanceLeases
 from autoserve_recovery.ports import ClaimHeld, Member, Outcome, RecoveryError
 from autoserve_runtime import PullStats
 
@@ -346,3 +347,23 @@ class FakeHealth:
 
     async def answers(self, app_name: str, member: Member, spec: AppSpec, deadline: float) -> str | None:
         return await self.check(app_name, member, spec)
+
+
+# -- the parts' common ground ---------------------------------------------------------------
+
+
+class FakeParts:
+    """What the action runner and the rolling restart stand on, over fakes, for one app
+    ``web`` of ``instances``: the state and its fold, the record step, the claims, one
+    runtime, the LB (unless ``lb`` is False) and the instance leases."""
+
+    def __init__(self, *instances: str, lb: bool = True, lease_seconds: float = 15.0, **recovery: object) -> None:
+        self.state = RecoveryState()
+        self.fold = FakeFold(self.state)
+        self.records = FakeRecords(self.state)
+        self.claims = FakeClaims(lease_seconds=lease_seconds)
+        self.runtime = FakeRuntime(running=list(instances))
+        self.runtimes = FakeRuntimes(self.runtime)
+        self.lb = FakeLB() if lb else None
+        self.apps = {"web": spec(*instances, **recovery)}
+        self.leases = InstanceLeases(self.claims, self.fold, self.records, lease_seconds)

@@ -11,44 +11,23 @@ import pytest
 
 from autoserve_config import AppSpec
 from autoserve_events import FailureDetected, FailureType, RecoveryStrategy
-from autoserve_recovery.core import RecoveryState, rolling_member
-from autoserve_recovery.leases import InstanceLeases
+from autoserve_recovery.core import rolling_member
 from autoserve_recovery.ports import Outcome, RecoveryError
 from autoserve_recovery.rolling import RollingRestart
 
-from .recovery_fakes import (
-    REPLICA,
-    FakeClaims,
-    FakeFold,
-    FakeHealth,
-    FakeLB,
-    FakeRecords,
-    FakeRuntime,
-    FakeRuntimes,
-    failure,
-    health,
-    spec,
-)
+from .recovery_fakes import REPLICA, FakeHealth, FakeParts, failure, health
 
 S = RecoveryStrategy
 MEMBERS = ("web-1", "web-2", "web-3")
 
 
-class RollBox:
+class RollBox(FakeParts):
     def __init__(self, *instances: str, lb: bool = True) -> None:
-        self.state = RecoveryState()
-        self.records = FakeRecords(self.state)
-        self.claims = FakeClaims()
-        self.runtime = FakeRuntime(running=list(instances))
-        self.lb = FakeLB() if lb else None
+        super().__init__(*instances, lb=lb)
         self.health = FakeHealth()
-        self.apps = {"web": spec(*instances)}
         self.restored: list[str] = []
-        fold = FakeFold(self.state)
-        leases = InstanceLeases(self.claims, fold, self.records, lease_seconds=15)
-        self.rolling = RollingRestart(self.state, FakeRuntimes(self.runtime), self.lb, self.health, leases,
-                                      self.records, self.restore, self.apps.get, replica=REPLICA,
-                                      watch_seconds=5.0)  # fmt: skip
+        self.rolling = RollingRestart(self.state, self.runtimes, self.lb, self.health, self.leases, self.records,
+                                      self.restore, self.apps.get, replica=REPLICA, watch_seconds=5.0)  # fmt: skip
 
     async def restore(self, cause: FailureDetected, app: AppSpec, instance: str) -> bool:
         """The decide step's restore, as the rolling restart's watcher calls it."""

@@ -11,44 +11,24 @@ import time
 import pytest
 
 from autoserve_events import Event, FailureDetected, FailureType, HealthChanged
-from autoserve_recovery.core import Limits, RecoveryState
+from autoserve_recovery.core import Limits
 from autoserve_recovery.decisions import BUSY_RETRY_SECONDS, Decisions
-from autoserve_recovery.leases import InstanceLeases
 from autoserve_recovery.ports import ClaimHeld, Outcome, RecoveryError
 from autoserve_recovery.runner import ActionRunner
 
-from .recovery_fakes import (
-    REPLICA,
-    FakeClaims,
-    FakeFold,
-    FakeLB,
-    FakeRecords,
-    FakeRuntime,
-    FakeRuntimes,
-    failure,
-    health,
-    spec,
-)
+from .recovery_fakes import REPLICA, FakeParts, failure, health
 
 F = FailureType
 OK = True
 
 
-class Box:
+class Box(FakeParts):
     """The decide step and the runner over fakes, for one app ``web``."""
 
     def __init__(self, *instances: str, lb: bool = True, lease_seconds: float = 15.0, **recovery: object) -> None:
-        self.state = RecoveryState()
-        self.fold = FakeFold(self.state)
-        self.records = FakeRecords(self.state)
-        self.claims = FakeClaims(lease_seconds=lease_seconds)
-        self.runtime = FakeRuntime(running=list(instances))
-        self.lb = FakeLB() if lb else None
-        self.apps = {"web": spec(*instances, **recovery)}
-        runtimes = FakeRuntimes(self.runtime)
-        leases = InstanceLeases(self.claims, self.fold, self.records, lease_seconds)
-        self.runner = ActionRunner(self.state, self.claims, runtimes, self.lb, self.fold, self.records, REPLICA)
-        self.decisions = Decisions(self.state, self.apps.get, runtimes, leases, self.runner, Limits(),
+        super().__init__(*instances, lb=lb, lease_seconds=lease_seconds, **recovery)
+        self.runner = ActionRunner(self.state, self.claims, self.runtimes, self.lb, self.fold, self.records, REPLICA)
+        self.decisions = Decisions(self.state, self.apps.get, self.runtimes, self.leases, self.runner, Limits(),
                                    self.records.announce, balancing=lb)  # fmt: skip
         self.kept_alive = 0
 
@@ -197,7 +177,7 @@ async def test_an_unknown_app_is_answered_once_with_a_failed_record() -> None:
 
 async def test_an_instance_without_a_runtime_is_recorded_as_failed() -> None:
     box = Box("web-1")
-    box.runner._runtimes.runtime = None  # type: ignore[attr-defined]
+    box.runner.runtimes.runtime = None  # type: ignore[attr-defined]
     await box.handle(failure("web-1"))
     assert box.records.executed[0].error == "instance 'web-1' of 'web' has no runtime"
 

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 from collections import defaultdict
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tenacity import AsyncRetrying, RetryError, retry_if_result, stop_after_delay, wait_fixed
 
@@ -38,35 +38,35 @@ class LeaseBusy(Exception):
         self.by_replica = by_replica
 
 
+@dataclass(eq=False)
 class InstanceLeases:
-    def __init__(self, claims: ClaimStore, fold: Fold, records: Records, lease_seconds: float) -> None:
-        self._claims = claims
-        self._fold = fold
-        self._records = records
-        self.lease_seconds = lease_seconds
-        self._locks: dict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
+    claims: ClaimStore
+    fold: Fold
+    records: Records
+    lease_seconds: float
+    _locks: dict[tuple[str, str], asyncio.Lock] = field(init=False, default_factory=lambda: defaultdict(asyncio.Lock))
 
     def _slot(self, app_name: str, instance_id: str) -> tuple[tuple[str, str], str]:
-        lineage = self._fold.state.instance(app_name, instance_id).lineage
+        lineage = self.fold.state.instance(app_name, instance_id).lineage
         return (app_name, lineage), f"i.{app_name}.{lineage}"
 
     async def _catch_up(self, app_name: str, instance_id: str) -> None:
-        lineage = self._fold.state.instance(app_name, instance_id).lineage
-        await self._fold.caught_up(await self._records.last_seq(app_name, instance_id, lineage), CATCH_UP_SECONDS)
+        lineage = self.fold.state.instance(app_name, instance_id).lineage
+        await self.fold.caught_up(await self.records.last_seq(app_name, instance_id, lineage), CATCH_UP_SECONDS)
 
     @contextlib.asynccontextmanager
     async def hold(self, app_name: str, instance_id: str, cause: str) -> AsyncIterator[Held | None]:
         """The instance's lease, caught up, or None at once if another replica holds it."""
         slot, key = self._slot(app_name, instance_id)
         async with self._locks[slot]:
-            if await self._claims.acquire(key, cause, reusable=True) is None:
+            if await self.claims.acquire(key, cause, reusable=True) is None:
                 yield None
                 return
             try:
                 await self._catch_up(app_name, instance_id)
                 yield Held(key, cause)
             finally:
-                await self._claims.finish(key, cause)
+                await self.claims.finish(key, cause)
 
     @contextlib.asynccontextmanager
     async def waited(self, app_name: str, instance_id: str, cause: str, within: float) -> AsyncIterator[Held]:
@@ -83,7 +83,7 @@ class InstanceLeases:
                 stop=stop_after_delay(within), wait=wait_fixed(RETAKE_PAUSE), retry=retry_if_result(lambda c: c is None)
             )
             try:
-                await retrying(self._claims.acquire, key, cause, reusable=True)
+                await retrying(self.claims.acquire, key, cause, reusable=True)
             except RetryError:
                 raise LeaseBusy(by_replica=True) from None
             try:
@@ -91,7 +91,7 @@ class InstanceLeases:
                 async with self.renewing(held):
                     yield held
             finally:
-                await self._claims.finish(key, cause)
+                await self.claims.finish(key, cause)
         finally:
             self._locks[slot].release()
 
@@ -103,7 +103,7 @@ class InstanceLeases:
             while True:
                 await asyncio.sleep(self.lease_seconds / 3)
                 with contextlib.suppress(Exception):
-                    await self._claims.renew(held.key, held.cause)
+                    await self.claims.renew(held.key, held.cause)
                 if keep_alive is not None:
                     with contextlib.suppress(Exception):
                         await keep_alive()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
@@ -20,33 +21,33 @@ from .ports import RecoveryError, WorkCounts
 Submit = Callable[..., "asyncio.Future[bool] | None"]  # EventPublisher.submit, counted by type
 
 
+@dataclass(eq=False)
 class StreamRecords:
-    def __init__(self, js: JetStreamContext, submit: Submit, state: RecoveryState, counts: WorkCounts) -> None:
-        self._js = js
-        self._submit = submit
-        self._state = state
-        self._counts = counts
-        self.executed: list[RecoveryExecuted] = []  # what this replica did (tests, logs)
+    js: JetStreamContext
+    submit: Submit
+    state: RecoveryState
+    counts: WorkCounts
+    executed: list[RecoveryExecuted] = field(init=False, default_factory=list)  # what this replica did (tests, logs)
 
     async def publish(self, event: Event) -> None:
-        self._counts.stats.outputs += 1
-        stored = await self._submit(event, track=True)  # type: ignore[misc]
+        self.counts.stats.outputs += 1
+        stored = await self.submit(event, track=True)  # type: ignore[misc]
         if not stored:
             raise RecoveryError(f"could not store {type(event).__name__} {event.event_id}")
 
     def announce(self, event: Event) -> None:
         """Published without waiting (a panic announcement: every replica sends the same id)."""
-        self._submit(event)
+        self.submit(event)
 
     async def record(self, event: RecoveryExecuted) -> None:
         await self.publish(event)
-        self._state.apply(event)
+        self.state.apply(event)
         self.executed.append(event)
 
     async def last_seq(self, app_name: str, *instance_ids: str) -> int:
         seqs = [0]
         for instance_id in dict.fromkeys(instance_ids):
             with contextlib.suppress(NotFoundError):
-                last = await self._js.get_last_msg(EVENTS_STREAM, subject(RecoveryExecuted, app_name, instance_id))
+                last = await self.js.get_last_msg(EVENTS_STREAM, subject(RecoveryExecuted, app_name, instance_id))
                 seqs.append(last.seq)
         return max(seqs)

@@ -19,7 +19,7 @@ import contextlib
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 
 import structlog
 from tenacity import AsyncRetrying, RetryCallState, retry_if_result, stop_after_delay
@@ -83,33 +83,22 @@ class RollingRun:
         return f"stopped there (restarted: {', '.join(self.restarted) or 'none'})"
 
 
+@dataclass(eq=False)
 class RollingRestart:
-    def __init__(
-        self,
-        state: RecoveryState,
-        runtimes: Runtimes,
-        lb: LoadBalancer | None,
-        health: HealthCheck,
-        leases: InstanceLeases,
-        records: Records,
-        restore: Restore,
-        spec_of: SpecOf,
-        *,
-        replica: str,
-        watch_seconds: float,
-    ) -> None:
-        self._state = state
-        self._runtimes = runtimes
-        self._lb = lb
-        self._health = health
-        self._leases = leases
-        self._records = records
-        self._restore = restore
-        self._spec_of = spec_of
-        self._replica = replica
-        self._watch_seconds = watch_seconds  # how long a left-out member is watched for
-        self._running: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)  # one rolling restart per app
-        self._watchers: set[asyncio.Task[None]] = set()  # left-out members waiting to answer
+    state: RecoveryState
+    runtimes: Runtimes
+    lb: LoadBalancer | None
+    health: HealthCheck
+    leases: InstanceLeases
+    records: Records
+    restore: Restore
+    spec_of: SpecOf
+    _: KW_ONLY
+    replica: str
+    watch_seconds: float  # how long a left-out member is watched for
+    # One rolling restart per app at a time.
+    _running: dict[str, asyncio.Lock] = field(init=False, default_factory=lambda: defaultdict(asyncio.Lock))
+    _watchers: set[asyncio.Task[None]] = field(init=False, default_factory=set)  # left-out members waiting to answer
 
     async def close(self) -> None:
         await cancel_all(list(self._watchers))
@@ -122,11 +111,11 @@ class RollingRestart:
             # A little before the runner's own limit: a member that does not come back is
             # recorded (and left out of the LB) by us, not cut off by that cancellation.
             deadline = time.monotonic() + timeout - min(1.0, timeout / 10)
-            members = {m.instance_id: m for m in await self._runtimes.members(app, spec)}
+            members = {m.instance_id: m for m in await self.runtimes.members(app, spec)}
             roll = RollingRun(cause, runtime, spec, members, deadline, timeout)
             own: dict[str, object] = {}
             for member in sorted(await runtime.instances(app), key=lambda i: i != cause.instance_id):
-                if self._state.is_done(cause.event_id, RecoveryStrategy.ROLLING_RESTART, member):
+                if self.state.is_done(cause.event_id, RecoveryStrategy.ROLLING_RESTART, member):
                     roll.restarted.append(member)  # recorded before a takeover
                     continue
                 if member == cause.instance_id:  # its own lease is held already
@@ -143,7 +132,7 @@ class RollingRestart:
         what is left of the roll's time."""
         busy = f"until action_timeout_seconds ({roll.timeout:g}s) ran out"
         try:
-            async with self._leases.waited(roll.app, member, roll.cause.event_id, roll.left(member)):
+            async with self.leases.waited(roll.app, member, roll.cause.event_id, roll.left(member)):
                 yield
         except LeaseBusy as exc:
             why = "was leased by another replica" if exc.by_replica else "stayed busy with another action"
@@ -157,7 +146,7 @@ class RollingRestart:
         started, t0 = time.time(), time.monotonic()
         # Down in nginx without a recorded ejection is a rolling restart's mark (one that a
         # crashed replica left): ours to put back, as much as a server that is up.
-        ours = self._lb is not None and self._lb.manages(app) and not self._state.instance(app, member).ejected
+        ours = self.lb is not None and self.lb.manages(app) and not self.state.instance(app, member).ejected
         marked: dict[str, object] = {}
         done: Outcome | None = None
         ran_out = f"rolling_restart: action_timeout_seconds ({timeout:g}s) ran out while restarting {member}"
@@ -174,7 +163,7 @@ class RollingRestart:
             if time.monotonic() >= roll.deadline:  # restarted, but no time is left to see it answer
                 raise RecoveryError(f"{ran_out} (before its health check); {roll.stopped_there()}")
             if member in roll.members:
-                error = await self._health.answers(app, roll.members[member], roll.spec, roll.deadline)
+                error = await self.health.answers(app, roll.members[member], roll.spec, roll.deadline)
                 if error is not None:
                     raise RecoveryError(
                         f"rolling_restart: {member} does not answer its health check within action_timeout_seconds "
@@ -189,13 +178,13 @@ class RollingRestart:
             raise
         if member != roll.cause.instance_id:
             event = rolling_member(roll.cause, member, started_at=started, duration_ms=(time.monotonic() - t0) * 1000,
-                                   details={"replica": self._replica, **done.details})  # fmt: skip
-            await self._records.record(event)
+                                   details={"replica": self.replica, **done.details})  # fmt: skip
+            await self.records.record(event)
         return done.details
 
     async def _set_down(self, roll: RollingRun, member: str, down: bool) -> dict[str, object]:
-        assert self._lb is not None  # only a member the roll marks ("ours") gets here
-        return await self._lb.set_down(roll.app, list(roll.members.values()), member, down)
+        assert self.lb is not None  # only a member the roll marks ("ours") gets here
+        return await self.lb.set_down(roll.app, list(roll.members.values()), member, down)
 
     async def _member_failed(
         self,
@@ -217,21 +206,21 @@ class RollingRestart:
         app, cause = roll.app, roll.cause
         try:
             if member != cause.instance_id:
-                details = {"replica": self._replica, **(done.details if done else {})}
-                await self._records.record(rolling_member(cause, member, started_at=started, details=details,
+                details = {"replica": self.replica, **(done.details if done else {})}
+                await self.records.record(rolling_member(cause, member, started_at=started, details=details,
                                                           duration_ms=(time.monotonic() - t0) * 1000, error=error))  # fmt: skip
             if not ours or not marked:
                 return
-            details = {"replica": self._replica, **marked}
-            await self._records.record(left_out(cause, member, at=time.time(), details=details, reason=error))
+            details = {"replica": self.replica, **marked}
+            await self.records.record(left_out(cause, member, at=time.time(), details=details, reason=error))
         except Exception as exc:  # not recorded: put it back rather than lose it out of the LB
             log.warning("rolling restart member not recorded", app=app, member=member, error=str(exc))
-            if ours and marked and not self._state.instance(app, member).ejected:
+            if ours and marked and not self.state.instance(app, member).ejected:
                 with contextlib.suppress(Exception):
                     await self._set_down(roll, member, False)
             return
         log.warning("rolling restart member left out of the LB until it answers", app=app, member=member)
-        if member in roll.members and self._state.health.get(app, {}).get(member) is not False:
+        if member in roll.members and self.state.health.get(app, {}).get(member) is not False:
             task = asyncio.create_task(self._watch_left_out(cause, roll.members[member]))
             self._watchers.add(task)
             task.add_done_callback(self._watchers.discard)
@@ -244,11 +233,11 @@ class RollingRestart:
         app = cause.app_name
 
         def pace(_: RetryCallState) -> float:
-            spec = self._spec_of(app)
+            spec = self.spec_of(app)
             return max(MIN_PACE_SECONDS, spec.health_check.period_seconds if spec else 0.0)
 
         retrying = AsyncRetrying(
-            stop=stop_after_delay(self._watch_seconds),
+            stop=stop_after_delay(self.watch_seconds),
             wait=pace,
             retry=retry_if_result(lambda finished: not finished),
             retry_error_callback=lambda _: None,  # watched long enough: its HealthChanged restores it
@@ -258,13 +247,13 @@ class RollingRestart:
     async def _look_at_left_out(self, cause: FailureDetected, member: Member) -> bool:
         """One look at a left-out member: True when there is no more to watch."""
         app, instance = cause.app_name, member.instance_id
-        spec = self._spec_of(app)
-        if spec is None or not self._state.instance(app, instance).ejected:
+        spec = self.spec_of(app)
+        if spec is None or not self.state.instance(app, instance).ejected:
             return True
-        if self._state.health.get(app, {}).get(instance) is False:
+        if self.state.health.get(app, {}).get(instance) is False:
             return True
         try:
-            return await self._health.check(app, member, spec) is None and await self._restore(cause, spec, instance)
+            return await self.health.check(app, member, spec) is None and await self.restore(cause, spec, instance)
         except Exception as exc:  # NATS away, say: look again next period
             log.warning("left-out member not restored yet", app=app, member=instance, error=str(exc))
             return False

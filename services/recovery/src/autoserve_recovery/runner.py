@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 
 import structlog
 
@@ -34,26 +35,16 @@ def claim_key(cause: Cause, operation: str, target: str) -> str:
     return f"f.{cause.event_id}.{operation}" + (f".{target}" if target != cause.instance_id else "")
 
 
+@dataclass(eq=False)
 class ActionRunner:
-    def __init__(
-        self,
-        state: RecoveryState,
-        claims: ClaimStore,
-        runtimes: Runtimes,
-        lb: LoadBalancer | None,
-        fold: Fold,
-        records: Records,
-        replica: str,
-        rolling: Roll | None = None,
-    ) -> None:
-        self._state = state
-        self._claims = claims
-        self._runtimes = runtimes
-        self._lb = lb
-        self._fold = fold
-        self._records = records
-        self._replica = replica
-        self.rolling = rolling  # set by the composition root: the rolling restart acts through this runner
+    state: RecoveryState
+    claims: ClaimStore
+    runtimes: Runtimes
+    lb: LoadBalancer | None
+    fold: Fold
+    records: Records
+    replica: str
+    rolling: Roll | None = None  # set by the composition root: the rolling restart acts through this runner
 
     async def act(
         self,
@@ -68,14 +59,14 @@ class ActionRunner:
         """None when the action was done already (recorded, or its claim finished)."""
         op = operation or str(strategy)
         target = target or cause.instance_id
-        if self._state.is_done(cause.event_id, op, target):
+        if self.state.is_done(cause.event_id, op, target):
             return None
         key = claim_key(cause, op, target)
-        claim = await self._claims.claim_action(key, cause.event_id, op)
+        claim = await self.claims.claim_action(key, cause.event_id, op)
         if claim is None:
             return None  # done
         started, t0 = time.time(), time.monotonic()
-        details: dict[str, object] = {"replica": self._replica, **(extra or {})}
+        details: dict[str, object] = {"replica": self.replica, **(extra or {})}
         error = None
         try:
             outcome = await self._took_effect(cause, strategy, spec, op, key, claim[1])
@@ -91,11 +82,11 @@ class ActionRunner:
             error = f"{op} did not finish within action_timeout_seconds ({policy.recovery.action_timeout_seconds:g}s)"
         except Exception as exc:  # an adapter's surprise is a failed action, not a dead service
             error = f"{type(exc).__name__}: {exc}"
-        event = record(self._state, policy, cause, strategy, success=error is None, started_at=started,
+        event = record(self.state, policy, cause, strategy, success=error is None, started_at=started,
                        duration_ms=(time.monotonic() - t0) * 1000, error=error, details=details,
                        operation=operation, instance_id=target)  # fmt: skip
-        await self._records.record(event)
-        await self._claims.finish(key, cause.event_id)
+        await self.records.record(event)
+        await self.claims.finish(key, cause.event_id)
         log.info("recovery executed", app=cause.app_name, instance=event.instance_id, strategy=op,
                  success=event.success, ms=event.duration_ms, error=error)  # fmt: skip
         return event
@@ -103,13 +94,13 @@ class ActionRunner:
     async def refuse(self, failure: FailureDetected, strategy: RecoveryStrategy, policy: AppPolicy, error: str) -> None:
         """An action that cannot be tried (its app is unknown): recorded as failed, once."""
         key = claim_key(failure, str(strategy), failure.instance_id)
-        if await self._claims.claim_action(key, failure.event_id, str(strategy)) is None:
+        if await self.claims.claim_action(key, failure.event_id, str(strategy)) is None:
             return  # a copy of this failure was answered
-        event = record(self._state, policy, failure, strategy, success=False, started_at=time.time(),
+        event = record(self.state, policy, failure, strategy, success=False, started_at=time.time(),
                        duration_ms=0.0, error=error)  # fmt: skip
         log.warning("recovery failed", app=failure.app_name, instance=failure.instance_id, error=error)
-        await self._records.record(event)
-        await self._claims.finish(key, failure.event_id)
+        await self.records.record(event)
+        await self.claims.finish(key, failure.event_id)
 
     async def _took_effect(
         self, cause: Cause, strategy: RecoveryStrategy, spec: AppSpec, op: str, key: str, held: HeldClaim | None
@@ -119,9 +110,9 @@ class ActionRunner:
         if held is None or held.action != op or strategy in TRAFFIC:
             return None
         app, instance = cause.app_name, cause.instance_id
-        lineage = self._state.instance(app, instance).lineage
+        lineage = self.state.instance(app, instance).lineage
         try:
-            runtime = self._runtimes.runtime_for(app, instance, spec)
+            runtime = self.runtimes.runtime_for(app, instance, spec)
             outcome = await runtime.took_effect(app, instance, lineage, str(strategy), held.since, cause.event_id)
         except Exception as exc:  # cannot tell: the action runs (again)
             log.warning("could not check a taken-over action", strategy=str(strategy), error=str(exc))
@@ -135,10 +126,10 @@ class ActionRunner:
     async def _sync_lb(self, app_name: str, spec: AppSpec) -> None:
         """The upstream follows the members: a recreated, replacing or added container in,
         a removed one out (marks of the others kept)."""
-        if self._lb is None or not self._lb.manages(app_name):
+        if self.lb is None or not self.lb.manages(app_name):
             return
         try:
-            await self._lb.set_down(app_name, await self._runtimes.members(app_name, spec), None, False)
+            await self.lb.set_down(app_name, await self.runtimes.members(app_name, spec), None, False)
         except RecoveryError as exc:
             log.warning("upstream not updated after a membership change", app=app_name, error=str(exc))
 
@@ -148,22 +139,22 @@ class ActionRunner:
         app = cause.app_name
         timeout = policy.recovery.action_timeout_seconds
         if strategy in TRAFFIC:
-            if self._lb is None:
+            if self.lb is None:
                 raise RecoveryError("no load balancer configured (AUTOSERVE_NGINX_UPSTREAM_DIR)")
-            members = await self._runtimes.members(app, spec)
-            details = await self._lb.set_down(app, members, instance, op != "restore")
+            members = await self.runtimes.members(app, spec)
+            details = await self.lb.set_down(app, members, instance, op != "restore")
             if strategy is S.DRAIN_INSTANCE:
                 await asyncio.sleep(policy.recovery.drain_seconds)  # in-flight requests finish
-                stopped = await self._runtimes.runtime_for(app, instance, spec).stop(app, instance, timeout)
+                stopped = await self.runtimes.runtime_for(app, instance, spec).stop(app, instance, timeout)
                 details |= stopped.details
             return Outcome(details)
-        runtime = self._runtimes.runtime_for(app, instance, spec)
+        runtime = self.runtimes.runtime_for(app, instance, spec)
         if strategy is S.RESTART_CONTAINER:
             return await runtime.restart(app, instance, timeout)
         if strategy is S.RECREATE_CONTAINER:
             return await runtime.recreate(app, instance, timeout)
         if strategy is S.REPLACE_INSTANCE:
-            return await runtime.replace(app, instance, timeout, self._fold.await_healthy, cause.event_id)
+            return await runtime.replace(app, instance, timeout, self.fold.await_healthy, cause.event_id)
         if strategy is S.SCALE_OUT:
             return await runtime.scale_out(app, instance, policy.max_replicas, timeout, cause.event_id)
         if strategy is S.ROLLING_RESTART and isinstance(cause, FailureDetected) and self.rolling is not None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from dataclasses import KW_ONLY, dataclass, field
 
 import nats.errors
 import structlog
@@ -34,31 +35,25 @@ NOT_FOLDED_SECONDS = 10.0  # how long an input waits for the fold to reach it
 FETCH_ERROR_PAUSE = 0.5  # disconnected: nats-py reconnects by itself
 
 
+@dataclass(eq=False)
 class WorkFeed:
-    def __init__(
-        self,
-        service: str,
-        handler: Handler,
-        fold: Fold,
-        counts: WorkCounts,
-        dead_letters: RawPublisher,
-        *,
-        concurrency: int,
-        drain_seconds: float,
-        retry_seconds: float,
-    ) -> None:
-        self._service = service
-        self._handler = handler
-        self._fold = fold
-        self._counts = counts
-        self._dead_letters = dead_letters
-        self._drain_seconds = drain_seconds
-        self._retry_seconds = retry_seconds  # after a handler error: the lease, so a takeover can happen
-        self._slots = asyncio.Semaphore(concurrency)
-        self._handlers: dict[asyncio.Task[None], WorkMessage] = {}  # in flight, with the input each handles
-        self._events_in = EVENTS_IN.child(service)
-        self._observe = HANDLER_SECONDS.labels(service).observe
-        self._worker: asyncio.Task[None] | None = None
+    service: str
+    handler: Handler
+    fold: Fold
+    counts: WorkCounts
+    dead_letters: RawPublisher
+    _: KW_ONLY
+    concurrency: int
+    drain_seconds: float
+    retry_seconds: float  # after a handler error: the lease, so a takeover can happen
+    # In flight, with the input each handles.
+    _handlers: dict[asyncio.Task[None], WorkMessage] = field(init=False, default_factory=dict)
+    _worker: asyncio.Task[None] | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self._slots = asyncio.Semaphore(self.concurrency)
+        self._events_in = EVENTS_IN.child(self.service)
+        self._observe = HANDLER_SECONDS.labels(self.service).observe
 
     @property
     def in_flight(self) -> int:
@@ -87,7 +82,7 @@ class WorkFeed:
                 await asyncio.sleep(FETCH_ERROR_PAUSE)
                 continue
             for msg in msgs:
-                self._counts.stats.received += 1
+                self.counts.stats.received += 1
                 if stop.is_set():  # fetched as the drain began: another replica takes it now
                     await give_back([msg])
                     continue
@@ -112,19 +107,19 @@ class WorkFeed:
         asks the runtime whether the action happened before doing it (the path of a
         crashed replica); a finished one is recorded and its claim done, so its
         redelivery does nothing."""
-        deadline = time.monotonic() + self._drain_seconds
+        deadline = time.monotonic() + self.drain_seconds
         if self._worker is not None:
             await asyncio.wait([self._worker], timeout=FETCH_SECONDS + 1)  # its last long poll ends by itself
             await cancel_all([self._worker])  # unless NATS is away and it is retrying
         if self._handlers:
             log.info("draining: waiting for the actions in flight", count=len(self._handlers),
-                     seconds=self._drain_seconds)  # fmt: skip
+                     seconds=self.drain_seconds)  # fmt: skip
             await asyncio.wait(list(self._handlers), timeout=max(0.0, deadline - time.monotonic()))
         left = dict(self._handlers)
         if not left:
             return
         log.warning("drain time ran out: actions cut off, their inputs given back", count=len(left),
-                    seconds=self._drain_seconds)  # fmt: skip
+                    seconds=self.drain_seconds)  # fmt: skip
         for task in left:
             task.cancel()
         await asyncio.wait(list(left), timeout=2.0)  # their ``finally`` blocks release the instance leases
@@ -146,10 +141,10 @@ class WorkFeed:
             kind = type(event)
             self._events_in[kind] = self._events_in.get(kind, 0) + 1
         try:
-            if not await self._fold.caught_up(msg.metadata.sequence.stream, NOT_FOLDED_SECONDS):
+            if not await self.fold.caught_up(msg.metadata.sequence.stream, NOT_FOLDED_SECONDS):
                 await msg.nak(delay=1.0)
                 return
-            delay = await self._handler(event, msg.in_progress)
+            delay = await self.handler(event, msg.in_progress)
             await (msg.nak(delay=delay) if delay is not None else self._ack(msg))
         except ClaimHeld as held:
             log.info("action claimed by a replica that stopped renewing; retrying when it runs out", reason=str(held))
@@ -158,17 +153,17 @@ class WorkFeed:
         except Exception as exc:  # a bug or an outage must not kill the worker: try later
             log.exception("recovery handler failed; will retry", error=str(exc))
             with contextlib.suppress(Exception):
-                await msg.nak(delay=self._retry_seconds)
+                await msg.nak(delay=self.retry_seconds)
 
     async def _ack(self, msg: WorkMessage) -> None:
         await msg.ack()
-        self._counts.acked(msg.metadata.sequence.stream)
+        self.counts.acked(msg.metadata.sequence.stream)
 
     async def _dead_letter(self, msg: WorkMessage, reason: str) -> None:
         """Parked on ``autoserve.deadletter.<service>`` as every consumer parks one (the
         runtime's headers, id and metrics), then acknowledged: never retried for ever."""
-        self._counts.stats.dead_lettered += 1
-        stored = publish_dead_letter(self._dead_letters, self._service, msg, reason)  # type: ignore[arg-type]
+        self.counts.stats.dead_lettered += 1
+        stored = publish_dead_letter(self.dead_letters, self.service, msg, reason)  # type: ignore[arg-type]
         if stored is not None:
             with contextlib.suppress(Exception):
                 await stored

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import dataclass, field
 
 import msgspec
 from nats.js import JetStreamContext
@@ -51,14 +52,14 @@ async def claims_bucket(js: JetStreamContext, max_age_seconds: float = 86_400) -
         )
 
 
+@dataclass(eq=False)
 class Claims:
-    def __init__(self, kv: KeyValue, owner: str, lease_seconds: float) -> None:
-        self.kv = kv
-        self.owner = owner
-        self.lease_seconds = lease_seconds
-        # key -> (revision, lease) of what this replica last wrote: renewals and the finish
-        # update that revision, whoever took the lease and whenever it was renewed since.
-        self._mine: dict[str, tuple[int, Lease]] = {}
+    kv: KeyValue
+    owner: str
+    lease_seconds: float
+    # key -> (revision, lease) of what this replica last wrote: renewals and the finish
+    # update that revision, whoever took the lease and whenever it was renewed since.
+    _mine: dict[str, tuple[int, Lease]] = field(init=False, default_factory=dict)
 
     def _lease(self, key: str, cause: str, done: bool = False, action: str | None = None) -> Lease:
         """A new lease (``action`` given: a fresh claim), or the held one renewed."""
