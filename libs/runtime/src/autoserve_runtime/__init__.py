@@ -2,10 +2,10 @@
 
 from .admission import Admission
 from .bus import DEFAULT_NATS_URL, NatsUnavailable, connect, provision
-from .config_watch import follow_apps, follow_detector_settings
+from .config_watch import follow_apps, follow_detector_settings, follow_setting
 from .consumer import ConsumerSpec, EventConsumer, SeenIds, dead_letter_headers
 from .feed import Feed, start_sequence, subscribe_from
-from .lifecycle import cancel_all, close_nats, serve
+from .lifecycle import close_nats, serve
 from .logs import configure_logging
 from .nats_server import EmbeddedNatsServer, NatsServerError, free_port, nats_server_binary
 from .observability import (
@@ -26,6 +26,7 @@ from .observability import (
 from .process import spawn_child, stop_child
 from .publisher import EventPublisher, PublisherStats
 from .pull import PullConsumer, PullStats
+from .tasks import cancel_all
 
 __all__ = [
     "DEFAULT_NATS_URL",
@@ -57,6 +58,7 @@ __all__ = [
     "endpoint_for",
     "follow_apps",
     "follow_detector_settings",
+    "follow_setting",
     "free_port",
     "instrument",
     "nats_server_binary",

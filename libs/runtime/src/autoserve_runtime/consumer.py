@@ -44,8 +44,8 @@ from autoserve_events.durables import DurableSpec
 from . import observability
 from .admission import Admit
 from .feed import position, subscribe_from
-from .lifecycle import cancel_all
 from .publisher import EventPublisher
+from .tasks import cancel_all
 
 log = structlog.get_logger("autoserve.consumer")
 

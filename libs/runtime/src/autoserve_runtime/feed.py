@@ -29,7 +29,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from . import observability
-from .lifecycle import cancel_all
+from .tasks import cancel_all
 
 log = structlog.get_logger("autoserve.feed")
 

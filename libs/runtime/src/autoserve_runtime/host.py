@@ -33,9 +33,10 @@ from nats.js.kv import KeyValue
 from .admission import Admit
 from .bus import connect, provision
 from .consumer import ConsumerSpec, EventConsumer, ProcessFn
-from .lifecycle import cancel_all, close_nats
+from .lifecycle import close_nats
 from .observability import watch_publisher
 from .publisher import EventPublisher
+from .tasks import cancel_all
 
 log = structlog.get_logger("autoserve.host")
 

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import gc
 import signal
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 
 import nats.errors
 import structlog
@@ -102,15 +102,6 @@ async def freeze_startup_heap(ready: asyncio.Event) -> None:
     gc.collect()
     gc.freeze()
     log.info("startup heap frozen", objects=gc.get_freeze_count())
-
-
-async def cancel_all(tasks: Iterable[asyncio.Task[object]]) -> None:
-    tasks = list(tasks)
-    for task in tasks:
-        task.cancel()
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
 
 
 async def close_nats(nc: Client) -> None:

@@ -26,7 +26,7 @@ from nats.js import JetStreamContext
 
 from autoserve_events import Event, encode, headers_for, subject_for
 
-from .lifecycle import cancel_all
+from .tasks import cancel_all
 
 log = structlog.get_logger("autoserve.publisher")
 

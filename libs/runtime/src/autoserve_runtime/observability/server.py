@@ -16,6 +16,7 @@ from typing import Any
 import structlog
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from ..tasks import cancel_all
 from .health import STATE, readiness, reasons
 from .metrics import add_gauge, metrics_text, refresh_consumer_info
 
@@ -118,9 +119,7 @@ class HealthServer:
 
     async def stop(self) -> None:
         if self._lag_task is not None:
-            self._lag_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._lag_task
+            await cancel_all([self._lag_task])
         if self._runner is not None:
             with contextlib.suppress(Exception):
                 await self._runner.cleanup()

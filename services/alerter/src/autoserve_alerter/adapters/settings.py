@@ -11,7 +11,7 @@ from collections.abc import Callable
 from nats.js.kv import KeyValue
 
 from autoserve_config import AlertingConfig
-from autoserve_runtime.config_watch import follow_setting
+from autoserve_runtime import follow_setting
 
 SETTINGS_KEY = "alerting"
 
