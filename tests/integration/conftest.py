@@ -27,6 +27,7 @@ from autoserve_prober.service import ProberService
 from autoserve_runtime import EmbeddedNatsServer, connect, free_port, provision
 
 from ..support.processes import LOCALHOST, http_server, recorded_process
+from ..support.web import serving_app
 
 
 async def wait_for(condition: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
@@ -177,11 +178,8 @@ async def http_target() -> AsyncIterator[HttpTarget]:
     app.router.add_get("/redirect", redirect("/ok"))
     app.router.add_get("/redirect-loop", redirect("/redirect-loop"))
     app.router.add_get("/redirect-away", redirect(f"http://localhost:{target.port}/ok"))
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, LOCALHOST, target.port).start()
-    yield target
-    await runner.cleanup()
+    async with serving_app(app, target.port):
+        yield target
 
 
 @pytest.fixture(scope="session")
@@ -235,11 +233,8 @@ async def https_target(tls_cert: tuple[Path, Path]) -> AsyncIterator[int]:
     port = free_port()
     app = web.Application()
     app.router.add_get("/health", respond(text="secure ok"))
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, LOCALHOST, port, ssl_context=context).start()
-    yield port
-    await runner.cleanup()
+    async with serving_app(app, port, ssl_context=context):
+        yield port
 
 
 # -- TCP targets -----------------------------------------------------------------------

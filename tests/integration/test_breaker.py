@@ -30,6 +30,7 @@ from autoserve_events.subjects import BREAKER_OVERRIDE_RPC
 from autoserve_runtime import EmbeddedNatsServer, free_port
 from autoserve_runtime.breaker_client import BreakerClient, BreakerUnavailable
 
+from ..support.web import serving_app
 from .conftest import LOCALHOST, Outputs, ServiceRunner, apply_yaml, check, config_for, wait_for
 
 AUTOSERVE = str(Path(sys.executable).parent / "autoserve")
@@ -91,11 +92,8 @@ async def switchable_target() -> AsyncIterator[dict]:
 
     app = web.Application()
     app.router.add_get("/health", health)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, LOCALHOST, state["port"]).start()
-    yield state
-    await runner.cleanup()
+    async with serving_app(app, state["port"]):
+        yield state
 
 
 async def test_a_failing_target_opens_then_half_opens_admits_exactly_the_trials_and_closes(
