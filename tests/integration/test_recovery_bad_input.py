@@ -12,8 +12,9 @@ from autoserve_events import EVENTS_STREAM, RecoveryExecuted
 from autoserve_recovery.feeds import WORK_DURABLE
 from autoserve_runtime import free_port
 
+from ..support.recovery import publish_copies, stopped
 from .conftest import Outputs, apply_yaml, config_for, wait_for
-from .test_recovery_claims import publish_copies, stopped, until
+from .test_recovery_claims import until
 from .test_recovery_docker import app, app_config, executed, recoveries, run_box  # noqa: F401
 
 

@@ -18,20 +18,13 @@ import msgspec
 import pytest
 from nats.aio.client import Client
 
-from autoserve_events import (
-    EVENTS_STREAM,
-    FailureDetected,
-    FailureType,
-    RecoveryStrategy,
-    encode,
-    new_event_id,
-    subject_for,
-)
+from autoserve_events import EVENTS_STREAM, RecoveryStrategy
 from autoserve_recovery.adapters.claims import CLAIMS_BUCKET, Claims, Lease, claims_bucket
 from autoserve_recovery.adapters.docker import docker_time
 from autoserve_recovery.feeds import WORK_DURABLE
 from autoserve_runtime import EmbeddedNatsServer, free_port
 
+from ..support.recovery import publish_copies, stopped, work_settled
 from .conftest import Outputs, apply_yaml, wait_for
 from .test_recovery_docker import (  # noqa: F401
     DockerEvents,
@@ -45,26 +38,6 @@ from .test_recovery_docker import (  # noqa: F401
 )
 
 S = RecoveryStrategy
-
-
-def stopped(app_name: str, container: str, at: float | None = None) -> FailureDetected:
-    return FailureDetected(
-        event_id=new_event_id(), failure_type=FailureType.CONTAINER_STOPPED, instance_id=container[:12],
-        app_name=app_name, severity="critical", message="test: container stopped", timestamp=at or time.time(),
-        details={"container_id": container}, is_critical=True,
-    )  # fmt: skip
-
-
-async def publish_copies(nc: Client, event: FailureDetected, copies: int) -> None:
-    """Stored ``copies`` times: no Nats-Msg-Id, so JetStream's duplicate window lets them all in."""
-    js = nc.jetstream()
-    for _ in range(copies):
-        await js.publish(subject_for(event), encode(event))
-
-
-async def work_settled(nc: Client) -> bool:
-    info = await nc.jetstream().consumer_info(EVENTS_STREAM, WORK_DURABLE)
-    return info.num_pending == 0 and info.num_ack_pending == 0
 
 
 async def until(condition, timeout: float, what: str) -> None:

@@ -27,8 +27,9 @@ from autoserve_recovery.adapters.process import register
 from autoserve_recovery.feeds import WORK_DURABLE
 from autoserve_runtime import EmbeddedNatsServer, free_port
 
+from ..support.recovery import publish_copies, stopped, work_settled
 from .conftest import LOCALHOST, Outputs, apply_yaml, check, config_for, stored_events, wait_for
-from .test_recovery_claims import consumer_bound, lease_holder, publish_copies, stopped, until, work_settled
+from .test_recovery_claims import consumer_bound, lease_holder, until
 
 AUTOSERVE = str(Path(sys.executable).parent / "autoserve")
 

@@ -20,13 +20,14 @@ import pytest
 from nats.aio.client import Client
 
 from autoserve_config import AppSpec, HealthCheckConfig
-from autoserve_events import FailureDetected, FailureType, RecoveryStrategy, encode, new_event_id, subject_for
+from autoserve_events import RecoveryExecuted, RecoveryStrategy
 from autoserve_recovery.adapters.health import HealthChecks
 from autoserve_recovery.adapters.process import register
 from autoserve_recovery.ports import Member
 from autoserve_runtime import free_port
 
 from ..conftest import allow_secret_file, plant_secret
+from ..support.recovery import check_failed, publish_copies
 from .conftest import LOCALHOST, Outputs, apply_yaml, check, config_for, wait_for
 from .test_recovery_docker import executed, recoveries  # noqa: F401
 
@@ -104,16 +105,7 @@ def rolling_config(app: str, ports: dict[str, int], **recovery: object) -> str:
     return config_for({app: {"health_check": secure_check(), "instances": instances, "recovery": rules}})
 
 
-async def health_check_failed(nc: Client, app: str, instance: str) -> None:
-    """Published as the detector would: the failure that causes the rolling restart."""
-    failure = FailureDetected(
-        event_id=new_event_id(), failure_type=FailureType.HEALTH_CHECK_FAILED, instance_id=instance, app_name=app,
-        severity="high", message="test: health check failed", timestamp=time.time(), consecutive_count=2,
-    )  # fmt: skip
-    await nc.jetstream().publish(subject_for(failure), encode(failure))
-
-
-def rollings(outputs: Outputs) -> list:
+def rollings(outputs: Outputs) -> list[RecoveryExecuted]:
     return [e for e in executed(outputs, S.ROLLING_RESTART) if "member_of" not in e.details]
 
 
@@ -131,7 +123,7 @@ async def test_a_rolling_restart_of_an_https_app_waits_for_each_member_with_its_
         await checks.close()
     before = {i: pid_of(directory, app, i) for i in ports}
     await recoveries(docker=False, process_dir=directory)
-    await health_check_failed(nc, app, "web-2")
+    await publish_copies(nc, check_failed(app, "web-2"))  # the failure that causes the rolling restart
 
     await wait_for(lambda: rollings(outputs), timeout=60, what="a rolling restart")
     (rolling,) = rollings(outputs)
@@ -179,7 +171,7 @@ async def test_a_rolling_restart_that_runs_out_of_time_says_which_timeout_and_wh
     await recoveries(docker=False, process_dir=directory)
     web1 = pid_of(directory, app, "web-1")
     (directory.parent / "web-2.slow").touch()  # web-2 comes back, but only after the action's time
-    await health_check_failed(nc, app, "web-2")
+    await publish_copies(nc, check_failed(app, "web-2"))  # the failure that causes the rolling restart
 
     await wait_for(lambda: rollings(outputs), timeout=60, what="a rolling restart")
     (rolling,) = rollings(outputs)

@@ -11,21 +11,14 @@ from dataclasses import dataclass, field
 
 from nats.aio.client import Client
 
-from autoserve_events import (
-    FailureDetected,
-    FailureType,
-    RecoveryExecuted,
-    RecoveryStrategy,
-    encode,
-    new_event_id,
-    subject_for,
-)
+from autoserve_events import RecoveryExecuted, RecoveryStrategy
 from autoserve_prober.service import ProberService
 from autoserve_recovery.ports import Member
 from autoserve_runtime import free_port
 
+from ..support.recovery import check_failed, publish_copies, work_settled
 from .conftest import LOCALHOST, Outputs, apply_yaml, wait_for
-from .test_recovery_claims import until, work_settled
+from .test_recovery_claims import until
 from .test_recovery_copies import copies_config, health_of, run_port_box
 from .test_recovery_docker import (  # noqa: F401
     DockerEvents,
@@ -37,6 +30,7 @@ from .test_recovery_docker import (  # noqa: F401
     serving,
     system,
 )
+from .test_recovery_health import rollings
 from .test_recovery_nginx import Nginx, health_fails, nginx  # noqa: F401
 
 S = RecoveryStrategy
@@ -73,16 +67,27 @@ async def port_boxes(image: str, app: str, count: int) -> list[tuple[str, int]]:
     return started
 
 
+async def behind_nginx(
+    nginx: Nginx, app: str, boxes: list[tuple[str, int]], nc: Client, recoveries, rules: dict[str, list[str]],
+    healthy: Outputs | None = None, **recovery: object,
+) -> None:  # fmt: skip
+    """The boxes as the app's members in nginx, its recovery ``rules`` applied and recovery
+    running (with its nginx); with ``healthy``, once the prober has called each healthy."""
+    nginx.start(app, [Member(c[:12], LOCALHOST, p) for c, p in boxes])
+    await apply_yaml(nc, copies_config(app, rules, **recovery))
+    await recoveries(nginx=nginx.settings())
+    if healthy is not None:
+        await wait_for(lambda: all(health_of(healthy, c) for c, _ in boxes), timeout=30, what="all healthy")
+
+
 async def test_drain_takes_the_instance_out_of_nginx_before_stopping_it_and_it_comes_back(
     app: str, nc: Client, system: ProberService, recoveries, outputs: Outputs, busybox_image: str, nginx: Nginx,
     docker_events: DockerEvents,
 ) -> None:  # fmt: skip
-    (c0, p0), (c1, p1) = await port_boxes(busybox_image, app, 2)
-    nginx.start(app, [Member(c0[:12], LOCALHOST, p0), Member(c1[:12], LOCALHOST, p1)])
+    (_, p0), (c1, p1) = boxes = await port_boxes(busybox_image, app, 2)
     rules = {"health_check_failed": ["drain_instance", "restart_container"]}
-    await apply_yaml(nc, copies_config(app, rules, drain_seconds=6))  # room to look while it drains
-    await recoveries(nginx=nginx.settings())
-    await wait_for(lambda: health_of(outputs, c0) and health_of(outputs, c1), timeout=30, what="both healthy")
+    # drain_seconds: room to look while it drains.
+    await behind_nginx(nginx, app, boxes, nc, recoveries, rules, outputs, drain_seconds=6)
     assert nginx.spread() == {f"box0-{p0}", f"box1-{p1}"}
 
     await asyncio.to_thread(health_fails, c1)
@@ -112,10 +117,7 @@ async def test_rolling_restart_restarts_one_replica_at_a_time_and_nginx_keeps_se
     docker_events: DockerEvents,
 ) -> None:  # fmt: skip
     boxes = await port_boxes(busybox_image, app, 3)
-    nginx.start(app, [Member(c[:12], LOCALHOST, p) for c, p in boxes])
-    await apply_yaml(nc, copies_config(app, {"health_check_failed": ["rolling_restart"]}))
-    await recoveries(nginx=nginx.settings())
-    await wait_for(lambda: all(health_of(outputs, c) for c, _ in boxes), timeout=30, what="all healthy")
+    await behind_nginx(nginx, app, boxes, nc, recoveries, {"health_check_failed": ["rolling_restart"]}, outputs)
     traffic = Traffic(nginx)
     pump = asyncio.create_task(asyncio.to_thread(traffic.run))
     try:
@@ -181,21 +183,16 @@ def restores(outputs: Outputs, container: str) -> list[RecoveryExecuted]:
     return [e for e in executed(outputs, S.REMOVE_FROM_LB, container[:12]) if e.details.get("operation") == "restore"]
 
 
-def rollings(outputs: Outputs) -> list[RecoveryExecuted]:
-    return [e for e in executed(outputs, S.ROLLING_RESTART) if "member_of" not in e.details]
-
-
 async def test_a_member_that_does_not_come_back_stays_out_of_nginx_until_healthy_then_is_routed_to_again(
     app: str, nc: Client, system: ProberService, recoveries, outputs: Outputs, busybox_image: str, nginx: Nginx,
     docker_events: DockerEvents,
 ) -> None:  # fmt: skip
-    (c0, p0), (c1, p1) = await sick_boxes(busybox_image, app, 2)
-    nginx.start(app, [Member(c0[:12], LOCALHOST, p0), Member(c1[:12], LOCALHOST, p1)])
+    (c0, p0), (c1, p1) = boxes = await sick_boxes(busybox_image, app, 2)
     # A long backoff: the failure's repeats wait, and the test looks at one rolling restart.
-    rules = {"action_timeout_seconds": 6, "backoff_initial_seconds": 300, "backoff_max_seconds": 300}
-    await apply_yaml(nc, copies_config(app, {"health_check_failed": ["rolling_restart"]}, **rules))
-    await recoveries(nginx=nginx.settings())
-    await wait_for(lambda: health_of(outputs, c0) and health_of(outputs, c1), timeout=30, what="both healthy")
+    timing = {"action_timeout_seconds": 6, "backoff_initial_seconds": 300, "backoff_max_seconds": 300}
+    await behind_nginx(
+        nginx, app, boxes, nc, recoveries, {"health_check_failed": ["rolling_restart"]}, outputs, **timing
+    )
 
     await asyncio.to_thread(in_box, c1, "touch /www/sick; rm /www/health")  # a restart will not help
     await wait_for(lambda: rollings(outputs), timeout=60, what="a rolling restart")
@@ -226,16 +223,12 @@ async def test_a_failed_member_the_detector_still_calls_healthy_goes_back_into_n
     """No prober or detector here: no ``HealthChanged`` will ever say the member is back
     (as when it fails for less than the detector's threshold), so only the rolling
     restart's own watcher can put it back."""
-    (c0, p0), (c1, p1) = await sick_boxes(busybox_image, app, 2)
-    nginx.start(app, [Member(c0[:12], LOCALHOST, p0), Member(c1[:12], LOCALHOST, p1)])
-    await apply_yaml(nc, copies_config(app, {"health_check_failed": ["rolling_restart"]}, action_timeout_seconds=8))
-    await recoveries(nginx=nginx.settings())
+    (c0, p0), (c1, p1) = boxes = await sick_boxes(busybox_image, app, 2)
+    rules = {"health_check_failed": ["rolling_restart"]}
+    await behind_nginx(nginx, app, boxes, nc, recoveries, rules, action_timeout_seconds=8)
     await asyncio.to_thread(in_box, c1, "touch /www/sick")  # healthy now; after a restart it is not
-    failure = FailureDetected(
-        event_id=new_event_id(), failure_type=FailureType.HEALTH_CHECK_FAILED, instance_id=c0[:12], app_name=app,
-        severity="high", message="test: health check failed", timestamp=time.time(), consecutive_count=2,
-    )  # fmt: skip
-    await nc.jetstream().publish(subject_for(failure), encode(failure))
+    failure = check_failed(app, c0[:12])
+    await publish_copies(nc, failure)
 
     await wait_for(lambda: rollings(outputs), timeout=60, what="a rolling restart")
     (rolling,) = rollings(outputs)

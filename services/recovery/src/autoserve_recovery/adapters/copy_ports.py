@@ -13,6 +13,8 @@ import socket
 from collections.abc import Mapping, Set
 from dataclasses import dataclass
 
+from autoserve_runtime import free_port
+
 from ..ports import RecoveryError
 
 PORT_LABEL = "autoserve.port"
@@ -43,7 +45,7 @@ def copy_port(app_name: str, policy: PortPolicy, taken: Set[int]) -> int:
         )
     if policy.replica_range is None:
         for _ in range(KERNEL_TRIES):  # the kernel's pick is free now; skip one a stopped container owns
-            if (port := _kernel_port()) not in taken:
+            if (port := free_port()) not in taken:
                 return port
         raise RecoveryError(f"{app_name}: no free 127.0.0.1 port found for a copy")
     low, high = policy.replica_range
@@ -60,9 +62,3 @@ def _bindable(port: int) -> bool:
             return True
         except OSError:
             return False
-
-
-def _kernel_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
