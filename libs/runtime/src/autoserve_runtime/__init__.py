@@ -7,7 +7,7 @@ from .consumer import ConsumerSpec, EventConsumer, SeenIds, dead_letter_headers
 from .feed import Feed, start_sequence, subscribe_from
 from .lifecycle import close_nats, serve
 from .logs import configure_logging
-from .nats_server import EmbeddedNatsServer, NatsServerError, free_port, nats_server_binary
+from .nats_server import EmbeddedNatsServer, NatsServerError, bindable, free_port, nats_server_binary
 from .observability import (
     EVENTS_IN,
     HANDLER_SECONDS,
@@ -48,6 +48,7 @@ __all__ = [
     "add_check",
     "add_counter",
     "add_gauge",
+    "bindable",
     "cancel_all",
     "close_nats",
     "configure_logging",

@@ -37,12 +37,13 @@ def free_ports(n: int) -> int:
     services a base port plus their place in its start order)."""
     for _ in range(50):
         base = free_port()
-        if base + n < 65535 and all(_bindable(base + i) for i in range(n)):
+        if base + n < 65535 and all(bindable(base + i) for i in range(n)):
             return base
     raise OSError(f"no {n} consecutive free ports on 127.0.0.1")
 
 
-def _bindable(port: int) -> bool:
+def bindable(port: int) -> bool:
+    """Nothing listens on 127.0.0.1:``port`` now (a later bind may still race)."""
     with socket.socket() as sock:
         try:
             sock.bind(("127.0.0.1", port))

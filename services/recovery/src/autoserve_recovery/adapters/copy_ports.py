@@ -9,11 +9,10 @@ cannot have a copy on host networking.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Mapping, Set
 from dataclasses import dataclass
 
-from autoserve_runtime import free_port
+from autoserve_runtime import bindable, free_port
 
 from ..ports import RecoveryError
 
@@ -50,15 +49,6 @@ def copy_port(app_name: str, policy: PortPolicy, taken: Set[int]) -> int:
         raise RecoveryError(f"{app_name}: no free 127.0.0.1 port found for a copy")
     low, high = policy.replica_range
     for port in range(low, high + 1):  # the lowest free one: the same choice on every replica
-        if port not in taken and _bindable(port):
+        if port not in taken and bindable(port):
             return port
     raise RecoveryError(f"{app_name}: no free port left in docker.replica_ports [{low}, {high}]")
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
