@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -402,3 +402,14 @@ class Bus:
 
     async def close(self) -> None:
         await self.nc.close()
+
+
+async def until(condition: Callable[[], Awaitable[bool] | bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if await result if asyncio.iscoroutine(result) else result:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not happen within {timeout:g}s")
+        await asyncio.sleep(0.05)

@@ -12,7 +12,6 @@ import json
 import statistics
 import subprocess
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from autoserve_events import (
     subject_for,
 )
 from autoserve_runtime import connect, provision, spawn_child, stop_child
-from bench.common import LOG_DIR, VENV_BIN, Table, fmt, nats_server
+from bench.common import LOG_DIR, VENV_BIN, Table, fmt, nats_server, until
 
 INSTANCES = 2000
 LATENCY_INSTANCES = 5000
@@ -125,14 +124,6 @@ class DetectorProcess:
         stop_child(self.process, 30)
 
 
-async def wait(condition: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not await condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} did not happen within {timeout:g}s")
-        await asyncio.sleep(0.05)
-
-
 async def detector_tables(events: int = 150_000, rate: int = 5000, latency_seconds: float = 15.0) -> list[Table]:
     throughput = Table(
         "Detector throughput (ProbeCompleted folded and acknowledged, outputs stored)",
@@ -208,7 +199,7 @@ async def _fleet(
                 first_delivery = time.perf_counter()
             return bool(info.ack_floor and info.ack_floor.stream_seq >= last_seq)
 
-        await wait(consumed, 600, "the detector to consume the backlog")
+        await until(consumed, 600, "the detector to consume the backlog")
         detector_rate = events / (time.perf_counter() - first_delivery)
         outputs = (await js.stream_info(EVENTS_STREAM)).state.messages
         throughput.add(fleet, "bare nats-py push consumer, decode only", fmt(events), "-", fmt(bare), "1.00")
@@ -224,7 +215,7 @@ async def _fleet(
         await js.delete_consumer(PROBES_STREAM, CONSUMER.durable)
         detector = DetectorProcess(server.url).start()
         fresh = detector
-        await wait(lambda: _started(fresh), 600, "a fresh detector")
+        await until(lambda: _started(fresh), 600, "a fresh detector")
         ours = await _latency(js, rate, latency_seconds, cycle)
         detector.stop()
         detector = None
@@ -249,7 +240,7 @@ async def _started(detector: DetectorProcess) -> bool:
 
 async def _rebuild(detector: DetectorProcess) -> Table:
     """The restarted detector replays the window up to its ack floor before going live."""
-    await wait(lambda: _started(detector), 600, "the detector to rebuild")
+    await until(lambda: _started(detector), 600, "the detector to rebuild")
     rebuilt = detector.log_line("state rebuilt") or {}
     replayed, seconds = rebuilt.get("replayed", 0), rebuilt.get("seconds", 0.0)
     table = Table("Detector state rebuilt by replay", ["events replayed", "seconds", "events/s", "10 min at 5,000/s"])

@@ -18,7 +18,6 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiodocker
@@ -27,7 +26,7 @@ from autoserve_cli.apply import store_config
 from autoserve_config import load_config_text
 from autoserve_events import EVENTS_STREAM, HealthChanged, ProbeCompleted, RecoveryExecuted, decode, wildcard
 from autoserve_runtime import EmbeddedNatsServer, connect, free_port, provision, spawn_child, stop_child
-from bench.common import LOG_DIR, VENV_BIN, WORK_DIR, Table
+from bench.common import LOG_DIR, VENV_BIN, WORK_DIR, Table, until
 
 IMAGE = "autoserve-bench/busybox:1"
 APP = "mttr"
@@ -88,17 +87,6 @@ async def until_serving(port: int, started: float, timeout: float = 30.0) -> flo
             return time.perf_counter() - started
         await asyncio.sleep(0.005)
     raise TimeoutError(f"127.0.0.1:{port} not serving within {timeout:g}s")
-
-
-async def until(condition: Callable[[], Awaitable[bool] | bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if await result if asyncio.iscoroutine(result) else result:
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} did not happen within {timeout:g}s")
-        await asyncio.sleep(0.05)
 
 
 def percentile(values: list[float], q: float) -> float:

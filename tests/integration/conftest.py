@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import socket
 import subprocess
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,16 +26,8 @@ from autoserve_prober.service import ProberService
 from autoserve_runtime import EmbeddedNatsServer, connect, free_port, provision
 
 from ..support.processes import LOCALHOST, http_server, recorded_process
+from ..support.waiting import wait_for
 from ..support.web import serving_app
-
-
-async def wait_for(condition: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
-    """Poll ``condition`` until it holds; fail with ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 @pytest.fixture

@@ -51,6 +51,8 @@ from autoserve_events import (
 from autoserve_runtime import connect, free_port
 from autoserve_runtime.nats_server import free_ports
 
+from ..support.waiting import wait_for
+
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "examples" / "demo.yaml"
 # Instances whose health holds still in the demo: web-2 flaps and web-3 crashes by design.
@@ -133,17 +135,8 @@ def ready(service: str) -> bool:
         return False
 
 
-async def until(condition, timeout: float, what: str, every: float = 0.2) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        await asyncio.sleep(every)
+# The conditions here are HTTP and NATS round trips: look five times a second, not twenty.
+until = functools.partial(wait_for, every=0.2)
 
 
 async def all_ready(timeout: float = 90) -> None:

@@ -40,14 +40,6 @@ from .test_recovery_docker import (  # noqa: F401
 S = RecoveryStrategy
 
 
-async def until(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not await condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 async def test_three_replicas_and_duplicated_failures_give_one_docker_restart_per_failure(
     app: str, nc: Client, recoveries, outputs: Outputs, busybox_image: str, docker_events: DockerEvents
 ) -> None:
@@ -58,7 +50,7 @@ async def test_three_replicas_and_duplicated_failures_give_one_docker_restart_pe
     failures = [stopped(app, c) for c in containers]
     await asyncio.gather(*(publish_copies(nc, f, 6) for f in failures))
     await wait_for(lambda: len(executed(outputs)) >= 3, timeout=30, what="three restarts")
-    await until(lambda: work_settled(nc), 30, "every copy handled")
+    await wait_for(lambda: work_settled(nc), 30, "every copy handled")
     await wait_for(lambda: all(docker_events.count("restart", c) >= 1 for c in containers), what="docker restarts")
     assert [docker_events.count("restart", c) for c in containers] == [1, 1, 1]
     done = executed(outputs)
@@ -99,7 +91,7 @@ async def test_a_killed_recovery_service_keeps_its_budgets_and_backoff_after_res
     container = await asyncio.to_thread(run_box, busybox_image, app, port=free_port())
     process = spawn_recovery(nats_server.url, "p1", tmp_path)
     try:
-        await until(lambda: consumer_bound(nc), 30, "recovery consuming")
+        await wait_for(lambda: consumer_bound(nc), 30, "recovery consuming")
         await publish_copies(nc, stopped(app, container), 1)
         await wait_for(lambda: len(executed(outputs)) == 1, timeout=30, what="first restart")
         process.send_signal(signal.SIGKILL)  # mid-incident: no clean shutdown
@@ -147,18 +139,18 @@ async def test_a_replica_that_crashes_mid_action_loses_nothing_another_takes_ove
     container = await asyncio.to_thread(run_box, busybox_image, app, port=free_port())
     processes = {name: spawn_recovery(nats_server.url, name, tmp_path) for name in ("p1", "p2")}
     try:
-        await until(lambda: consumer_bound(nc), 30, "recovery consuming")
+        await wait_for(lambda: consumer_bound(nc), 30, "recovery consuming")
         failure = stopped(app, container)
         await publish_copies(nc, failure, 1)
         key = f"f.{failure.event_id}.replace_instance"
-        await until(lambda: lease_holder(nc, key), 30, "an action in progress")
+        await wait_for(lambda: lease_holder(nc, key), 30, "an action in progress")
         owner = (await lease_holder(nc, key)).owner
         processes[owner].send_signal(signal.SIGKILL)
         await asyncio.to_thread(processes[owner].wait, 10)
         survivor = "p2" if owner == "p1" else "p1"
         try:
             await wait_for(lambda: executed(outputs), timeout=30, what="the incident finished by the survivor")
-            await until(lambda: work_settled(nc), 30, "the failure acknowledged")
+            await wait_for(lambda: work_settled(nc), 30, "the failure acknowledged")
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n{replica_logs(tmp_path)}") from None
     finally:
@@ -194,7 +186,7 @@ async def test_an_action_claim_that_outlives_its_crashed_owners_instance_lease_i
     await recoveries("r1")
     await publish_copies(nc, failure, 1)
     await wait_for(lambda: executed(outputs), timeout=30, what="the restart after the ghost's claim ran out")
-    await until(lambda: work_settled(nc), 30, "the failure acknowledged")
+    await wait_for(lambda: work_settled(nc), 30, "the failure acknowledged")
     (event,) = executed(outputs)
     assert event.success and event.strategy is S.RESTART_CONTAINER and event.details["replica"] == "r1"
     assert event.timestamp >= ghost_until - 0.01  # not before the ghost's claim ran out
@@ -238,7 +230,7 @@ async def test_a_replica_killed_after_the_docker_call_is_not_followed_by_a_secon
     first = spawn_recovery(nats_server.url, "p1", tmp_path)
     second = None
     try:
-        await until(lambda: consumer_bound(nc), 30, "recovery consuming")
+        await wait_for(lambda: consumer_bound(nc), 30, "recovery consuming")
         watcher = kill_on_docker_event(container, "kill", first)  # restart -t 0 begins with a kill
         failure = stopped(app, container)
         await publish_copies(nc, failure, 1)
@@ -250,7 +242,7 @@ async def test_a_replica_killed_after_the_docker_call_is_not_followed_by_a_secon
         assert executed(outputs) == []  # killed between the Docker call and its record
         second = spawn_recovery(nats_server.url, "p2", tmp_path)
         await wait_for(lambda: executed(outputs), timeout=30, what="the incident finished by p2")
-        await until(lambda: work_settled(nc), 30, "the failure acknowledged")
+        await wait_for(lambda: work_settled(nc), 30, "the failure acknowledged")
     finally:
         for process in (first, second):
             if process is not None and process.poll() is None:

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -33,14 +33,6 @@ from ..incidents import incident_events
 from .conftest import LOCALHOST, HttpTarget, ServiceRunner, apply_yaml, check, config_for, wait_for
 
 AUTOSERVE = str(Path(sys.executable).parent / "autoserve")
-
-
-async def until(condition: Callable[[], Awaitable[bool]], timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not await condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 class Reporter:
@@ -123,8 +115,8 @@ async def test_probes_flow_in_and_cli_and_api_agree(
     prober = ServiceRunner(lambda: ProberService(nats_server.url, docker=False))
     await prober.start()
     try:
-        await until(lambda: _at_least(reporter, "web", 3), what="3 web probes reported")
-        await until(lambda: _at_least(reporter, "broken", 3), what="3 broken probes reported")
+        await wait_for(lambda: _at_least(reporter, "web", 3), timeout=20, what="3 web probes reported")
+        await wait_for(lambda: _at_least(reporter, "broken", 3), timeout=20, what="3 broken probes reported")
     finally:
         await prober.stop()
     # everything published is stored before comparing
@@ -159,7 +151,7 @@ def _acked(reporter: Reporter, durable: str) -> int:
 async def test_report_api_errors_and_openapi(nc: Client, reporter: Reporter) -> None:
     now = time.time()
     await publish(nc, [probe("shop", "s1", now - 5, 3.0)])
-    await until(lambda: _at_least(reporter, "shop", 1), what="shop stored")
+    await wait_for(lambda: _at_least(reporter, "shop", 1), timeout=20, what="shop stored")
 
     missing = await reporter.get("/v1/apps/nope/report")
     assert missing.status_code == 404 and "unknown app 'nope'" in missing.json()["error"]
@@ -206,9 +198,9 @@ async def test_duplicates_and_replay_change_no_report(
     await reporter.runner.start()
     try:
         await publish(nc, events)
-        await until(lambda: _at_least(reporter, "pay", 800), what="800 probes stored")
+        await wait_for(lambda: _at_least(reporter, "pay", 800), timeout=20, what="800 probes stored")
         incidents_url = "/v1/apps/pay/incidents"
-        await until(lambda: _incident_count(reporter, 2), what="2 incidents")
+        await wait_for(lambda: _incident_count(reporter, 2), timeout=20, what="2 incidents")
         before = comparable(await reporter.report("pay"))
         incidents_before = (await reporter.get(incidents_url)).json()
         assert incidents_before["by_strategy"][0]["avg_time_to_recover_s"] == pytest.approx(21.0)
@@ -230,8 +222,8 @@ async def test_duplicates_and_replay_change_no_report(
         await publish(nc, events, msg_id_suffix="-replay")
         store = reporter.service.store
         sql = f"SELECT count() FROM {METRICS_TABLE} WHERE app_name = 'pay' AND metric_type = 'health_check_status'"
-        await until(lambda: _raw_count_at_least(store, sql, 1600), what="replayed rows stored")
-        await until(lambda: _events_stored(reporter, len(audit) * 2), what="replayed audit rows stored")
+        await wait_for(lambda: _raw_count_at_least(store, sql, 1600), timeout=20, what="replayed rows stored")
+        await wait_for(lambda: _events_stored(reporter, len(audit) * 2), timeout=20, what="replayed audit rows stored")
         assert comparable(await reporter.report("pay")) == before
         assert (await reporter.get(incidents_url)).json() == incidents_before
     finally:
@@ -278,17 +270,17 @@ async def test_clickhouse_outage_loses_nothing_and_stops_pulling(
             info = await js.consumer_info(PROBES_STREAM, durable)
             return info.num_ack_pending == max_ack_pending and info.num_pending == 1000 - max_ack_pending
 
-        await until(stopped_pulling, what="the reporter to stop pulling at max_ack_pending")
+        await wait_for(stopped_pulling, timeout=20, what="the reporter to stop pulling at max_ack_pending")
         assert writer.stats.buffered_rows <= max_ack_pending * 3  # bounded; nothing dropped
         assert writer.stats.rows_stored == 0
 
         await store.command(f"ATTACH TABLE {METRICS_TABLE}")
-        await until(lambda: _at_least(reporter, "ops", 1000), timeout=60, what="all 1000 probes stored")
+        await wait_for(lambda: _at_least(reporter, "ops", 1000), timeout=60, what="all 1000 probes stored")
         report = await reporter.report("ops")
         assert report["total_health_checks"] == 1000
         distinct = await store.query(f"SELECT uniqExact(event_id) FROM {METRICS_TABLE} WHERE app_name = 'ops'")
         assert distinct[0][0] == 1000
-        await until(lambda: _fully_acked(js, durable), what="every message acknowledged")
+        await wait_for(lambda: _fully_acked(js, durable), timeout=20, what="every message acknowledged")
     finally:
         await reporter.runner.stop()
 
@@ -314,7 +306,7 @@ async def test_poison_messages_are_dead_lettered_and_the_rest_stored(nc: Client,
     reasons = sorted(m.headers["Autoserve-Reason"] for m in outputs.dead_letters())
     assert any("timestamp: must be epoch seconds" in r and "10000000000000.0" in r for r in reasons), reasons
     assert all(m.subject == "autoserve.deadletter.reporter" for m in outputs.dead_letters())
-    await until(lambda: _at_least(reporter, "web", 1), what="the good probe stored")
+    await wait_for(lambda: _at_least(reporter, "web", 1), timeout=20, what="the good probe stored")
     assert (await reporter.report("web"))["total_health_checks"] == 1
 
 
@@ -338,7 +330,7 @@ class ReporterProcess:
             self.process = spawn_child(
                 [AUTOSERVE, "run", "reporter"], env=self.env, stdout=out, stderr=subprocess.STDOUT
             )
-        await until(self._ready, timeout=60, what="the reporter process ready")
+        await wait_for(self._ready, timeout=60, what="the reporter process ready")
         return self
 
     async def _ready(self) -> bool:
@@ -390,14 +382,14 @@ async def test_sigterm_under_load_loses_no_event_and_stores_each_once(
     second = ReporterProcess(nats_server.url, clickhouse_url, log)
     publishing = asyncio.create_task(publish_continuously())
     try:
-        await until(lambda: _stored_some(first, "load"), timeout=60, what="the first batches stored")
+        await wait_for(lambda: _stored_some(first, "load"), timeout=60, what="the first batches stored")
         assert not publishing.done(), "the load ended before the stop: not a stop under load"
         assert await first.sigterm() == 0, log.read_text()[-3000:]
         (first_stats,) = stop_lines(log)
         await asyncio.wait_for(publishing, 120)  # JetStream keeps what arrives while no reporter runs
 
         await second.start()
-        await until(lambda: _total_is(second, "load", n), timeout=120, what=f"all {n} probes reported")
+        await wait_for(lambda: _total_is(second, "load", n), timeout=120, what=f"all {n} probes reported")
         assert await second.sigterm() == 0, log.read_text()[-3000:]
         second_stats = stop_lines(log)[1]
     finally:

@@ -15,6 +15,7 @@ from autoserve_recovery.core import rolling_member
 from autoserve_recovery.ports import Outcome, RecoveryError
 from autoserve_recovery.rolling import RollingRestart
 
+from ..support.waiting import wait_for
 from .recovery_fakes import REPLICA, FakeHealth, FakeParts, failure, health
 
 S = RecoveryStrategy
@@ -87,7 +88,7 @@ async def test_a_member_that_does_not_answer_stops_the_roll_and_stays_out_until_
     assert box.lb.down == {"web-1"} and box.state.instance("web", "web-1").ejected
     # The detector still calls it healthy, so no HealthChanged will restore it: the watcher does.
     box.health.failing.clear()
-    await until(lambda: box.restored == ["web-1"])
+    await wait_for(lambda: box.restored == ["web-1"])
     await box.rolling.close()
 
 
@@ -178,10 +179,3 @@ async def test_a_member_ejected_on_its_own_is_left_to_its_own_restore() -> None:
     await box.roll(loop_failure("web-1"))
     assert ("restart", "web-3") in box.runtime.calls
     assert all(instance != "web-3" for instance, _ in box.lb.log)
-
-
-async def until(condition, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)

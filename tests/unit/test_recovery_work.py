@@ -16,6 +16,7 @@ from autoserve_recovery.ports import ClaimHeld, KeepAlive
 from autoserve_recovery.work import WorkFeed
 from autoserve_runtime import EVENTS_IN
 
+from ..support.waiting import wait_for
 from .recovery_fakes import FakeCounts, FakeDeadLetters, FakeFold, FakeMsg, FakeSource, failure, health
 
 ACK = ("ack", None)
@@ -69,19 +70,12 @@ class Feed:
         self.feed.start(self.source, self.stop)
         for msg in msgs:
             self.source.put(msg)
-        await until(lambda: all(m.replies and m.replies[-1][0] in ("ack", "nak") for m in msgs))
+        await wait_for(lambda: all(m.replies and m.replies[-1][0] in ("ack", "nak") for m in msgs))
         return [m.replies for m in msgs]
 
     async def drain(self) -> None:
         self.stop.set()
         await self.feed.drain()
-
-
-async def until(condition, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
 
 
 async def test_each_input_is_acknowledged_or_given_back_as_the_handler_says() -> None:
@@ -168,7 +162,7 @@ async def test_drain_lets_actions_finish_in_time_and_gives_back_the_rest() -> No
     feed.feed.start(feed.source, feed.stop)
     short_msg, long_msg = FakeMsg.of(short, 1), FakeMsg.of(long, 2)
     feed.source.put(short_msg, long_msg)
-    await until(lambda: feed.feed.in_flight == 2)
+    await wait_for(lambda: feed.feed.in_flight == 2)
     await feed.drain()
     assert short_msg.replies == [("in_progress", None), ACK]
     assert long_msg.replies == [("in_progress", None), ("nak", None)]
@@ -231,5 +225,5 @@ async def test_the_feed_waits_for_the_real_fold_then_decides() -> None:
     await asyncio.sleep(0.05)
     assert msg.replies == [] and feed.handler.seen == []  # waiting for the fold
     fold.fold(2, msg.data)
-    await until(lambda: msg.replies == [ACK])
+    await wait_for(lambda: msg.replies == [ACK])
     await feed.drain()
