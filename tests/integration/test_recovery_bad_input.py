@@ -14,7 +14,6 @@ from autoserve_runtime import free_port
 
 from ..support.recovery import publish_copies, stopped
 from .conftest import Outputs, apply_yaml, config_for, wait_for
-from .test_recovery_claims import until
 from .test_recovery_docker import app, app_config, executed, recoveries, run_box  # noqa: F401
 
 
@@ -39,7 +38,7 @@ async def test_a_failure_for_an_unknown_app_is_a_failed_recovery_not_a_crash(
     assert event.app_name == "ghost-app" and event.error is not None
     assert "unknown app 'ghost-app'" in event.error and "autoserve-apps" in event.error
     assert event.strategy == "restart_container" and event.failure_type == "container_stopped"
-    await until(lambda: deferred(nc, 0), 10, "copies handled")
+    await wait_for(lambda: deferred(nc, 0), 10, "copies handled")
     assert len(executed(outputs)) == 1 and service.ready.is_set()
 
 
@@ -65,7 +64,7 @@ async def test_a_container_that_no_longer_exists_fails_once_and_backs_off(
     assert event.details["next_allowed_at"] - event.timestamp >= 10  # backoff applies to failed attempts too
     for _ in range(5):  # more failures for it: all wait for the backoff, none is tried now
         await publish_copies(nc, stopped(app, "deadbeef0000" * 5), 1)
-    await until(lambda: deferred(nc, 5), 10, "five failures deferred")
+    await wait_for(lambda: deferred(nc, 5), 10, "five failures deferred")
     assert len(executed(outputs)) == 1 and service.ready.is_set()
 
 
@@ -79,7 +78,7 @@ async def test_docker_socket_unavailable_is_a_failed_recovery_with_a_clear_error
     await wait_for(lambda: failed(outputs), timeout=20, what="a failed RecoveryExecuted")
     event = failed(outputs)[0]
     assert event.error is not None and event.error.startswith("docker engine unavailable")
-    await until(lambda: deferred(nc, 0), 10, "copies handled")
+    await wait_for(lambda: deferred(nc, 0), 10, "copies handled")
     assert len(executed(outputs)) == 1 and service.ready.is_set()
 
 

@@ -29,7 +29,7 @@ from autoserve_runtime import EmbeddedNatsServer, free_port
 
 from ..support.recovery import publish_copies, stopped, work_settled
 from .conftest import LOCALHOST, Outputs, apply_yaml, check, config_for, stored_events, wait_for
-from .test_recovery_claims import consumer_bound, lease_holder, until
+from .test_recovery_claims import consumer_bound, lease_holder
 
 AUTOSERVE = str(Path(sys.executable).parent / "autoserve")
 
@@ -105,7 +105,7 @@ def config(action_timeout: float) -> str:
 
 async def sigterm_mid_action(nc: Client, process: subprocess.Popen[bytes], key: str) -> None:
     """SIGTERM once the action's claim is written (the action begins right after it)."""
-    await until(lambda: lease_holder(nc, key), 30, "the restart in flight")
+    await wait_for(lambda: lease_holder(nc, key), 30, "the restart in flight")
     process.send_signal(signal.SIGTERM)
 
 
@@ -117,7 +117,7 @@ async def test_sigterm_lets_the_action_in_flight_finish_and_record_it(
     log = tmp_path / "p1.log"
     process = spawn(nats_server.url, "p1", stubborn, log, drain_seconds=7)
     try:
-        await until(lambda: consumer_bound(nc), 30, "recovery consuming")
+        await wait_for(lambda: consumer_bound(nc), 30, "recovery consuming")
         failure = stopped("demo", "web-1")
         await publish_copies(nc, failure, 1)
         await sigterm_mid_action(nc, process, f"f.{failure.event_id}.restart_container")
@@ -157,7 +157,7 @@ async def test_sigterm_gives_back_an_action_that_outlasts_the_drain_and_a_restar
 
     advisories = await nc.subscribe(f"$JS.EVENT.ADVISORY.CONSUMER.MSG_NAKED.{EVENTS_STREAM}.{WORK_DURABLE}", cb=on_nak)
     try:
-        await until(lambda: consumer_bound(nc), 30, "recovery consuming")
+        await wait_for(lambda: consumer_bound(nc), 30, "recovery consuming")
         original = stubborn.pid()
         await publish_copies(nc, failure, 1)
         await sigterm_mid_action(nc, first, key)
@@ -176,7 +176,7 @@ async def test_sigterm_gives_back_an_action_that_outlasts_the_drain_and_a_restar
 
         second = spawn(nats_server.url, "p2", stubborn, second_log, drain_seconds=7)
         await wait_for(lambda: outputs.events(RecoveryExecuted), timeout=60, what="the restart done by p2")
-        await until(lambda: work_settled(nc), 30, "the failure acknowledged")
+        await wait_for(lambda: work_settled(nc), 30, "the failure acknowledged")
     finally:
         await advisories.unsubscribe()
         for process in (first, second):

@@ -18,7 +18,6 @@ from autoserve_runtime import free_port
 
 from ..support.recovery import check_failed, publish_copies, work_settled
 from .conftest import LOCALHOST, Outputs, apply_yaml, wait_for
-from .test_recovery_claims import until
 from .test_recovery_copies import copies_config, health_of, run_port_box
 from .test_recovery_docker import (  # noqa: F401
     DockerEvents,
@@ -107,7 +106,7 @@ async def test_drain_takes_the_instance_out_of_nginx_before_stopping_it_and_it_c
     # Healthy again (its start wrote /health back): restored, and routed to.
     await wait_for(lambda: nginx.down(app) == set(), timeout=30, what="box1 restored")
     await wait_for(lambda: nginx.spread() == {f"box0-{p0}", f"box1-{p1}"}, timeout=10, what="routing to both")
-    await until(lambda: work_settled(nc), 30, "every input handled")
+    await wait_for(lambda: work_settled(nc), 30, "every input handled")
     # The stop's own death was not a new incident: one restart, by the drain's plan.
     assert docker_events.count("restart", c1) == 1 and len(executed(outputs, S.RESTART_CONTAINER)) == 1
 
@@ -125,7 +124,7 @@ async def test_rolling_restart_restarts_one_replica_at_a_time_and_nginx_keeps_se
         await asyncio.to_thread(health_fails, failing)
         main = lambda: [e for e in executed(outputs, S.ROLLING_RESTART) if "member_of" not in e.details]  # noqa: E731
         await wait_for(main, timeout=60, what="a rolling restart")
-        await until(lambda: work_settled(nc), 30, "every input handled")
+        await wait_for(lambda: work_settled(nc), 30, "every input handled")
     finally:
         traffic.stop()
         await pump

@@ -27,7 +27,8 @@ from autoserve_reporter.service import ReporterSettings, consumer_specs
 from autoserve_runtime import EmbeddedNatsServer, provision
 
 from ..incidents import incident_events
-from .test_reporter import ReporterProcess, probe, publish, until
+from ..support.waiting import wait_for
+from .test_reporter import ReporterProcess, probe, publish
 
 USERS_SQL = Path(__file__).parents[2] / "deploy" / "clickhouse-users.sql"
 DATABASE = "autoserve"
@@ -199,8 +200,8 @@ async def test_migrate_ingest_and_report_each_run_with_only_their_grants(
             return info.ack_floor.stream_seq >= n and info.num_ack_pending == 0
 
         # Acknowledged only after their batch is stored: every message is in ClickHouse.
-        await until(lambda: stored(PROBES_STREAM, probes_durable, len(probes)), 60, "probes stored")
-        await until(lambda: stored(EVENTS_STREAM, events_durable, len(incident)), 60, "events stored")
+        await wait_for(lambda: stored(PROBES_STREAM, probes_durable, len(probes)), 60, "probes stored")
+        await wait_for(lambda: stored(EVENTS_STREAM, events_durable, len(incident)), 60, "events stored")
         async with httpx.AsyncClient(timeout=30) as client:
             response = await client.get(f"{process.url}/v1/apps/shop/report", params={"hours": 1})
         # This reporter has no reader URL and its engine may not SELECT: the API says why.

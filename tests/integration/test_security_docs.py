@@ -19,7 +19,8 @@ from autoserve_reporter.adapters.migrations import migrate
 from autoserve_reporter.core.report import seed_p95
 from autoserve_runtime import spawn_child
 
-from .test_security import SAMPLES, SecureNats, session
+from ..support.secure_nats import SecureNats, session
+from .test_security import SAMPLES
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 

@@ -26,8 +26,8 @@ from autoserve_runtime import free_port, spawn_child, stop_child
 from autoserve_runtime.breaker_client import BreakerClient
 
 from ..support.processes import http_server, recorded_process
+from ..support.secure_nats import AUTOSERVE, SecureNats, command, get, inbox, session
 from .conftest import LOCALHOST, check, config_for, wait_for
-from .test_security import AUTOSERVE, SecureNats, command, get, inbox, session
 
 
 @pytest.fixture
