@@ -22,9 +22,17 @@ system:
 run: setup
 	$(BIN)/autoserve up --demo -c examples/demo.yaml
 
+# The unit tests (CPU only: no ports, no processes, no shared state) run niced beside the
+# integration tests, which mostly wait on real components: the run takes about the
+# integration tests' time. Both must pass; the unit log follows the integration output.
 test: setup system
 	$(BIN)/ruff check .
-	$(BIN)/pytest
+	@mkdir -p .autoserve
+	@nice -n 10 $(BIN)/pytest tests/unit -p no:cacheprovider > .autoserve/unit-tests.log 2>&1 & unit=$$!; \
+	$(BIN)/pytest tests/integration; integration=$$?; \
+	wait $$unit; units=$$?; \
+	echo "---- tests/unit (ran beside the integration tests) ----"; cat .autoserve/unit-tests.log; \
+	test $$integration -eq 0 && test $$units -eq 0
 
 unit: setup
 	$(BIN)/pytest tests/unit

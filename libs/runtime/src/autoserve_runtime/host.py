@@ -163,13 +163,28 @@ class Host:
         service, name = self.service, self.service.name
         async with self._closers:
             try:
-                await self._start()
-                log.info(f"{name} started", nats=service.nats_url, replayed=service.replayed)
-                await stop.wait()
+                if await self._started_before(stop):
+                    log.info(f"{name} started", nats=service.nats_url, replayed=service.replayed)
+                    await stop.wait()
                 self.stopping.set()
             finally:
                 log.info(f"{name} stopping")
         log.info(f"{name} stopped", **service.stopped())
+
+    async def _started_before(self, stop: asyncio.Event) -> bool:
+        """Start, unless asked to stop first: a SIGTERM while NATS is unreachable or the
+        configuration unread stops at once (nothing was taken that a drain would finish);
+        what was opened so far is closed as usual."""
+        starting = asyncio.ensure_future(self._start())
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        await cancel_all([stopping])
+        if starting.done():
+            starting.result()  # a start that failed fails the service
+            return True
+        log.info("stopped while starting", service=self.service.name)
+        await cancel_all([starting])
+        return False
 
     async def _start(self) -> None:
         service = self.service
