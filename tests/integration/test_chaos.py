@@ -37,6 +37,7 @@ from nats.aio.msg import Msg
 
 from autoserve_cli.services import SERVICES
 from autoserve_events import (
+    APPS_BUCKET,
     EVENTS_STREAM,
     PROBES_STREAM,
     FailureDetected,
@@ -48,7 +49,7 @@ from autoserve_events import (
     encode,
     subject_for,
 )
-from autoserve_runtime import connect, free_port
+from autoserve_runtime import connect, free_port, live_keys
 from autoserve_runtime.nats_server import free_ports
 
 from ..support.waiting import wait_for
@@ -317,14 +318,13 @@ async def test_each_service_sigkilled_is_restarted_alone_and_state_is_rebuilt(up
 
 async def test_an_empty_config_file_changes_nothing_and_exits_2(up: Up, tmp_path: Path) -> None:
     async with watching(up) as (nc, _):
-        kv = await nc.jetstream().key_value("autoserve-apps")
-        apps = sorted(await kv.keys())
+        apps = await live_keys(nc.jetstream(), APPS_BUCKET)
         for text in ("", "# nothing but a comment\n", "apps:\n"):
             empty = tmp_path / "empty.yaml"
             empty.write_text(text)
             result = await asyncio.to_thread(autoserve, "apply", "-c", str(empty), "--nats-url", up.nats_url)
             assert result.returncode == 2, (text, result.stdout, result.stderr)
-            assert sorted(await kv.keys()) == apps
+            assert await live_keys(nc.jetstream(), APPS_BUCKET) == apps
 
 
 async def test_a_bad_value_in_kv_survives_a_restarted_detector(up: Up) -> None:

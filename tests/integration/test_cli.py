@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 from nats.aio.client import Client
-from nats.js.errors import NoKeysError
 
 from autoserve_events import APPS_BUCKET
-from autoserve_runtime import EmbeddedNatsServer, free_port
+from autoserve_runtime import EmbeddedNatsServer, free_port, live_keys
 
 from ..conftest import plant_secret
 from ..support.processes import http_server
@@ -47,11 +46,7 @@ def web(port: int = 18081, *ids: str) -> dict:
 
 
 async def kv_keys(nc: Client) -> set[str]:
-    kv = await nc.jetstream().key_value(APPS_BUCKET)
-    try:
-        return set(await kv.keys())
-    except NoKeysError:
-        return set()
+    return set(await live_keys(nc.jetstream(), APPS_BUCKET))
 
 
 def test_check_accepts_a_good_file(tmp_path: Path) -> None:

@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 
 import msgspec
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, NoKeysError
+from nats.js.errors import KeyNotFoundError
 
 from autoserve_config import Config, encode_app_spec, encode_detector
 from autoserve_events import APPS_BUCKET, SETTINGS_BUCKET
-from autoserve_runtime import connect, provision
+from autoserve_runtime import connect, live_keys, provision
 
 
 @dataclass
@@ -33,10 +33,7 @@ class ApplySummary:
 async def store_config(js: JetStreamContext, config: Config) -> ApplySummary:
     summary = ApplySummary()
     kv = await js.key_value(APPS_BUCKET)
-    try:
-        existing = set(await kv.keys())
-    except NoKeysError:
-        existing = set()
+    existing = set(await live_keys(js, APPS_BUCKET))
     for name, spec in config.apps.items():
         data = encode_app_spec(spec)
         try:

@@ -1,7 +1,7 @@
 """AutoServe Health runtime: NATS connection, embedded nats-server, provisioning, publishing."""
 
 from .admission import Admission
-from .bus import DEFAULT_NATS_URL, NatsUnavailable, connect, provision
+from .bus import DEFAULT_NATS_URL, NatsUnavailable, connect, live_keys, provision
 from .config_watch import follow_apps, follow_detector_settings, follow_setting
 from .consumer import ConsumerSpec, EventConsumer, SeenIds, dead_letter_headers
 from .feed import Feed, start_sequence, subscribe_from
@@ -62,6 +62,7 @@ __all__ = [
     "follow_setting",
     "free_port",
     "instrument",
+    "live_keys",
     "nats_server_binary",
     "provision",
     "request_endpoint",

@@ -35,7 +35,7 @@ import structlog
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 
 from autoserve_events import APPS_BUCKET, SETTINGS_BUCKET, StreamSpec, stream_specs
 from autoserve_events.durables import durable_specs
@@ -296,6 +296,28 @@ def bucket_configs() -> tuple[KeyValueConfig, ...]:
         KeyValueConfig(bucket=CLAIMS_BUCKET, description="AutoServe recovery: at-most-once claims and instance leases",
                        history=1, ttl=CLAIMS_TTL_SECONDS, storage=StorageType.FILE),
     )  # fmt: skip
+
+
+async def live_keys(js: JetStreamContext, bucket: str) -> list[str]:
+    """The keys of a KV bucket that hold a value now, sorted.
+
+    Not nats-py's ``KeyValue.keys()``: its watcher can signal "no more keys" before the
+    first one is handled when the server delivers them all before the consumer-info reply
+    (num_pending is 0 and nothing is counted as received yet), so under load it returns
+    too few keys. The stream's subject list is the server's own answer; a key whose last
+    entry is a delete or purge marker is not live."""
+    kv = await js.key_value(bucket)
+    info = await js.stream_info(f"KV_{bucket}", subjects_filter=f"$KV.{bucket}.>")
+    prefix = f"$KV.{bucket}."
+    keys = []
+    for subject in sorted(info.state.subjects or {}):
+        key = subject.removeprefix(prefix)
+        try:
+            await kv.get(key)  # raises KeyDeletedError (a KeyNotFoundError) for a marker
+        except KeyNotFoundError:
+            continue
+        keys.append(key)
+    return keys
 
 
 async def _wait_for(what: str, exists: object, started: float) -> None:
