@@ -55,10 +55,18 @@ def bindable(port: int) -> bool:
 class EmbeddedNatsServer:
     """nats-server with JetStream on, listening on 127.0.0.1 only, data under ``store_dir``."""
 
-    def __init__(self, store_dir: str | Path, port: int | None = None, log_file: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        store_dir: str | Path,
+        port: int | None = None,
+        log_file: str | Path | None = None,
+        *,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
         self.store_dir = Path(store_dir)
         self.port = port or free_port()
         self.log_file = Path(log_file) if log_file else self.store_dir / "nats-server.log"
+        self.extra_args = extra_args  # a cluster node's name, cluster listener and routes
         self.process: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
 
@@ -89,6 +97,7 @@ class EmbeddedNatsServer:
             "-a", "127.0.0.1",
             "-p", str(self.port),
             "-l", str(self.log_file),
+            *self.extra_args,
         ]  # fmt: skip
         self.process = spawn_child(command, stdout=subprocess.DEVNULL)
         return self.process
@@ -110,6 +119,10 @@ class EmbeddedNatsServer:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
 
     def __enter__(self) -> EmbeddedNatsServer:
         return self.start()
