@@ -27,6 +27,7 @@ from rich.console import Console
 
 from bench.alerter import alerter_tables
 from bench.breaker_rpc import run_bench as breaker_tables
+from bench.cluster import cluster_tables
 from bench.common import BENCH_DIR, LOG_DIR, WORK_DIR, Table, apply_config, environment, fmt, write_config
 from bench.detector import detector_tables
 from bench.faults import fault_tables
@@ -128,6 +129,11 @@ async def run(args: argparse.Namespace) -> list[Table]:
             return await asyncio.to_thread(fault_tables)
 
         await section("faults", 150, faults)
+
+        async def cluster() -> list[Table]:
+            return await cluster_tables(nginx.port)
+
+        await section("cluster", 200, cluster)
     return tables
 
 
@@ -135,7 +141,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--sections",
-        default="transports,cost,scale,detector,breaker,reporter,recovery,alerter,faults",
+        default="transports,cost,scale,detector,breaker,reporter,recovery,alerter,faults,cluster",
         type=lambda s: s.split(","),
     )
     parser.add_argument("--transport-seconds", type=float, default=4.0)
