@@ -2,7 +2,7 @@
 
 The permissions are derived from the code: subjects and streams from ``autoserve_events``,
 each service's durable consumers from its own module, the KV buckets from
-``autoserve_runtime.bus``. ``tests/integration/test_security.py``
+``autoserve_runtime.provisioning``. ``tests/integration/test_security.py``
 (``test_the_committed_nats_config_is_the_generated_one``) fails when the committed file
 differs from what this prints, and the rest of that file runs a real nats-server on it.
 
@@ -47,7 +47,7 @@ from autoserve_events.subjects import _ONE_TOKEN, PREFIX, PROBES_WILDCARD  # the
 from autoserve_recovery.feeds import WORK_DURABLE
 from autoserve_reporter.service import ReporterSettings, consumer_specs
 from autoserve_runtime import ConsumerSpec
-from autoserve_runtime.bus import CLAIMS_BUCKET, bucket_configs
+from autoserve_runtime.provisioning import CLAIMS_BUCKET, bucket_configs
 
 OUTPUT = Path(__file__).resolve().parent.parent / "deploy" / "nats" / "nats-server.conf"
 BREAKER_DURABLES = ("breaker", "breaker-0-of-2", "breaker-1-of-2")  # one per replica (--replica I/N)

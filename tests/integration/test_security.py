@@ -46,12 +46,8 @@ from autoserve_events import (
 )
 from autoserve_runtime import EventPublisher, free_port, provision, spawn_child, stop_child
 from autoserve_runtime.breaker_client import BreakerClient
-from autoserve_runtime.bus import (
-    CLAIMS_BUCKET,
-    NatsAuth,
-    connect,
-    permission_denials,
-)
+from autoserve_runtime.bus import NatsAuth, connect, permission_denials
+from autoserve_runtime.provisioning import CLAIMS_BUCKET
 
 from ..support.secure_nats import (
     AUTOSERVE,

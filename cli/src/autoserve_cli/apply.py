@@ -2,11 +2,14 @@
 
 Each app's spec goes under its name in ``autoserve-apps``; an unchanged spec is not
 rewritten (no needless revision, no worker restarts); an app no longer in the file is
-removed. The detector thresholds go to ``autoserve-settings``.
+removed. The detector thresholds go to ``autoserve-settings``. The streams and buckets get
+``AUTOSERVE_STREAM_REPLICAS`` replicas (1, 3 or 5): run apply again with another value to move
+them in place; services never change them.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import msgspec
@@ -15,7 +18,7 @@ from nats.js.errors import KeyNotFoundError
 
 from autoserve_config import Config, encode_app_spec, encode_detector
 from autoserve_events import APPS_BUCKET, SETTINGS_BUCKET
-from autoserve_runtime import connect, live_keys, provision
+from autoserve_runtime import ReplicasError, connect, live_keys, provision, stream_replicas
 
 
 @dataclass
@@ -55,11 +58,22 @@ async def store_config(js: JetStreamContext, config: Config) -> ApplySummary:
 
 
 async def apply_config(config: Config, nats_url: str) -> int:
+    try:
+        replicas = stream_replicas()
+    except ReplicasError as exc:
+        print(f"autoserve apply: {exc}; nothing applied", file=sys.stderr)
+        return 2
     nc = await connect(nats_url, "autoserve-apply", timeout=10)
     try:
         js = nc.jetstream()
-        await provision(js, durables=True)  # before anything publishes
+        try:
+            moved = await provision(js, durables=True, replicas=replicas)  # before anything publishes
+        except ReplicasError as exc:
+            print(f"autoserve apply: {exc}", file=sys.stderr)
+            return 2
         print(f"applied to {nats_url}: {await store_config(js, config)}")
+        if moved:
+            print("replicas: " + ", ".join(f"{name} {was} -> {now}" for name, (was, now) in sorted(moved.items())))
     finally:
         await nc.close()
     return 0

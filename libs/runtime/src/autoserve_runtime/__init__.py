@@ -1,7 +1,7 @@
 """AutoServe Health runtime: NATS connection, embedded nats-server, provisioning, publishing."""
 
 from .admission import Admission
-from .bus import DEFAULT_NATS_URL, NatsUnavailable, connect, live_keys, provision
+from .bus import DEFAULT_NATS_URL, NatsUnavailable, connect
 from .config_watch import follow_apps, follow_detector_settings, follow_setting
 from .consumer import ConsumerSpec, EventConsumer, SeenIds, dead_letter_headers
 from .feed import Feed, start_sequence, subscribe_from
@@ -24,6 +24,7 @@ from .observability import (
     watch_publisher,
 )
 from .process import spawn_child, stop_child
+from .provisioning import ReplicasError, live_keys, provision, stream_replicas
 from .publisher import EventPublisher, PublisherStats
 from .pull import PullConsumer, PullStats
 from .tasks import cancel_all
@@ -44,6 +45,7 @@ __all__ = [
     "PublisherStats",
     "PullConsumer",
     "PullStats",
+    "ReplicasError",
     "SeenIds",
     "add_check",
     "add_counter",
@@ -70,6 +72,7 @@ __all__ = [
     "spawn_child",
     "start_sequence",
     "stop_child",
+    "stream_replicas",
     "subscribe_from",
     "watch_consumer",
     "watch_publisher",

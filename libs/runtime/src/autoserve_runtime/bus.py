@@ -1,4 +1,4 @@
-"""Connecting to NATS (credentials, TLS) and provisioning streams and KV buckets.
+"""Connecting to NATS: seed lists, credentials, TLS (provisioning is ``provisioning``).
 
 Credentials come from the environment, one variable per option, or from files they name
 (``NatsAuth.from_env``); they are never logged, and a URL's ``user:password@`` is moved out
@@ -8,21 +8,14 @@ of the URL before anything can print it (``absorb_url_credentials``).
 answers, publish acks, KV watches and ordered consumers, request/reply). The deploy config
 gives each user only its own prefix, ``_INBOX_<user>``, so no user can read another's
 replies; the default, ``_INBOX``, is what nats-py (and every other client) uses.
-
-Provisioning is idempotent and works under least privilege: a stream or bucket that exists
-with the wanted settings is only read (``STREAM.INFO``); creating or changing one is the
-job of an admin credential (``autoserve apply``). A service whose credential may not create
-a missing stream waits for it to appear instead of failing.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 import re
 import ssl
-import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -33,24 +26,12 @@ import nats
 import nats.errors
 import structlog
 from nats.aio.client import Client
-from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 
-from autoserve_events import APPS_BUCKET, SETTINGS_BUCKET, StreamSpec, stream_specs
-from autoserve_events.durables import durable_specs
-
-from .consumer import create_durable
 from .observability import watch_nats
 
 log = structlog.get_logger("autoserve.bus")
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
-# The recovery service's at-most-once claims (autoserve_recovery.adapters.claims): listed
-# here so that an admin provisions every bucket and no service needs create rights.
-CLAIMS_BUCKET = "autoserve-recovery-claims"
-CLAIMS_TTL_SECONDS = 86_400.0
-WAIT_LOG_SECONDS = 30.0
 # Subject tokens without wildcards: the server grants `<prefix>.>` to subscribe to.
 _INBOX_PREFIX = re.compile(r"^[A-Za-z0-9_$-]+(\.[A-Za-z0-9_$-]+)*$")
 
@@ -169,28 +150,55 @@ class NatsAuth:
         return options
 
 
+def seed_urls(url: str) -> list[str]:
+    """The seeds of ``AUTOSERVE_NATS_URL`` / ``--nats-url``: a comma-separated list, each a
+    node of one cluster (the client learns the others from the server)."""
+    seeds = [seed.strip() for seed in url.split(",") if seed.strip()]
+    if not seeds:
+        raise NatsConfigError(f"AUTOSERVE_NATS_URL: {url!r} holds no URL")
+    return seeds
+
+
 def redact_url(url: str) -> str:
-    """``nats://user:secret@host:4222`` -> ``nats://***@host:4222``; anything else unchanged."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
+    """``nats://user:secret@host:4222`` -> ``nats://***@host:4222``, each seed of a list."""
+
+    def redact(seed: str) -> str:
+        parts = urlsplit(seed)
+        if "@" not in parts.netloc:
+            return seed
+        return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
+
+    return ",".join(redact(seed) for seed in url.split(","))
 
 
 def absorb_url_credentials(url: str | None, env: dict[str, str] | os._Environ[str] | None = None) -> str | None:
     """Move ``user:password@`` (or ``token@``) out of ``url`` into the environment variables
     ``connect`` reads, and return the URL without them: every later log line and every child
-    process sees a clean URL, and children still get the credentials."""
-    if not url or "@" not in urlsplit(url).netloc:
+    process sees a clean URL, and children still get the credentials. In a seed list, the
+    seeds that carry credentials must carry the same ones (one credential per cluster)."""
+    if not url or "@" not in url:
         return url
     env = os.environ if env is None else env
-    parts = urlsplit(url)
-    if parts.password is not None:
-        env["AUTOSERVE_NATS_USER"] = parts.username or ""
-        env["AUTOSERVE_NATS_PASSWORD"] = parts.password
-    elif parts.username:
-        env["AUTOSERVE_NATS_TOKEN"] = parts.username
-    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    found: dict[str, str] = {}
+    clean = []
+    for seed in url.split(","):
+        parts = urlsplit(seed.strip())
+        if "@" not in parts.netloc:
+            clean.append(seed.strip())
+            continue
+        if parts.password is not None:
+            credential = {"AUTOSERVE_NATS_USER": parts.username or "", "AUTOSERVE_NATS_PASSWORD": parts.password}
+        else:
+            credential = {"AUTOSERVE_NATS_TOKEN": parts.username or ""}
+        if found and credential != found:
+            raise NatsConfigError(
+                f"AUTOSERVE_NATS_URL: the seeds {redact_url(url)} carry different credentials; "
+                "a cluster takes one (or set AUTOSERVE_NATS_USER and AUTOSERVE_NATS_PASSWORD)"
+            )
+        found = credential
+        clean.append(urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])))
+    env.update(found)
+    return ",".join(clean)
 
 
 # -- connecting ----------------------------------------------------------------------------
@@ -201,7 +209,9 @@ async def connect(
 ) -> Client:
     """Connect with unlimited reconnect attempts: a restarted server is rejoined by itself.
 
-    A service waits for NATS as long as it takes (``timeout=None``); a command line gives up
+    ``url`` is one URL or a comma-separated seed list (``seed_urls``): nats-py tries the seeds
+    in random order, learns the rest of the cluster from the servers it reaches, and on a lost
+    connection reconnects to any of them. A service waits for NATS as long as it takes (``timeout=None``); a command line gives up
     after ``timeout`` seconds with ``NatsUnavailable``. Credentials and TLS come from ``auth``,
     by default from the environment (``NatsAuth.from_env``); explicit ``options`` win.
     """
@@ -242,7 +252,7 @@ async def connect(
         "reconnected_cb": reconnected,
         "error_cb": error,
     }
-    attempt = nats.connect(servers=[url], **{**settings, **auth.options(), **options})  # type: ignore[arg-type]
+    attempt = nats.connect(servers=seed_urls(url), **{**settings, **auth.options(), **options})  # type: ignore[arg-type]
     try:
         nc = await asyncio.wait_for(attempt, timeout)
     except TimeoutError:
@@ -255,142 +265,3 @@ async def connect(
 def permission_denials(nc: Client) -> list[str]:
     """The server's permission errors this connection got (the last 100), oldest first."""
     return list(getattr(nc, "_autoserve_denied", ()))
-
-
-# -- provisioning --------------------------------------------------------------------------
-
-
-def _stream_config(spec: StreamSpec) -> StreamConfig:
-    return StreamConfig(
-        name=spec.name,
-        description=spec.description,
-        subjects=list(spec.subjects),
-        retention=RetentionPolicy.LIMITS,
-        storage=StorageType.FILE,
-        discard=DiscardPolicy.OLD,
-        max_age=spec.max_age_seconds,
-        duplicate_window=spec.duplicate_window_seconds,
-    )
-
-
-def _same(have: StreamConfig, want: StreamConfig) -> bool:
-    def close(a: float | None, b: float | None) -> bool:
-        return math.isclose(a or 0.0, b or 0.0, rel_tol=1e-6, abs_tol=1e-3)
-
-    return (
-        sorted(have.subjects or []) == sorted(want.subjects or [])
-        and close(have.max_age, want.max_age)
-        and close(have.duplicate_window, want.duplicate_window)
-        and have.description == want.description
-        and (have.retention, have.storage, have.discard) == (want.retention, want.storage, want.discard)
-    )
-
-
-def bucket_configs() -> tuple[KeyValueConfig, ...]:
-    """Every KV bucket the services use."""
-    return (
-        KeyValueConfig(bucket=APPS_BUCKET, description="AutoServe app specs, one key per app", history=5,
-                       storage=StorageType.FILE),
-        KeyValueConfig(bucket=SETTINGS_BUCKET, description="AutoServe global settings (detector thresholds)",
-                       history=5, storage=StorageType.FILE),
-        KeyValueConfig(bucket=CLAIMS_BUCKET, description="AutoServe recovery: at-most-once claims and instance leases",
-                       history=1, ttl=CLAIMS_TTL_SECONDS, storage=StorageType.FILE),
-    )  # fmt: skip
-
-
-async def live_keys(js: JetStreamContext, bucket: str) -> list[str]:
-    """The keys of a KV bucket that hold a value now, sorted.
-
-    Not nats-py's ``KeyValue.keys()``: its watcher can signal "no more keys" before the
-    first one is handled when the server delivers them all before the consumer-info reply
-    (num_pending is 0 and nothing is counted as received yet), so under load it returns
-    too few keys. The stream's subject list is the server's own answer; a key whose last
-    entry is a delete or purge marker is not live."""
-    kv = await js.key_value(bucket)
-    info = await js.stream_info(f"KV_{bucket}", subjects_filter=f"$KV.{bucket}.>")
-    prefix = f"$KV.{bucket}."
-    keys = []
-    for subject in sorted(info.state.subjects or {}):
-        key = subject.removeprefix(prefix)
-        try:
-            await kv.get(key)  # raises KeyDeletedError (a KeyNotFoundError) for a marker
-        except KeyNotFoundError:
-            continue
-        keys.append(key)
-    return keys
-
-
-async def _wait_for(what: str, exists: object, started: float) -> None:
-    """Poll until ``exists()`` is true: an admin will create it (``autoserve apply``)."""
-    next_log = 0.0
-    while True:
-        try:
-            await exists()  # type: ignore[operator]
-            log.info("found; continuing", what=what, waited=round(time.monotonic() - started, 1))
-            return
-        except (NotFoundError, BucketNotFoundError):
-            pass
-        now = time.monotonic()
-        if now >= next_log:
-            log.warning(
-                "waiting for an admin to create it: run `autoserve apply` with an admin credential",
-                what=what,
-            )
-            next_log = now + WAIT_LOG_SECONDS
-        await asyncio.sleep(1.0)
-
-
-async def _create_or_wait(js: JetStreamContext, what: str, create: object, exists: object) -> None:
-    started = time.monotonic()
-    try:
-        await create()  # type: ignore[operator]
-    except (TimeoutError, nats.errors.TimeoutError):
-        # A denied request is never answered: nats-server tells the client in an -ERR and
-        # drops it, so the reply times out. Wait for someone allowed to create it.
-        await _wait_for(what, exists, started)
-
-
-async def provision(
-    js: JetStreamContext,
-    specs: tuple[StreamSpec, ...] | None = None,
-    *,
-    durables: bool = False,
-) -> None:
-    """Create the streams and KV buckets, or update the streams to the given retention;
-    with ``durables``, every service's durable consumer too (``autoserve apply`` and
-    ``autoserve up``, before anything publishes: autoserve_events.durables).
-
-    Under least privilege (a service's credential, no create or update rights), an existing
-    stream with the right settings is left alone, one with other settings is used as it is
-    (with a warning), and a missing one is waited for."""
-    for spec in specs or stream_specs():
-        config = _stream_config(spec)
-        try:
-            info = await js.stream_info(spec.name)
-        except NotFoundError:
-            await _create_or_wait(
-                js, f"stream {spec.name}", lambda c=config: js.add_stream(c), lambda n=spec.name: js.stream_info(n)
-            )
-            continue
-        if _same(info.config, config):
-            continue
-        try:
-            await js.update_stream(config)
-        except (TimeoutError, nats.errors.TimeoutError):
-            log.warning("stream settings differ from this version's, and this credential may not change them; "
-                        "using the stream as it is", stream=spec.name)  # fmt: skip
-    for bucket in bucket_configs():
-        try:
-            await js.key_value(bucket.bucket)
-        except BucketNotFoundError:
-            await _create_or_wait(
-                js,
-                f"KV bucket {bucket.bucket}",
-                lambda b=bucket: js.create_key_value(b),
-                lambda n=bucket.bucket: js.key_value(n),
-            )
-    if durables:
-        for durable in durable_specs():
-            if await create_durable(js, durable):
-                log.info("durable consumer created", stream=durable.stream, durable=durable.name,
-                         starts=durable.start_seconds_ago)  # fmt: skip

@@ -31,10 +31,11 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from .admission import Admit
-from .bus import connect, provision
+from .bus import connect
 from .consumer import ConsumerSpec, EventConsumer, ProcessFn
 from .lifecycle import close_nats
-from .observability import watch_publisher
+from .observability import add_check, remove_check, watch_publisher
+from .provisioning import provision
 from .publisher import EventPublisher
 from .tasks import cancel_all
 
@@ -193,7 +194,8 @@ class Host:
         await provision(self.js)
         buffer = {} if service.publisher_buffer is None else {"max_buffered": service.publisher_buffer}
         service.publisher = EventPublisher(self.js, **buffer).start()
-        watch_publisher(service.name, service.publisher)
+        check = watch_room(service.name, service.publisher)
+        self.closing(lambda: _unwatched(check))
         self.closing(service.publisher.close)
         await service.open(self)
         plan = service.plan()
@@ -240,6 +242,19 @@ class Host:
         self.closing(lambda: consumer.stop(timeout=consume.stop_timeout), consume.stop_timeout + CLOSE_SECONDS)
         if consume.catch_up and not await consumer.caught_up():
             log.warning("backlog not folded in time; continuing", durable=spec.durable)
+
+
+def watch_room(service: str, publisher: EventPublisher) -> str:
+    """Export ``publisher``'s counts, and make ``/readyz`` false, with the reason, while it is
+    full (its input waits for room); the check's name."""
+    watch_publisher(service, publisher)
+    name = f"publisher {service} has room"
+    add_check(name, lambda: publisher.has_room, publisher.why_full)
+    return name
+
+
+async def _unwatched(check: str) -> None:
+    remove_check(check)
 
 
 def _and_set(on_change: Callable[..., None], loaded: asyncio.Event) -> Callable[..., None]:

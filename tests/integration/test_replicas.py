@@ -1,0 +1,128 @@
+"""Replicated storage on a real 3-node JetStream cluster: ``autoserve apply`` sets the
+replicas of every stream and bucket from AUTOSERVE_STREAM_REPLICAS and moves them in place
+with the stored events kept; a service never changes them; replicas the cluster cannot hold
+are refused naming both numbers, with nothing changed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from nats.aio.client import Client
+
+from autoserve_events import PROBES_STREAM, stream_specs
+from autoserve_runtime import EmbeddedNatsServer, connect, free_port, provision
+from autoserve_runtime.nats_cluster import EmbeddedNatsCluster
+from autoserve_runtime.provisioning import bucket_configs
+
+from ..support.waiting import wait_for
+from .conftest import LOCALHOST, check, config_for
+
+AUTOSERVE = str(Path(sys.executable).parent / "autoserve")
+STREAMS = [spec.name for spec in stream_specs()] + [f"KV_{bucket.bucket}" for bucket in bucket_configs()]
+
+
+def apply(config: Path, url: str, replicas: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "AUTOSERVE_STREAM_REPLICAS": replicas}
+    return subprocess.run(
+        [AUTOSERVE, "apply", "-c", str(config), "--nats-url", url], capture_output=True, text=True, env=env, timeout=90
+    )
+
+
+@pytest.fixture(scope="module")
+def nats_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNatsCluster]:
+    with EmbeddedNatsCluster(tmp_path_factory.mktemp("cluster")) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "apps.yaml"
+    path.write_text(config_for({"web": {"health_check": check(), "instances": [{"id": "w-1", "host": LOCALHOST}]}}))
+    return path
+
+
+@pytest.fixture
+async def cluster_nc(nats_cluster: EmbeddedNatsCluster) -> AsyncIterator[Client]:
+    nc = await connect(nats_cluster.url, "test-replicas", timeout=10)
+    yield nc
+    await nc.close()
+
+
+async def replicas(nc: Client) -> dict[str, int]:
+    js = nc.jetstream()
+    return {name: (await js.stream_info(name)).config.num_replicas or 1 for name in STREAMS}
+
+
+async def test_apply_moves_every_stream_and_bucket_to_r3_and_back_with_the_events_kept(
+    nats_cluster: EmbeddedNatsCluster, cluster_nc: Client, config: Path
+) -> None:
+    url = nats_cluster.url
+    result = apply(config, url, "1")
+    assert result.returncode == 0, result.stderr
+    assert await replicas(cluster_nc) == dict.fromkeys(STREAMS, 1)
+    js = cluster_nc.jetstream()
+    for i in range(50):
+        await js.publish("autoserve.probe.web.w-1", b"{}", headers={"Nats-Msg-Id": f"kept-{i}"})
+    before = (await js.stream_info(PROBES_STREAM)).state
+
+    result = apply(config, url, "3")
+    assert result.returncode == 0, result.stderr
+    assert f"{PROBES_STREAM} 1 -> 3" in result.stdout
+    assert await replicas(cluster_nc) == dict.fromkeys(STREAMS, 3)
+    after = await js.stream_info(PROBES_STREAM)
+    assert (after.state.messages, after.state.last_seq) == (before.messages, before.last_seq)
+    assert len(after.cluster.replicas or []) == 2  # two followers beside the leader
+
+    async def durables_follow() -> bool:  # a durable without its own replicas follows its stream's
+        info = await js.consumer_info(PROBES_STREAM, "autoserve-detector")
+        return info.cluster is not None and len(info.cluster.replicas or []) == 2
+
+    await wait_for(durables_follow, timeout=30, what="the detector's durable at 3 replicas")
+
+    # A service provisions with replicas=None: it uses the streams as they are.
+    assert await provision(js) == {}
+    assert await replicas(cluster_nc) == dict.fromkeys(STREAMS, 3)
+
+    result = apply(config, url, "1")
+    assert result.returncode == 0, result.stderr
+    assert await replicas(cluster_nc) == dict.fromkeys(STREAMS, 1)
+    assert (await js.stream_info(PROBES_STREAM)).state.last_seq == before.last_seq
+
+
+async def test_more_replicas_than_nodes_are_refused_naming_both_and_nothing_changes(
+    nats_cluster: EmbeddedNatsCluster, cluster_nc: Client, config: Path
+) -> None:
+    assert apply(config, nats_cluster.url, "3").returncode == 0
+    result = apply(config, nats_cluster.url, "5")
+    assert result.returncode == 2
+    assert "AUTOSERVE_STREAM_REPLICAS=5 but the NATS cluster has 3 node(s)" in result.stderr
+    assert "nothing was changed" in result.stderr
+    assert await replicas(cluster_nc) == dict.fromkeys(STREAMS, 3)
+
+
+def test_a_replica_count_other_than_1_3_5_is_refused_before_connecting(config: Path) -> None:
+    result = apply(config, f"nats://127.0.0.1:{free_port()}", "2")
+    assert result.returncode == 2
+    assert "AUTOSERVE_STREAM_REPLICAS: must be one of 1, 3 or 5, got '2'; nothing applied" in result.stderr
+
+
+def test_replicas_on_a_single_server_are_refused_naming_both(nats_server: EmbeddedNatsServer, config: Path) -> None:
+    result = apply(config, nats_server.url, "3")
+    assert result.returncode == 2
+    assert "AUTOSERVE_STREAM_REPLICAS=3 but the NATS cluster has 1 node(s)" in result.stderr
+
+
+async def test_a_client_connects_through_the_second_seed_when_the_first_is_dead(
+    nats_cluster: EmbeddedNatsCluster,
+) -> None:
+    dead = f"nats://127.0.0.1:{free_port()}"
+    nc = await connect(f"{dead},{nats_cluster.urls[1]}", "test-seeds", timeout=10)
+    try:
+        assert nc.connected_url is not None and nc.connected_url.port == nats_cluster.nodes[1].port
+    finally:
+        await nc.close()
