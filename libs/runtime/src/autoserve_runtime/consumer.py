@@ -11,6 +11,8 @@ The service's core is a fold: ``process(event) -> output events``. This adapter 
 - a malformed or oversized message, or one that makes the core raise, is copied to
   ``autoserve.deadletter.<service>`` with the reason and acknowledged: it never stalls the
   consumer and is never retried forever.
+- while the publisher is full (JetStream not storing outputs), no further input is
+  handled: it stays in JetStream, unacknowledged, until there is room (backpressure).
 
 ``replay`` rebuilds state before consuming live: it folds, without publishing, everything
 from a start time up to the durable consumer's ack floor, the last input whose outputs
@@ -343,6 +345,11 @@ class EventConsumer:
         return (await ensure_durable(self._js, self._spec.stream, self._spec.config()))[1]
 
     async def _on_message(self, msg: Msg) -> None:
+        if self._publisher.full:
+            # Backpressure: handle nothing more until the outputs can be stored. The delivered
+            # inputs wait here unacknowledged, flow control stops the server sending more,
+            # and a redelivery of one of them after ack_wait is recognised below.
+            await self._publisher.room()
         self.stats.received += 1
         seq = position(msg)[0]
         if seq <= self._highest_seq:

@@ -1,22 +1,27 @@
 """Publishing events to JetStream without waiting on one round trip at a time.
 
-``submit`` never blocks the caller: events go to a bounded buffer, a pump sends them as
-JetStream publishes (up to ``max_in_flight`` unacknowledged), and an event whose ack fails
-or does not come within ``ack_timeout`` goes back to the front of the buffer and is sent
-again with the same ``Nats-Msg-Id``, so JetStream stores it once. While NATS is away the
-buffer holds up to ``max_buffered`` events; past that the oldest are dropped and counted,
-because a fresh probe result is worth more than a stale one, and a prober must keep
-probing rather than stall.
+``submit`` is cheap and synchronous: events go to a queue (``publish_queue``: its rules are
+pure), a pump sends them as JetStream publishes (up to ``max_in_flight`` unacknowledged),
+and acks come back on one wildcard inbox. An event is resolved as stored only when its ack
+is a PubAck; one whose ack fails with a transient error (a stream electing its leader
+answers 503 "no responders"), or does not come within ``ack_timeout``, or was in flight
+when the connection broke, is sent again with the same ``Nats-Msg-Id``, so JetStream
+stores it once (its duplicate window, ``autoserve_events.streams``, is 120 s). After a
+failure the pump sends one publish at a time with a bounded backoff until one is stored.
+
+Nothing is ever dropped. While JetStream does not acknowledge, the queue grows; past
+``max_buffered`` events the publisher is *full*: ``submit`` still takes what it is given,
+but whatever takes input (the event consumers, the prober's probe loop) awaits ``room()``
+before taking more, so the input waits where it is (a durable consumer's unacknowledged
+messages stay in JetStream). ``/readyz`` says so while it lasts (``host``), and one log
+line marks each stall and one its end.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
-import json
 import time
-from collections import deque
 from dataclasses import dataclass
 
 import structlog
@@ -26,9 +31,15 @@ from nats.js import JetStreamContext
 
 from autoserve_events import Event, encode, headers_for, subject_for
 
+from .publish_queue import Answer, PublisherStats, PublishQueue, classify
 from .tasks import cancel_all
 
+__all__ = ["EventPublisher", "PublisherStats"]
+
 log = structlog.get_logger("autoserve.publisher")
+
+EXPIRE_EVERY = 0.25  # how often unanswered publishes and reconnects are looked for
+STALL_LOG_SECONDS = 10.0  # a steady overload fills and drains often: one warning per this
 
 
 @dataclass(slots=True)
@@ -36,21 +47,12 @@ class _Pending:
     subject: str
     payload: bytes
     headers: dict[str, str]
-    # Resolved True once stored, False if rejected or dropped; None when nobody waits.
+    # Resolved True once stored, False if rejected; None when nobody waits.
     done: asyncio.Future[bool] | None = None
 
     def resolve(self, stored: bool) -> None:
         if self.done is not None and not self.done.done():
             self.done.set_result(stored)
-
-
-@dataclass(slots=True)
-class PublisherStats:
-    submitted: int = 0
-    acked: int = 0
-    retried: int = 0
-    dropped: int = 0
-    rejected: int = 0
 
 
 class EventPublisher:
@@ -63,19 +65,17 @@ class EventPublisher:
         ack_timeout: float = 5.0,
     ) -> None:
         self._js = js
-        self._max_in_flight = max_in_flight
-        self._max_buffered = max_buffered
         self._ack_timeout = ack_timeout
-        self._buffer: deque[_Pending] = deque()
-        self._in_flight: dict[str, tuple[_Pending, float]] = {}  # reply token -> (event, sent at)
+        self._queue: PublishQueue[_Pending] = PublishQueue(limit=max_buffered, window=max_in_flight)
         self._reply_prefix_len = 0
-        self._slots = asyncio.Semaphore(max_in_flight)
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._stall_logged_at: float | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._retry_at = 0.0
-        self.stats = PublisherStats()
+        self.stats = self._queue.stats
 
     def start(self) -> EventPublisher:
         self._tasks = [asyncio.create_task(self._pump()), asyncio.create_task(self._expire())]
@@ -92,7 +92,31 @@ class EventPublisher:
 
     @property
     def pending(self) -> int:
-        return len(self._buffer) + len(self._in_flight)
+        return self._queue.pending
+
+    @property
+    def full(self) -> bool:
+        """More than ``max_buffered`` events wait to be stored: take no more input."""
+        return self._queue.full
+
+    @property
+    def has_room(self) -> bool:
+        return not self._queue.full
+
+    async def room(self) -> None:
+        """Return once the publisher takes more input: at once unless it is full."""
+        while self._queue.full:
+            await self._room.wait()
+
+    def why_full(self) -> str | None:
+        """What ``/readyz`` says while input waits for room."""
+        queue = self._queue
+        if not queue.full:
+            return None
+        return (
+            f"{queue.pending} events not yet stored by JetStream (limit {queue.limit}): input paused "
+            f"for {queue.stalled_for(time.monotonic()):.1f} s, until they are down to {queue.resume_at}"
+        )
 
     def submit(self, event: Event, *, track: bool = False) -> asyncio.Future[bool] | None:
         """Queue ``event``; with ``track``, a future that resolves once JetStream stored it."""
@@ -102,23 +126,28 @@ class EventPublisher:
         self, subject: str, payload: bytes, headers: dict[str, str], *, track: bool = False
     ) -> asyncio.Future[bool] | None:
         done = asyncio.get_running_loop().create_future() if track else None
-        self.stats.submitted += 1
-        self._buffer.append(_Pending(subject, payload, headers, done))
-        self._bound_and_wake()
+        if self._queue.add(_Pending(subject, payload, headers, done), time.monotonic()):
+            self._stalled()
+        self._idle.clear()
+        self._wakeup.set()
         return done
 
-    def _retry(self, item: _Pending) -> None:
-        self.stats.retried += 1
-        self._buffer.appendleft(item)
-        self._bound_and_wake()
+    def _stalled(self) -> None:
+        self._room.clear()
+        now = time.monotonic()
+        if self._stall_logged_at is None or now - self._stall_logged_at >= STALL_LOG_SECONDS:
+            self._stall_logged_at = now
+            log.warning("publisher full: input paused until JetStream stores what waits",
+                        pending=self._queue.pending, limit=self._queue.limit, stalls=self.stats.stalls)  # fmt: skip
 
-    def _bound_and_wake(self) -> None:
-        if len(self._buffer) > self._max_buffered:
-            self._buffer.popleft().resolve(False)
-            self.stats.dropped += 1
-            if self.stats.dropped % 1000 == 1:
-                log.warning("publish buffer full, dropping oldest", dropped=self.stats.dropped)
-        self._idle.clear()
+    def _settled(self, now: float) -> None:
+        queue = self._queue
+        if queue.full and (waited := queue.reopen(now)) is not None:
+            self._room.set()
+            if self._stall_logged_at is not None and now - self._stall_logged_at < STALL_LOG_SECONDS:
+                log.info("publisher has room: input resumes", paused_seconds=round(waited, 3), stalls=self.stats.stalls)
+        if not queue.pending:
+            self._idle.set()
         self._wakeup.set()
 
     async def _pump(self) -> None:
@@ -128,63 +157,55 @@ class EventPublisher:
         prefix = nc.new_inbox() + "."
         self._reply_prefix_len = len(prefix)
         await nc.subscribe(prefix + "*", cb=self._on_ack)
-        tokens = itertools.count()
-        backoff = 0.05
+        queue = self._queue
         while True:
-            if not self._buffer:
-                self._wakeup.clear()
+            wait = queue.ready(time.monotonic())
+            if wait is None:
                 await self._wakeup.wait()
+                self._wakeup.clear()
                 continue
-            if (pause := self._retry_at - time.monotonic()) > 0:
-                await asyncio.sleep(pause)
-            await self._slots.acquire()
-            if not self._buffer:
-                self._slots.release()
+            if wait > 0:
+                await asyncio.sleep(wait)
                 continue
-            item = self._buffer.popleft()
-            token = f"{next(tokens):x}"
-            self._in_flight[token] = (item, time.monotonic())
+            key, item = queue.take(time.monotonic())
             try:
-                await nc.publish(item.subject, item.payload, reply=prefix + token, headers=item.headers)
+                await nc.publish(item.subject, item.payload, reply=f"{prefix}{key:x}", headers=item.headers)
             except (ConnectionClosedError, OutboundBufferLimitError, OSError) as exc:
-                del self._in_flight[token]
-                self._slots.release()
-                self._retry(item)
+                queue.failed(key, time.monotonic())
                 log.debug("publish deferred", error=type(exc).__name__)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
-                continue
-            backoff = 0.05
 
     async def _on_ack(self, msg: Msg) -> None:
-        entry = self._in_flight.pop(msg.subject[self._reply_prefix_len :], None)
-        if entry is None:  # expired already, and sent again
+        try:
+            key = int(msg.subject[self._reply_prefix_len :], 16)
+        except ValueError:
             return
-        item = entry[0]
-        self._slots.release()
-        data = msg.data
-        no_stream = not data and msg.headers is not None and msg.headers.get("Status") == "503"
-        error = json.loads(data).get("error") or {} if b'"error"' in data else None
-        if no_stream or (error is not None and (error.get("code") or 0) >= 500):
-            # No stream yet, or the server is busy: try again shortly, not in a hot loop.
-            self._retry_at = time.monotonic() + 0.5
-            self._retry(item)
-        elif error is not None:
-            self.stats.rejected += 1
+        answer, why = classify(msg.data, msg.headers.get("Status") if msg.headers else None)
+        now = time.monotonic()
+        if answer is Answer.STORED:
+            if (item := self._queue.stored(key)) is not None:
+                item.resolve(True)
+        elif answer is Answer.RETRY:
+            if self._queue.failed(key, now):
+                log.debug("publish to be sent again", why=why)
+        elif (item := self._queue.rejected(key)) is not None:
             item.resolve(False)
-            log.error("event rejected by JetStream", subject=item.subject, error=error.get("description", str(error)))
-        else:
-            self.stats.acked += 1
-            item.resolve(True)
-        if not self._buffer and not self._in_flight:
-            self._idle.set()
+            log.error("event rejected by JetStream", subject=item.subject, error=why)
+        self._settled(now)
 
     async def _expire(self) -> None:
-        """Acks that never came (lost in a disconnect) are sent again, same Nats-Msg-Id."""
+        """Acks that never came (lost with a node, or in a disconnect) are sent again, with
+        the same Nats-Msg-Id: after ``ack_timeout``, or at once after a reconnect (a
+        publish in flight then may have gone down with the node)."""
+        nc = self._js._nc
+        reconnects = nc.stats.get("reconnects", 0)
         while True:
-            await asyncio.sleep(min(1.0, self._ack_timeout / 2))
-            cutoff = time.monotonic() - self._ack_timeout
-            for token, (item, sent_at) in list(self._in_flight.items()):
-                if sent_at < cutoff and self._in_flight.pop(token, None) is not None:
-                    self._slots.release()
-                    self._retry(item)
+            await asyncio.sleep(EXPIRE_EVERY)
+            now = time.monotonic()
+            if (seen := nc.stats.get("reconnects", 0)) != reconnects:
+                reconnects = seen
+                if again := self._queue.expire(now, now, failure=False):
+                    log.info("reconnected: sending again what was in flight", count=again)
+            else:
+                again = self._queue.expire(now, now - self._ack_timeout)
+            if again:
+                self._wakeup.set()
