@@ -100,7 +100,7 @@ async def test_more_replicas_than_nodes_are_refused_naming_both_and_nothing_chan
     assert apply(config, nats_cluster.url, "3").returncode == 0
     result = apply(config, nats_cluster.url, "5")
     assert result.returncode == 2
-    assert "AUTOSERVE_STREAM_REPLICAS=5 but the NATS cluster has 3 node(s)" in result.stderr
+    assert "AUTOSERVE_STREAM_REPLICAS=5 but the NATS cluster has 3 node(s) up" in result.stderr
     assert "nothing was changed" in result.stderr
     assert await replicas(cluster_nc) == dict.fromkeys(STREAMS, 3)
 
@@ -114,7 +114,7 @@ def test_a_replica_count_other_than_1_3_5_is_refused_before_connecting(config: P
 def test_replicas_on_a_single_server_are_refused_naming_both(nats_server: EmbeddedNatsServer, config: Path) -> None:
     result = apply(config, nats_server.url, "3")
     assert result.returncode == 2
-    assert "AUTOSERVE_STREAM_REPLICAS=3 but the NATS cluster has 1 node(s)" in result.stderr
+    assert "AUTOSERVE_STREAM_REPLICAS=3 but the NATS cluster has 1 node(s) up" in result.stderr
 
 
 async def test_a_client_connects_through_the_second_seed_when_the_first_is_dead(
@@ -126,3 +126,18 @@ async def test_a_client_connects_through_the_second_seed_when_the_first_is_dead(
         assert nc.connected_url is not None and nc.connected_url.port == nats_cluster.nodes[1].port
     finally:
         await nc.close()
+
+
+async def test_an_apply_that_moves_no_replicas_works_while_a_node_is_down(
+    nats_cluster: EmbeddedNatsCluster, cluster_nc: Client, config: Path
+) -> None:
+    assert apply(config, nats_cluster.url, "3").returncode == 0
+    down = nats_cluster.nodes[2]
+    down.stop()
+    try:
+        result = apply(config, nats_cluster.url, "3")
+        assert result.returncode == 0, result.stderr
+        assert "unchanged: web" in result.stdout
+    finally:
+        down.launch()
+        nats_cluster.wait_healthy()

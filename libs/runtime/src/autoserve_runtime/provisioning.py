@@ -181,14 +181,16 @@ async def provision(
     stream with the right settings is left alone, one with other settings is used as it is
     (with a warning), and a missing one is waited for."""
     wanted = stream_replicas() if replicas is None else replicas
-    if wanted > (nodes := cluster_size(js._nc)):
+    specs = specs or stream_specs()
+    nodes = cluster_size(js._nc)
+    if replicas is not None and replicas > nodes and await _replicas_to_place(js, specs, replicas):
         raise ReplicasError(
-            f"AUTOSERVE_STREAM_REPLICAS={wanted} but the NATS cluster has {nodes} node(s): "
+            f"AUTOSERVE_STREAM_REPLICAS={replicas} but the NATS cluster has {nodes} node(s) up: "
             f"a stream needs at least as many nodes as replicas; nothing was changed"
         )
     moved: dict[str, tuple[int, int]] = {}
     try:
-        for spec in specs or stream_specs():
+        for spec in specs:
             await _provision_stream(js, _stream_config(spec, wanted), keep_replicas=replicas is None, moved=moved)
         for bucket in bucket_configs(wanted):
             await _provision_bucket(js, bucket, keep_replicas=replicas is None, moved=moved)
@@ -208,6 +210,19 @@ async def provision(
                 log.info("durable consumer created", stream=durable.stream, durable=durable.name,
                          starts=durable.start_seconds_ago)  # fmt: skip
     return moved
+
+
+async def _replicas_to_place(js: JetStreamContext, specs: tuple[StreamSpec, ...], replicas: int) -> bool:
+    """Whether a stream or bucket would be created or moved to ``replicas`` (a node down
+    must not stop an apply that changes no replicas)."""
+    names = [spec.name for spec in specs] + [f"KV_{bucket.bucket}" for bucket in bucket_configs()]
+    for name in names:
+        try:
+            if ((await js.stream_info(name)).config.num_replicas or 1) != replicas:
+                return True
+        except NotFoundError:
+            return True
+    return False
 
 
 async def _provision_stream(
