@@ -8,6 +8,7 @@ many publishes were sent again."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 from collections import Counter
@@ -19,8 +20,22 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
 
-from autoserve_events import PROBES_STREAM, ProbeCompleted, stream_specs
-from autoserve_runtime import EmbeddedNatsServer, EventPublisher, connect, observability
+from autoserve_config.model import HealthCheckConfig
+from autoserve_events import (
+    EVENTS_STREAM,
+    PROBES_STREAM,
+    AnyEvent,
+    HealthChanged,
+    ProbeCompleted,
+    derived_event_id,
+    encode,
+    headers_for,
+    stream_specs,
+    subject_for,
+)
+from autoserve_prober.workers import ProbeWorkers
+from autoserve_probes import Target
+from autoserve_runtime import ConsumerSpec, EmbeddedNatsServer, EventConsumer, EventPublisher, connect, observability
 from autoserve_runtime.host import watch_room
 from autoserve_runtime.nats_cluster import EmbeddedNatsCluster
 
@@ -30,9 +45,9 @@ KILLS = 2
 EVENTS = 3000
 
 
-def probes_config(replicas: int) -> StreamConfig:
-    """AUTOSERVE_PROBES as the events library specifies it, with ``replicas``."""
-    (spec,) = [s for s in stream_specs() if s.name == PROBES_STREAM]
+def probes_config(replicas: int, name: str = PROBES_STREAM) -> StreamConfig:
+    """A stream as the events library specifies it (AUTOSERVE_PROBES), with ``replicas``."""
+    (spec,) = [s for s in stream_specs() if s.name == name]
     return StreamConfig(
         name=spec.name,
         subjects=list(spec.subjects),
@@ -42,9 +57,27 @@ def probes_config(replicas: int) -> StreamConfig:
     )
 
 
-def probe(n: int) -> ProbeCompleted:
+def probe(n: int, **fields: object) -> ProbeCompleted:
     return ProbeCompleted(app_name="app", instance_id=f"i{n % 10}", check_type="http", is_healthy=True,
-                          response_time_ms=1.0, timestamp=time.time())  # fmt: skip
+                          response_time_ms=1.0, timestamp=time.time(), **fields)  # fmt: skip
+
+
+async def not_within(event: asyncio.Event, seconds: float) -> bool:
+    """True if ``event`` stays unset for ``seconds``: the deadline of a 'never happens'."""
+    try:
+        await asyncio.wait_for(event.wait(), seconds)
+    except TimeoutError:
+        return True
+    return False
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[EmbeddedNatsServer]:
+    nats = EmbeddedNatsServer(tmp_path / "nats")
+    try:
+        yield await asyncio.to_thread(nats.start)
+    finally:
+        nats.stop()
 
 
 async def stored_ids(js: JetStreamContext, stream: str = PROBES_STREAM) -> Counter[str]:
@@ -53,7 +86,7 @@ async def stored_ids(js: JetStreamContext, stream: str = PROBES_STREAM) -> Count
     ids: Counter[str] = Counter()
 
     async def count(msg: Msg) -> None:
-        ids[(msg.headers or {}).get("Nats-Msg-Id", "")] += 1
+        ids[(msg.headers or {}).get("Nats-Msg-Id", "")] += 1  # the floor's bare publishes: ""
 
     sub = await js.subscribe("autoserve.>", stream=stream, cb=count, ordered_consumer=True)
     try:
@@ -115,6 +148,25 @@ class Feeder:
         return max((b - a for a, b in itertools.pairwise(times) if b > moment and a < moment + 30), default=0.0)
 
 
+class Floor:
+    """Beside the publisher, for comparison: a bare nats-py ``js.publish`` every 10 ms (0.5 s
+    timeout, no Nats-Msg-Id), and when each succeeded."""
+
+    def __init__(self, js: JetStreamContext) -> None:
+        self.js = js
+        self.succeeded_at: list[float] = []
+
+    async def run(self) -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                await self.js.publish("autoserve.probe.floor.f", b"{}", timeout=0.5)
+                self.succeeded_at.append(time.monotonic())
+            await asyncio.sleep(0.01)
+
+    def back_after(self, moment: float) -> float:
+        return min((t for t in self.succeeded_at if t > moment + 0.05), default=float("nan")) - moment
+
+
 async def test_publishes_in_flight_during_leader_elections_are_stored_once_none_dropped(
     cluster: EmbeddedNatsCluster,
 ) -> None:
@@ -124,6 +176,8 @@ async def test_publishes_in_flight_during_leader_elections_are_stored_once_none_
     publisher = EventPublisher(js).start()
     feeder = Feeder(publisher)
     feeding = asyncio.create_task(feeder.run(EVENTS))
+    floor = Floor(js)
+    flooring = asyncio.create_task(floor.run())
     stalls = []
     try:
         for kill in range(KILLS):
@@ -144,48 +198,54 @@ async def test_publishes_in_flight_during_leader_elections_are_stored_once_none_
             node.kill()
             await wait_for(lambda t=killed_at: feeder.acked_at[-1] > t + 0.5, timeout=60, what="acks after the kill")
             await wait_for(lambda: publisher.pending < 1000, timeout=60, what="the backlog of the election stored")
-            stalls.append((leader, feeder.stall_after(killed_at), publisher.stats.retried - retried))
+            await wait_for(lambda t=killed_at: floor.succeeded_at[-1] > t + 0.5, timeout=60, what="the floor back")
+            stalls.append(
+                (leader, feeder.stall_after(killed_at), floor.back_after(killed_at), publisher.stats.retried - retried)
+            )
             node.launch()
             await asyncio.to_thread(cluster.wait_healthy, 60)
         feeder.enough.set()
         await asyncio.wait_for(feeding, 60)
         await asyncio.wait_for(publisher.drained(), 60)
         assert [f.result() for f in feeder.stored] == [True] * len(feeder.submitted)  # every one acked as stored
+        flooring.cancel()
         ids = await stored_ids(js)
+        assert ids.pop("") >= len(floor.succeeded_at)  # the floor's own: a timed-out one may be stored too
         assert ids == Counter(feeder.submitted)  # each Nats-Msg-Id exactly once, nothing else
         assert publisher.stats.dropped == 0 and publisher.stats.rejected == 0
-        for leader, stall, retried in stalls:
-            print(f"killed leader {leader}: no ack for {stall:.2f} s, {retried} publishes sent again")
+        for leader, stall, bare, retried in stalls:
+            print(f"killed leader {leader}: no ack for {stall:.2f} s (a bare js.publish back after {bare:.2f} s), "
+                  f"{retried} publishes sent again")  # fmt: skip
         print(f"{len(feeder.submitted)} events, {publisher.stats.retried} sent again in all")
     finally:
         feeding.cancel()
+        flooring.cancel()
         await publisher.close(timeout=1)
         await nc.close()
 
 
-async def test_with_nats_unreachable_input_waits_for_room_and_nothing_is_dropped(tmp_path: Path) -> None:
-    server = EmbeddedNatsServer(tmp_path / "nats").start()
+async def test_with_nats_unreachable_input_waits_for_room_and_nothing_is_dropped(server: EmbeddedNatsServer) -> None:
     nc = await connect(server.url, "test-publisher", timeout=10)
+    js = nc.jetstream()
+    await js.add_stream(probes_config(1))
+    publisher = EventPublisher(js, max_buffered=200).start()
+    check = watch_room("test", publisher)
+    feeder = Feeder(publisher)
+    feeder.enough.set()
+    feeding = asyncio.create_task(feeder.run(600))
     try:
-        js = nc.jetstream()
-        await js.add_stream(probes_config(1))
-        publisher = EventPublisher(js, max_buffered=200).start()
-        check = watch_room("test", publisher)
-        feeder = Feeder(publisher)
-        feeder.enough.set()
         server.kill()
         await wait_for(lambda: not nc.is_connected, what="the client to notice")
-        feeding = asyncio.create_task(feeder.run(600))
         await wait_for(lambda: publisher.full, what="the publisher to fill")
         # Input stops at the limit: room() does not return while NATS is away.
         done, _ = await asyncio.wait({feeding}, timeout=2.0)
         assert not done
-        assert len(feeder.submitted) == 200 and publisher.pending == 200
+        assert publisher.pending == 200 and len(feeder.submitted) == 200 + publisher.stats.acked
         assert observability.readiness()[check] is False
         assert "not yet stored" in observability.reasons(observability.readiness())[check]
         assert publisher.stats.dropped == 0 and publisher.stats.stalls == 1
 
-        server.start()
+        await asyncio.to_thread(server.start)
         await asyncio.wait_for(feeding, 60)
         await asyncio.wait_for(publisher.drained(), 60)
         assert [f.result() for f in feeder.stored] == [True] * 600
@@ -193,8 +253,97 @@ async def test_with_nats_unreachable_input_waits_for_room_and_nothing_is_dropped
         assert observability.readiness()[check] is True
         assert publisher.stats.dropped == 0 and publisher.stats.stalled_seconds >= 2.0
         print(f"input paused {publisher.stats.stalled_seconds:.2f} s, {publisher.stats.retried} publishes sent again")
-        await publisher.close()
     finally:
-        observability.remove_check("publisher test has room")
+        feeding.cancel()
+        observability.remove_check(check)
+        await publisher.close(timeout=1)
         await nc.close()
-        server.stop()
+
+
+async def test_the_probe_loop_waits_for_room_while_nats_is_away_and_skips_nothing_silently(
+    server: EmbeddedNatsServer,
+) -> None:
+    nc = await connect(server.url, "test-prober", timeout=10)
+    js = nc.jetstream()
+    await js.add_stream(probes_config(1))
+    publisher = EventPublisher(js, max_buffered=50).start()
+    submitted: list[str] = []
+    probed_while_full = asyncio.Event()
+
+    async def probe_fn(target: Target, scheduled_at: float | None) -> ProbeCompleted:
+        if publisher.full:
+            probed_while_full.set()
+        return probe(len(submitted), scheduled_at=scheduled_at)
+
+    def publish(event: ProbeCompleted) -> None:
+        submitted.append(event.event_id)
+        publisher.submit(event)
+
+    workers = ProbeWorkers(probe_fn, publish, room=publisher)
+    check = HealthCheckConfig(initial_delay_seconds=0, period_seconds=0.1)
+    try:
+        server.kill()
+        await wait_for(lambda: not nc.is_connected, what="the client to notice")
+        workers.apply({("app", f"i{n}"): Target("app", f"i{n}", "127.0.0.1", 1, check) for n in range(10)})
+        await wait_for(lambda: publisher.full, what="the publisher to fill")
+        probes_when_full = workers.stats.probes
+        assert await not_within(probed_while_full, 1.5)  # no probe round starts while full
+        assert workers.stats.probes == probes_when_full == len(submitted)
+
+        await asyncio.to_thread(server.start)
+        await wait_for(lambda: workers.stats.room_waits >= 10, timeout=30, what="every worker to go on")
+        await wait_for(lambda: len(submitted) >= probes_when_full + 50, timeout=30, what="probing again")
+        await workers.stop_all()
+        await asyncio.wait_for(publisher.drained(), 30)
+        assert workers.stats.room_wait_seconds >= 1.5 * 10  # each worker waited the whole stall
+        assert workers.stats.missed_slots > 0  # the slots that passed meanwhile: counted, not fired
+        assert await stored_ids(js) == Counter(submitted)
+        assert publisher.stats.dropped == 0
+    finally:
+        await workers.stop_all()
+        await publisher.close(timeout=1)
+        await nc.close()
+
+
+async def test_a_consumer_takes_no_input_while_its_outputs_cannot_be_stored(server: EmbeddedNatsServer) -> None:
+    """The outputs' stream is missing (JetStream answers 503, as during an election): the
+    consumer stops at the publisher's limit, its input stays unacked in JetStream, and once
+    the stream exists every input is folded once and every output stored once."""
+    nc = await connect(server.url, "test-consumer", timeout=10)
+    js = nc.jetstream()
+    await js.add_stream(probes_config(1, EVENTS_STREAM))
+    inputs = [HealthChanged(instance_id=f"i{n}", app_name="app", healthy=True, previous=False, consecutive=n,
+                            reason="test", timestamp=time.time()) for n in range(200)]  # fmt: skip
+    for event in inputs:
+        await js.publish(subject_for(event), encode(event), headers=headers_for(event))
+    publisher = EventPublisher(js, max_buffered=20).start()
+    folded: list[str] = []
+    past_the_limit = asyncio.Event()
+
+    def fold(event: AnyEvent) -> list[ProbeCompleted]:
+        folded.append(event.event_id)
+        if publisher.full:
+            past_the_limit.set()
+        return [probe(len(folded), event_id=derived_event_id("out", event.event_id))]
+
+    spec = ConsumerSpec(EVENTS_STREAM, "test-backpressure", "autoserve.event.>")
+    consumer = EventConsumer(js, publisher, spec, "test", fold)
+    try:
+        await consumer.start()
+        await wait_for(lambda: publisher.full, what="the publisher to fill")
+        assert await not_within(past_the_limit, 1.5)
+        assert len(folded) == 20  # the limit, then nothing more
+        info = await js.consumer_info(EVENTS_STREAM, spec.durable)
+        assert (info.ack_floor.stream_seq if info.ack_floor else 0) == 0  # no input acked: all still in JetStream
+
+        await js.add_stream(probes_config(1))
+        await wait_for(lambda: len(folded) == 200, timeout=30, what="every input folded")
+        await asyncio.wait_for(publisher.drained(), 30)
+        await wait_for(lambda: consumer.stats.acked_seq == 200, timeout=10, what="every input acked")
+        assert sorted(folded) == sorted(event.event_id for event in inputs)  # each once
+        assert await stored_ids(js) == Counter(derived_event_id("out", e.event_id) for e in inputs)
+        assert publisher.stats.dropped == 0 and publisher.stats.stalls >= 1
+    finally:
+        await consumer.stop(timeout=1)
+        await publisher.close(timeout=1)
+        await nc.close()

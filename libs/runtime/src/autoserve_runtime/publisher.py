@@ -74,6 +74,7 @@ class EventPublisher:
         self._room = asyncio.Event()
         self._room.set()
         self._stall_logged_at: float | None = None
+        self._stall_logged = False  # this stall's start was logged: log its end too
         self._tasks: list[asyncio.Task[None]] = []
         self.stats = self._queue.stats
 
@@ -136,7 +137,7 @@ class EventPublisher:
         self._room.clear()
         now = time.monotonic()
         if self._stall_logged_at is None or now - self._stall_logged_at >= STALL_LOG_SECONDS:
-            self._stall_logged_at = now
+            self._stall_logged_at, self._stall_logged = now, True
             log.warning("publisher full: input paused until JetStream stores what waits",
                         pending=self._queue.pending, limit=self._queue.limit, stalls=self.stats.stalls)  # fmt: skip
 
@@ -144,7 +145,8 @@ class EventPublisher:
         queue = self._queue
         if queue.full and (waited := queue.reopen(now)) is not None:
             self._room.set()
-            if self._stall_logged_at is not None and now - self._stall_logged_at < STALL_LOG_SECONDS:
+            if self._stall_logged:
+                self._stall_logged = False
                 log.info("publisher has room: input resumes", paused_seconds=round(waited, 3), stalls=self.stats.stalls)
         if not queue.pending:
             self._idle.set()

@@ -3,6 +3,12 @@
 ``apply`` reconciles the running workers with the desired targets: new targets get a
 worker, removed ones are stopped, changed ones are restarted with the new spec (keeping
 their phase, since the phase comes from the key).
+
+A probe round waits for the publisher's room before it starts: while JetStream stores
+nothing (a cluster without a stream leader, NATS away) the prober stops probing rather
+than pile up results (the publisher never drops one). The rounds that waited, and for how
+long, are counted; slots that passed meanwhile are counted as missed, never fired as a
+burst. The publisher logs each stall once.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import structlog
 
@@ -27,15 +34,30 @@ ProbeFn = Callable[[Target, float | None], Awaitable[ProbeCompleted]]
 PublishFn = Callable[[ProbeCompleted], None]
 
 
+class Room(Protocol):
+    """The publisher's backpressure (``EventPublisher``)."""
+
+    @property
+    def full(self) -> bool: ...
+
+    async def room(self) -> None:
+        """Return once the publisher takes more input."""
+
+
 @dataclass(slots=True)
 class WorkerStats:
     probes: int = 0
     missed_slots: int = 0
+    room_waits: int = 0  # probe rounds that waited for the publisher's room
+    room_wait_seconds: float = 0.0
 
 
 class ProbeWorkers:
-    def __init__(self, probe: ProbeFn, publish: PublishFn, *, max_in_flight: int = 256) -> None:
+    def __init__(
+        self, probe: ProbeFn, publish: PublishFn, *, max_in_flight: int = 256, room: Room | None = None
+    ) -> None:
         self._probe = probe
+        self._room = room
         self._in_flight = asyncio.Semaphore(max_in_flight)
         self._publish = publish
         self._targets: dict[TargetKey, Target] = {}
@@ -101,6 +123,8 @@ class ProbeWorkers:
             wait = due - loop.time()
             if wait > 0:
                 await asyncio.sleep(wait)
+            if self._room is not None and self._room.full:
+                await self._wait_for_room(self._room, loop)
             try:
                 # An overloaded prober waits here, before the attempt and its timeout start:
                 # it then reports lateness and skipped slots, not false timeouts.
@@ -114,3 +138,9 @@ class ProbeWorkers:
             due, missed = next_due(due, check.period_seconds, loop.time())
             due = on_tick(due)
             self.stats.missed_slots += missed
+
+    async def _wait_for_room(self, room: Room, loop: asyncio.AbstractEventLoop) -> None:
+        started = loop.time()
+        await room.room()
+        self.stats.room_waits += 1
+        self.stats.room_wait_seconds += loop.time() - started
