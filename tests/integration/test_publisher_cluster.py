@@ -14,8 +14,10 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
@@ -107,6 +109,24 @@ async def leader_of(js: JetStreamContext, stream: str = PROBES_STREAM) -> str | 
     return cluster.leader
 
 
+@contextlib.asynccontextmanager
+async def publishing(
+    url: str, stream: StreamConfig, **tuning: Any
+) -> AsyncIterator[tuple[Client, JetStreamContext, EventPublisher]]:
+    """A client of its own, ``stream`` created, and an ``EventPublisher``; closed after."""
+    nc = await connect(url, "test-publisher", timeout=10)
+    try:
+        js = nc.jetstream()
+        await js.add_stream(stream)
+        publisher = EventPublisher(js, **tuning).start()
+        try:
+            yield nc, js, publisher
+        finally:
+            await publisher.close(timeout=1)
+    finally:
+        await nc.close()
+
+
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[EmbeddedNatsCluster]:
     nodes = EmbeddedNatsCluster(tmp_path / "cluster", 3)
@@ -170,180 +190,163 @@ class Floor:
 async def test_publishes_in_flight_during_leader_elections_are_stored_once_none_dropped(
     cluster: EmbeddedNatsCluster,
 ) -> None:
-    nc = await connect(cluster.url, "test-publisher", timeout=10)
-    js = nc.jetstream()
-    await js.add_stream(probes_config(3))
-    publisher = EventPublisher(js).start()
-    feeder = Feeder(publisher)
-    feeding = asyncio.create_task(feeder.run(EVENTS))
-    floor = Floor(js)
-    flooring = asyncio.create_task(floor.run())
-    stalls = []
-    try:
-        for kill in range(KILLS):
-            leader = None
+    async with publishing(cluster.url, probes_config(3)) as (_, js, publisher):
+        feeder = Feeder(publisher)
+        feeding = asyncio.create_task(feeder.run(EVENTS))
+        floor = Floor(js)
+        flooring = asyncio.create_task(floor.run())
+        stalls = []
+        try:
+            for kill in range(KILLS):
+                leader = None
 
-            async def elected() -> bool:
-                nonlocal leader
-                leader = await leader_of(js)
-                return leader is not None
+                async def elected() -> bool:
+                    nonlocal leader
+                    leader = await leader_of(js)
+                    return leader is not None
 
-            await wait_for(elected, timeout=60, what="a stream leader with every replica current")
-            await wait_for(
-                lambda k=kill: len(feeder.acked_at) >= 500 * (k + 1), timeout=30, what="acks before the kill"
-            )
-            assert leader is not None
-            node = cluster.node(leader)
-            retried, killed_at = publisher.stats.retried, time.monotonic()
-            node.kill()
-            await wait_for(lambda t=killed_at: feeder.acked_at[-1] > t + 0.5, timeout=60, what="acks after the kill")
-            await wait_for(lambda: publisher.pending < 1000, timeout=60, what="the backlog of the election stored")
-            await wait_for(lambda t=killed_at: floor.succeeded_at[-1] > t + 0.5, timeout=60, what="the floor back")
-            stalls.append(
-                (leader, feeder.stall_after(killed_at), floor.back_after(killed_at), publisher.stats.retried - retried)
-            )
-            node.launch()
-            await asyncio.to_thread(cluster.wait_healthy, 60)
-        feeder.enough.set()
-        await asyncio.wait_for(feeding, 60)
-        await asyncio.wait_for(publisher.drained(), 60)
-        assert [f.result() for f in feeder.stored] == [True] * len(feeder.submitted)  # every one acked as stored
-        flooring.cancel()
-        ids = await stored_ids(js)
-        assert ids.pop("") >= len(floor.succeeded_at)  # the floor's own: a timed-out one may be stored too
-        assert ids == Counter(feeder.submitted)  # each Nats-Msg-Id exactly once, nothing else
-        assert publisher.stats.dropped == 0 and publisher.stats.rejected == 0
-        for leader, stall, bare, retried in stalls:
-            print(f"killed leader {leader}: no ack for {stall:.2f} s (a bare js.publish back after {bare:.2f} s), "
-                  f"{retried} publishes sent again")  # fmt: skip
-        print(f"{len(feeder.submitted)} events, {publisher.stats.retried} sent again in all")
-    finally:
-        feeding.cancel()
-        flooring.cancel()
-        await publisher.close(timeout=1)
-        await nc.close()
+                await wait_for(elected, timeout=60, what="a stream leader with every replica current")
+                await wait_for(
+                    lambda k=kill: len(feeder.acked_at) >= 500 * (k + 1), timeout=30, what="acks before the kill"
+                )
+                assert leader is not None
+                node = cluster.node(leader)
+                retried, killed_at = publisher.stats.retried, time.monotonic()
+                node.kill()
+                await wait_for(
+                    lambda t=killed_at: feeder.acked_at[-1] > t + 0.5, timeout=60, what="acks after the kill"
+                )
+                await wait_for(lambda: publisher.pending < 1000, timeout=60, what="the backlog of the election stored")
+                await wait_for(lambda t=killed_at: floor.succeeded_at[-1] > t + 0.5, timeout=60, what="the floor back")
+                measured = feeder.stall_after(killed_at), floor.back_after(killed_at), publisher.stats.retried - retried
+                stalls.append((leader, *measured))
+                node.launch()
+                await asyncio.to_thread(cluster.wait_healthy, 60)
+            feeder.enough.set()
+            await asyncio.wait_for(feeding, 60)
+            await asyncio.wait_for(publisher.drained(), 60)
+            assert [f.result() for f in feeder.stored] == [True] * len(feeder.submitted)  # every one acked as stored
+            flooring.cancel()
+            ids = await stored_ids(js)
+            assert ids.pop("") >= len(floor.succeeded_at)  # the floor's own: a timed-out one may be stored too
+            assert ids == Counter(feeder.submitted)  # each Nats-Msg-Id exactly once, nothing else
+            assert publisher.stats.dropped == 0 and publisher.stats.rejected == 0
+            for leader, stall, bare, retried in stalls:
+                print(f"killed leader {leader}: no ack for {stall:.2f} s (a bare js.publish back after {bare:.2f} s), "
+                      f"{retried} publishes sent again")  # fmt: skip
+            print(f"{len(feeder.submitted)} events, {publisher.stats.retried} sent again in all")
+        finally:
+            feeding.cancel()
+            flooring.cancel()
 
 
 async def test_with_nats_unreachable_input_waits_for_room_and_nothing_is_dropped(server: EmbeddedNatsServer) -> None:
-    nc = await connect(server.url, "test-publisher", timeout=10)
-    js = nc.jetstream()
-    await js.add_stream(probes_config(1))
-    publisher = EventPublisher(js, max_buffered=200).start()
-    check = watch_room("test", publisher)
-    feeder = Feeder(publisher)
-    feeder.enough.set()
-    feeding = asyncio.create_task(feeder.run(600))
-    try:
-        server.kill()
-        await wait_for(lambda: not nc.is_connected, what="the client to notice")
-        await wait_for(lambda: publisher.full, what="the publisher to fill")
-        # Input stops at the limit: room() does not return while NATS is away.
-        done, _ = await asyncio.wait({feeding}, timeout=2.0)
-        assert not done
-        assert publisher.pending == 200 and len(feeder.submitted) == 200 + publisher.stats.acked
-        assert observability.readiness()[check] is False
-        assert "not yet stored" in observability.reasons(observability.readiness())[check]
-        assert publisher.stats.dropped == 0 and publisher.stats.stalls == 1
+    async with publishing(server.url, probes_config(1), max_buffered=200) as (nc, js, publisher):
+        check = watch_room("test", publisher)
+        feeder = Feeder(publisher)
+        feeder.enough.set()
+        feeding = asyncio.create_task(feeder.run(600))
+        try:
+            server.kill()
+            await wait_for(lambda: not nc.is_connected, what="the client to notice")
+            await wait_for(lambda: publisher.full, what="the publisher to fill")
+            # Input stops at the limit: room() does not return while NATS is away.
+            done, _ = await asyncio.wait({feeding}, timeout=2.0)
+            assert not done
+            assert publisher.pending == 200 and len(feeder.submitted) == 200 + publisher.stats.acked
+            assert observability.readiness()[check] is False
+            assert "not yet stored" in observability.reasons(observability.readiness())[check]
+            assert publisher.stats.dropped == 0 and publisher.stats.stalls == 1
 
-        await asyncio.to_thread(server.start)
-        await asyncio.wait_for(feeding, 60)
-        await asyncio.wait_for(publisher.drained(), 60)
-        assert [f.result() for f in feeder.stored] == [True] * 600
-        assert await stored_ids(js) == Counter(feeder.submitted)
-        assert observability.readiness()[check] is True
-        assert publisher.stats.dropped == 0 and publisher.stats.stalled_seconds >= 2.0
-        print(f"input paused {publisher.stats.stalled_seconds:.2f} s, {publisher.stats.retried} publishes sent again")
-    finally:
-        feeding.cancel()
-        observability.remove_check(check)
-        await publisher.close(timeout=1)
-        await nc.close()
+            await asyncio.to_thread(server.start)
+            await asyncio.wait_for(feeding, 60)
+            await asyncio.wait_for(publisher.drained(), 60)
+            assert [f.result() for f in feeder.stored] == [True] * 600
+            assert await stored_ids(js) == Counter(feeder.submitted)
+            assert observability.readiness()[check] is True
+            assert publisher.stats.dropped == 0 and publisher.stats.stalled_seconds >= 2.0
+            print(
+                f"input paused {publisher.stats.stalled_seconds:.2f} s, {publisher.stats.retried} publishes sent again"
+            )
+        finally:
+            feeding.cancel()
+            observability.remove_check(check)
 
 
 async def test_the_probe_loop_waits_for_room_while_nats_is_away_and_skips_nothing_silently(
     server: EmbeddedNatsServer,
 ) -> None:
-    nc = await connect(server.url, "test-prober", timeout=10)
-    js = nc.jetstream()
-    await js.add_stream(probes_config(1))
-    publisher = EventPublisher(js, max_buffered=50).start()
-    submitted: list[str] = []
-    probed_while_full = asyncio.Event()
+    async with publishing(server.url, probes_config(1), max_buffered=50) as (nc, js, publisher):
+        submitted: list[str] = []
+        probed_while_full = asyncio.Event()
 
-    async def probe_fn(target: Target, scheduled_at: float | None) -> ProbeCompleted:
-        if publisher.full:
-            probed_while_full.set()
-        return probe(len(submitted), scheduled_at=scheduled_at)
+        async def probe_fn(target: Target, scheduled_at: float | None) -> ProbeCompleted:
+            if publisher.full:
+                probed_while_full.set()
+            return probe(len(submitted), scheduled_at=scheduled_at)
 
-    def publish(event: ProbeCompleted) -> None:
-        submitted.append(event.event_id)
-        publisher.submit(event)
+        def publish(event: ProbeCompleted) -> None:
+            submitted.append(event.event_id)
+            publisher.submit(event)
 
-    workers = ProbeWorkers(probe_fn, publish, room=publisher)
-    check = HealthCheckConfig(initial_delay_seconds=0, period_seconds=0.1)
-    try:
-        server.kill()
-        await wait_for(lambda: not nc.is_connected, what="the client to notice")
-        workers.apply({("app", f"i{n}"): Target("app", f"i{n}", "127.0.0.1", 1, check) for n in range(10)})
-        await wait_for(lambda: publisher.full, what="the publisher to fill")
-        probes_when_full = workers.stats.probes
-        assert await not_within(probed_while_full, 1.5)  # no probe round starts while full
-        assert workers.stats.probes == probes_when_full == len(submitted)
+        workers = ProbeWorkers(probe_fn, publish, room=publisher)
+        check = HealthCheckConfig(initial_delay_seconds=0, period_seconds=0.1)
+        try:
+            server.kill()
+            await wait_for(lambda: not nc.is_connected, what="the client to notice")
+            workers.apply({("app", f"i{n}"): Target("app", f"i{n}", "127.0.0.1", 1, check) for n in range(10)})
+            await wait_for(lambda: publisher.full, what="the publisher to fill")
+            probes_when_full = workers.stats.probes
+            assert await not_within(probed_while_full, 1.5)  # no probe round starts while full
+            assert workers.stats.probes == probes_when_full == len(submitted)
 
-        await asyncio.to_thread(server.start)
-        await wait_for(lambda: workers.stats.room_waits >= 10, timeout=30, what="every worker to go on")
-        await wait_for(lambda: len(submitted) >= probes_when_full + 50, timeout=30, what="probing again")
-        await workers.stop_all()
-        await asyncio.wait_for(publisher.drained(), 30)
-        assert workers.stats.room_wait_seconds >= 1.5 * 10  # each worker waited the whole stall
-        assert workers.stats.missed_slots > 0  # the slots that passed meanwhile: counted, not fired
-        assert await stored_ids(js) == Counter(submitted)
-        assert publisher.stats.dropped == 0
-    finally:
-        await workers.stop_all()
-        await publisher.close(timeout=1)
-        await nc.close()
+            await asyncio.to_thread(server.start)
+            await wait_for(lambda: workers.stats.room_waits >= 10, timeout=30, what="every worker to go on")
+            await wait_for(lambda: len(submitted) >= probes_when_full + 50, timeout=30, what="probing again")
+            await workers.stop_all()
+            await asyncio.wait_for(publisher.drained(), 30)
+            assert workers.stats.room_wait_seconds >= 1.5 * 10  # each worker waited the whole stall
+            assert workers.stats.missed_slots > 0  # the slots that passed meanwhile: counted, not fired
+            assert await stored_ids(js) == Counter(submitted)
+            assert publisher.stats.dropped == 0
+        finally:
+            await workers.stop_all()
 
 
 async def test_a_consumer_takes_no_input_while_its_outputs_cannot_be_stored(server: EmbeddedNatsServer) -> None:
     """The outputs' stream is missing (JetStream answers 503, as during an election): the
     consumer stops at the publisher's limit, its input stays unacked in JetStream, and once
     the stream exists every input is folded once and every output stored once."""
-    nc = await connect(server.url, "test-consumer", timeout=10)
-    js = nc.jetstream()
-    await js.add_stream(probes_config(1, EVENTS_STREAM))
-    inputs = [HealthChanged(instance_id=f"i{n}", app_name="app", healthy=True, previous=False, consecutive=n,
-                            reason="test", timestamp=time.time()) for n in range(200)]  # fmt: skip
-    for event in inputs:
-        await js.publish(subject_for(event), encode(event), headers=headers_for(event))
-    publisher = EventPublisher(js, max_buffered=20).start()
-    folded: list[str] = []
-    past_the_limit = asyncio.Event()
+    async with publishing(server.url, probes_config(1, EVENTS_STREAM), max_buffered=20) as (_, js, publisher):
+        inputs = [HealthChanged(instance_id=f"i{n}", app_name="app", healthy=True, previous=False, consecutive=n,
+                                reason="test", timestamp=time.time()) for n in range(200)]  # fmt: skip
+        for event in inputs:
+            await js.publish(subject_for(event), encode(event), headers=headers_for(event))
+        folded: list[str] = []
+        past_the_limit = asyncio.Event()
 
-    def fold(event: AnyEvent) -> list[ProbeCompleted]:
-        folded.append(event.event_id)
-        if publisher.full:
-            past_the_limit.set()
-        return [probe(len(folded), event_id=derived_event_id("out", event.event_id))]
+        def fold(event: AnyEvent) -> list[ProbeCompleted]:
+            folded.append(event.event_id)
+            if publisher.full:
+                past_the_limit.set()
+            return [probe(len(folded), event_id=derived_event_id("out", event.event_id))]
 
-    spec = ConsumerSpec(EVENTS_STREAM, "test-backpressure", "autoserve.event.>")
-    consumer = EventConsumer(js, publisher, spec, "test", fold)
-    try:
-        await consumer.start()
-        await wait_for(lambda: publisher.full, what="the publisher to fill")
-        assert await not_within(past_the_limit, 1.5)
-        assert len(folded) == 20  # the limit, then nothing more
-        info = await js.consumer_info(EVENTS_STREAM, spec.durable)
-        assert (info.ack_floor.stream_seq if info.ack_floor else 0) == 0  # no input acked: all still in JetStream
+        spec = ConsumerSpec(EVENTS_STREAM, "test-backpressure", "autoserve.event.>")
+        consumer = EventConsumer(js, publisher, spec, "test", fold)
+        try:
+            await consumer.start()
+            await wait_for(lambda: publisher.full, what="the publisher to fill")
+            assert await not_within(past_the_limit, 1.5)
+            assert len(folded) == 20  # the limit, then nothing more
+            info = await js.consumer_info(EVENTS_STREAM, spec.durable)
+            assert (info.ack_floor.stream_seq if info.ack_floor else 0) == 0  # no input acked: all still in JetStream
 
-        await js.add_stream(probes_config(1))
-        await wait_for(lambda: len(folded) == 200, timeout=30, what="every input folded")
-        await asyncio.wait_for(publisher.drained(), 30)
-        await wait_for(lambda: consumer.stats.acked_seq == 200, timeout=10, what="every input acked")
-        assert sorted(folded) == sorted(event.event_id for event in inputs)  # each once
-        assert await stored_ids(js) == Counter(derived_event_id("out", e.event_id) for e in inputs)
-        assert publisher.stats.dropped == 0 and publisher.stats.stalls >= 1
-    finally:
-        await consumer.stop(timeout=1)
-        await publisher.close(timeout=1)
-        await nc.close()
+            await js.add_stream(probes_config(1))
+            await wait_for(lambda: len(folded) == 200, timeout=30, what="every input folded")
+            await asyncio.wait_for(publisher.drained(), 30)
+            await wait_for(lambda: consumer.stats.acked_seq == 200, timeout=10, what="every input acked")
+            assert sorted(folded) == sorted(event.event_id for event in inputs)  # each once
+            assert await stored_ids(js) == Counter(derived_event_id("out", e.event_id) for e in inputs)
+            assert publisher.stats.dropped == 0 and publisher.stats.stalls >= 1
+        finally:
+            await consumer.stop(timeout=1)
