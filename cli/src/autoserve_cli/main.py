@@ -47,6 +47,14 @@ def _hours(value: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _cluster_size(value: str) -> int:
+    """``--cluster N``: a Raft majority needs an odd number of nodes, and 3 or 5 is what
+    JetStream replicates to."""
+    if value.strip() not in ("3", "5"):
+        raise argparse.ArgumentTypeError(f"a local cluster has 3 or 5 nodes, got {value!r}")
+    return int(value)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autoserve", description="AutoServe Health: health monitoring and recovery")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -69,6 +77,11 @@ def _parser() -> argparse.ArgumentParser:
         "--data-dir", type=Path, default=Path(_env("AUTOSERVE_DATA_DIR", ".autoserve")), help="env AUTOSERVE_DATA_DIR"
     )
     up.add_argument("--nats-port", type=int, default=4222, help="embedded nats-server port; a free one if taken")
+    up.add_argument(
+        "--cluster", type=_cluster_size, metavar="N",
+        help="run the bus as a local N-node NATS JetStream cluster (3 or 5, on free ports) instead of one "
+        "nats-server, every stream and bucket with N replicas (AUTOSERVE_STREAM_REPLICAS overrides)",
+    )  # fmt: skip
     up.add_argument("--demo", action="store_true", help="also start the bundled demo targets")
     up.add_argument("--prober-workers", type=int, default=1, help="prober processes (targets are sharded)")
     up.add_argument("--no-status", action="store_true", help="do not show the live status table")

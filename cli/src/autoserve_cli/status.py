@@ -22,7 +22,7 @@ import msgspec
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.table import Table
 
@@ -39,7 +39,10 @@ from autoserve_events import (
     decode,
     wildcard,
 )
-from autoserve_runtime import connect, start_sequence
+from autoserve_runtime import cancel_all, connect, start_sequence
+
+from . import cluster_view
+from .cluster_status import ClusterWatch, read_cluster
 
 InstanceKey = tuple[str, str]
 KINDS = (ProbeCompleted, HealthChanged, FailureDetected, RecoveryExecuted, BreakerStateChanged)
@@ -315,18 +318,36 @@ async def show_status(nats_url: str, *, once: bool, as_json: bool, app: str | No
             if not console.is_terminal:  # piped or logged: do not crop to 80 columns
                 console = Console(width=240)
             console.print(view.table())
+            cluster = await read_cluster(nc, nats_url)
+            if cluster is not None:
+                console.print(*cluster_view.tables(cluster))
         else:
-            await live_table(lambda: view.table(max_rows=rows_that_fit()), asyncio.Event())
+            await live_status(view, ClusterWatch(nc, nats_url), "AutoServe Health", asyncio.Event())
     finally:
         await nc.close()
     return 0
+
+
+async def live_status(view: StatusView, cluster: ClusterWatch, title: str, stop: asyncio.Event) -> None:
+    """The live view (``status`` and ``up``) until ``stop``: the instances ``view`` follows,
+    and the cluster when there is one."""
+    watching = asyncio.create_task(cluster.run(stop))
+
+    def render() -> RenderableType:
+        table = view.table(title, max_rows=max(5, rows_that_fit() - cluster_view.lines(cluster.view)))
+        return table if cluster.view is None else Group(table, *cluster_view.tables(cluster.view))
+
+    try:
+        await live_table(render, stop)
+    finally:
+        await cancel_all([watching])
 
 
 def rows_that_fit() -> int:
     return max(5, shutil.get_terminal_size((120, 40)).lines - 8)
 
 
-async def live_table(render: Callable[[], Table], stop: asyncio.Event) -> None:
+async def live_table(render: Callable[[], RenderableType], stop: asyncio.Event) -> None:
     """Refresh once a second until ``stop`` is set or Ctrl-C."""
     with Live(render(), refresh_per_second=2, screen=False) as live:
         try:

@@ -1,11 +1,12 @@
 """``autoserve up``: the whole system on one machine, supervised.
 
-An embedded nats-server (unless ``--nats-url``), streams and buckets provisioned, the
-config applied, every built service as its own process, and a live status table.
+An embedded nats-server (unless ``--nats-url``), or with ``--cluster N`` a local N-node
+JetStream cluster of them, streams and buckets provisioned (replicated N times on the
+cluster), the config applied, every built service as its own process, and a live status table.
 
 ``up`` is their supervisor (the pure core is ``supervise``; this is its adapter): a
 service that dies is started again with a backoff and the others keep running; a dead
-nats-server is reaped and started again on the same port and store. Ctrl-C or SIGTERM
+nats-server (or cluster node) is reaped and started again on the same ports and store. Ctrl-C or SIGTERM
 stops everything in order, services first and the bus last, one SIGTERM each and SIGKILL
 after the grace period. A watchdog process (``watchdog``) stops what is left if ``up``
 itself is killed, including the demo targets the recovery service restarted.
@@ -29,19 +30,33 @@ from pathlib import Path
 from rich.console import Console
 
 from autoserve_config import Config
-from autoserve_runtime import EmbeddedNatsServer, connect, endpoint_for, free_port, provision, spawn_child
+from autoserve_runtime import (
+    EmbeddedNatsServer,
+    ReplicasError,
+    connect,
+    endpoint_for,
+    free_port,
+    provision,
+    spawn_child,
+    stream_replicas,
+)
+from autoserve_runtime.bus import redact_url
+from autoserve_runtime.nats_cluster import EmbeddedNatsCluster
 from autoserve_runtime.observability import PORT_ENV
 
 from .apply import store_config
+from .cluster_status import ClusterWatch
 from .services import SERVICES
-from .status import LatestProbes, live_table, rows_that_fit
+from .status import LatestProbes, live_status
 from .supervise import Exited, Policy, Restart, Signal, Start, Supervisor
 from .watchdog import clean_up, starttime
 
 # Each service drains within its own grace (10 s; recovery drain_seconds + 3): room for it.
 GRACE_SECONDS = 15.0
 SERVICES_GROUP, TARGETS_GROUP, BUS_GROUP = 0, 1, 2  # stop order
-BUS = "nats-server"
+BUS = "nats-server"  # the single one; a cluster's nodes are nats-1 .. nats-N
+CLUSTER = "nats"
+EXIT_USAGE = 2
 
 
 @dataclass
@@ -103,7 +118,7 @@ class Runner:
         self.supervisor = supervisor
         self.watchdog = watchdog
         self.console = console
-        self.server: EmbeddedNatsServer | None = None
+        self.servers: dict[str, EmbeddedNatsServer] = {}  # the bus: one nats-server, or each node
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -147,18 +162,18 @@ class Runner:
             self.console.print(f"[red]{name}: cannot start: {exc}[/]")
             self.execute(self.supervisor.exited(name, 127, time.monotonic()))
             return
-        if name == BUS and self.server is not None:
-            task = asyncio.create_task(self._bus_ready(self.server))
+        if name in self.servers:
+            task = asyncio.create_task(self._bus_ready(name, self.servers[name]))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _bus_ready(self, server: EmbeddedNatsServer) -> None:
+    async def _bus_ready(self, name: str, server: EmbeddedNatsServer) -> None:
         deadline = time.monotonic() + 15
         with contextlib.suppress(Exception):
             while time.monotonic() < deadline and not server.ready():
                 await asyncio.sleep(0.05)
             if server.ready():
-                self.console.print(f"{BUS} ready again at {server.url} (same store {server.store_dir})")
+                self.console.print(f"{name} ready again at {server.url} (same store {server.store_dir})")
 
     def _report(self, exited: Exited) -> None:
         """One line each (not wrapped: the log path is to be copied)."""
@@ -234,11 +249,56 @@ def _port_free(port: int) -> bool:
     return True
 
 
-async def _prepare(nats_url: str, config: Config | None) -> str:
+async def _start_bus(args: argparse.Namespace, data_dir: Path, runner: Runner, stop: asyncio.Event) -> str:
+    """The embedded bus, supervised: one nats-server, or ``--cluster N`` nodes on their own
+    free ports, routed into one JetStream cluster. Returns its URL (the seed list) once it
+    serves; a node that dies is started again on its ports and store like any child."""
+    logs = data_dir / "logs"
+    if args.cluster:
+        cluster = EmbeddedNatsCluster(data_dir / "nats-cluster", args.cluster, name=CLUSTER)
+        for name, node in zip(cluster.node_names, cluster.nodes, strict=True):
+            node.log_file = logs / f"{name}.log"  # beside the services' logs
+        servers = dict(zip(cluster.node_names, cluster.nodes, strict=True))
+        url, store, what, timeout = cluster.url, cluster.store_dir, f"{args.cluster}-node NATS cluster", 30.0
+
+        def ready() -> bool:  # every node serving, with a JetStream meta leader
+            return all(cluster.healthy(index) for index in range(len(cluster.nodes)))
+    else:
+        port = args.nats_port if _port_free(args.nats_port) else free_port()
+        server = EmbeddedNatsServer(data_dir / "nats", port=port, log_file=logs / "nats-server.log")
+        servers, url, store, what, timeout = {BUS: server}, server.url, server.store_dir, BUS, 15.0
+        ready = server.ready
+    for name, server in servers.items():
+        runner.children[name] = Child(name, server.log_file, server.launch)
+        runner.supervisor.add(name, Policy(Restart.ALWAYS, BUS_GROUP, grace=GRACE_SECONDS))
+        runner.servers[name] = server
+        runner.start(name)
+    deadline = time.monotonic() + timeout
+    while not await asyncio.to_thread(ready):  # raises if one exited
+        if time.monotonic() > deadline or stop.is_set():
+            raise SystemExit(f"{what} did not become ready within {timeout:g}s; see the logs in {logs}")
+        await asyncio.sleep(0.05)
+    runner.console.print(f"embedded {what} at [bold]{url}[/] (JetStream data in {store})", soft_wrap=True)
+    return url
+
+
+def _replicas(args: argparse.Namespace) -> int:
+    """The replicas of every stream and bucket: ``AUTOSERVE_STREAM_REPLICAS`` when set, else
+    the cluster's size (1 on the single embedded nats-server). Raises ``ReplicasError``."""
+    given = os.environ.get("AUTOSERVE_STREAM_REPLICAS", "").strip()
+    replicas = stream_replicas() if given else args.cluster or 1
+    if args.nats_url is None and replicas > (args.cluster or 1):
+        nodes = f"the {args.cluster} nodes of --cluster {args.cluster}" if args.cluster else "one embedded nats-server"
+        raise ReplicasError(f"AUTOSERVE_STREAM_REPLICAS={replicas} is more replicas than {nodes} can hold"
+                            + ("" if args.cluster else f": add --cluster {replicas}"))  # fmt: skip
+    return replicas
+
+
+async def _prepare(nats_url: str, config: Config | None, replicas: int) -> str:
     nc = await connect(nats_url, "autoserve-up", timeout=10)
     try:
         js = nc.jetstream()
-        await provision(js, durables=True)  # before anything publishes
+        await provision(js, durables=True, replicas=replicas)  # before anything publishes
         return str(await store_config(js, config)) if config else "no config given; using what is in KV"
     finally:
         await nc.close()
@@ -252,12 +312,14 @@ async def _status(nats_url: str, show: bool, stop: asyncio.Event) -> None:
     try:
         view = LatestProbes()
         await view.follow(nc.jetstream())
-        await live_table(lambda: view.table("AutoServe Health — Ctrl-C to stop", max_rows=rows_that_fit()), stop)
+        await live_status(view, ClusterWatch(nc, nats_url), "AutoServe Health — Ctrl-C to stop", stop)
     finally:
         await nc.close()
 
 
-async def _main(config: Config | None, args: argparse.Namespace, data_dir: Path, console: Console) -> int:
+async def _main(
+    config: Config | None, args: argparse.Namespace, data_dir: Path, console: Console, replicas: int
+) -> int:
     logs = data_dir / "logs"
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -272,20 +334,10 @@ async def _main(config: Config | None, args: argparse.Namespace, data_dir: Path,
     try:
         nats_url = args.nats_url
         if nats_url is None:
-            port = args.nats_port if _port_free(args.nats_port) else free_port()
-            server = runner.server = EmbeddedNatsServer(data_dir / "nats", port=port, log_file=logs / "nats-server.log")
-            children[BUS] = Child(BUS, server.log_file, server.launch)
-            supervisor.add(BUS, Policy(Restart.ALWAYS, BUS_GROUP, grace=GRACE_SECONDS))
-            runner.start(BUS)
-            deadline = time.monotonic() + 15
-            while not server.ready():  # raises if it exited
-                if time.monotonic() > deadline or stop.is_set():
-                    raise SystemExit(f"nats-server did not become ready within 15s; see {server.log_file}")
-                await asyncio.sleep(0.05)
-            nats_url = server.url
-            console.print(f"embedded nats-server at [bold]{nats_url}[/] (JetStream data in {data_dir / 'nats'})")
-        console.print(f"config: {await _prepare(nats_url, config)}")
-        env = {**os.environ, "AUTOSERVE_NATS_URL": nats_url, "AUTOSERVE_DATA_DIR": str(data_dir)}
+            nats_url = await _start_bus(args, data_dir, runner, stop)
+        console.print(f"config: {await _prepare(nats_url, config, replicas)}")
+        env = {**os.environ, "AUTOSERVE_NATS_URL": nats_url, "AUTOSERVE_DATA_DIR": str(data_dir),
+               "AUTOSERVE_STREAM_REPLICAS": str(replicas)}  # fmt: skip
         if args.demo:  # one process per target, so the recovery service can restart each
             from .demo import TARGETS
 
@@ -303,9 +355,9 @@ async def _main(config: Config | None, args: argparse.Namespace, data_dir: Path,
             children[name] = Child(name, logs / f"{name}.log", _python_child(command, logs / f"{name}.log", envs[name]))
             supervisor.add(name, Policy(Restart.ON_FAILURE, SERVICES_GROUP, grace=GRACE_SECONDS))
         for name in children:
-            if name != BUS:
+            if name not in runner.servers:
                 runner.start(name)
-        console.print(f"started: {', '.join(n for n in children if n != BUS)} (logs in {logs})")
+        console.print(f"started: {', '.join(n for n in children if n not in runner.servers)} (logs in {logs})")
         console.print(f"health and metrics: {_endpoints(envs)}")
         console.print("supervised: a child that dies is restarted with backoff; Ctrl-C stops everything")
         status = asyncio.create_task(_status(nats_url, not args.no_status, stop))
@@ -326,9 +378,18 @@ async def _main(config: Config | None, args: argparse.Namespace, data_dir: Path,
 
 def up(config: Config | None, args: argparse.Namespace) -> int:
     console = Console(stderr=True)
+    if args.cluster and args.nats_url:
+        console.print(f"autoserve up: --cluster {args.cluster} starts its own NATS cluster: it cannot be used with "
+                      f"--nats-url (or AUTOSERVE_NATS_URL) {redact_url(args.nats_url)}", soft_wrap=True, markup=False)  # fmt: skip
+        return EXIT_USAGE
+    try:
+        replicas = _replicas(args)
+    except ReplicasError as exc:
+        console.print(f"autoserve up: {exc}", soft_wrap=True, markup=False)
+        return EXIT_USAGE
     data_dir: Path = args.data_dir.resolve()
     (data_dir / "logs").mkdir(parents=True, exist_ok=True)
     try:
-        return asyncio.run(_main(config, args, data_dir, console))
+        return asyncio.run(_main(config, args, data_dir, console, replicas))
     except KeyboardInterrupt:  # before the signal handlers were in place
         return 0
