@@ -394,3 +394,13 @@ async def watch_locally(
     yield watch
     for prober in probers:
         await prober.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Any]:
+    """A 3-node NATS JetStream cluster on 127.0.0.1 (``EmbeddedNatsCluster``), healthy;
+    every node stopped afterwards (tests/support/cluster.py)."""
+    from ..support.cluster import running_cluster
+
+    with running_cluster(tmp_path / "cluster") as nodes:
+        yield nodes
