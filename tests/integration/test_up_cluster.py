@@ -5,13 +5,14 @@ started again by ``up`` on its ports and store until it is current again."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
 import subprocess
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,22 +98,28 @@ class ClusterUp:
 
 
 @pytest.fixture
-def cluster_up(tmp_path: Path) -> Iterator[ClusterUp]:
-    base = free_ports(len(SERVICES))
-    env = {**os.environ, "AUTOSERVE_METRICS_PORT": str(base), "AUTOSERVE_REPORTER_LISTEN": f"{LOCALHOST}:{free_port()}"}
-    env.pop("AUTOSERVE_NATS_URL", None)
-    env.pop("AUTOSERVE_STREAM_REPLICAS", None)
-    output = tmp_path / "up.out"
-    with output.open("wb") as out:
-        process = subprocess.Popen(
-            [AUTOSERVE, "up", "--cluster", "3", "--data-dir", str(tmp_path / "data"), "--no-status"],
-            stdout=out, stderr=subprocess.STDOUT, env=env,
-        )  # fmt: skip
-    up = ClusterUp(process, output, base)
-    try:
-        yield up
-    finally:
-        stop_child(process, 60)
+def start_up(tmp_path: Path) -> Iterator[Callable[[], ClusterUp]]:
+    """``up --cluster 3`` on free ports; each start on the same data dir (the nodes' stores)."""
+    started: list[ClusterUp] = []
+
+    def start() -> ClusterUp:
+        base = free_ports(len(SERVICES))
+        env = {**os.environ, "AUTOSERVE_METRICS_PORT": str(base),
+               "AUTOSERVE_REPORTER_LISTEN": f"{LOCALHOST}:{free_port()}"}  # fmt: skip
+        env.pop("AUTOSERVE_NATS_URL", None)
+        env.pop("AUTOSERVE_STREAM_REPLICAS", None)
+        output = tmp_path / f"up-{len(started) + 1}.out"
+        with output.open("wb") as out:
+            process = subprocess.Popen(
+                [AUTOSERVE, "up", "--cluster", "3", "--data-dir", str(tmp_path / "data"), "--no-status"],
+                stdout=out, stderr=subprocess.STDOUT, env=env,
+            )  # fmt: skip
+        started.append(ClusterUp(process, output, base))
+        return started[-1]
+
+    yield start
+    for up in started:
+        stop_child(up.process, 60)
 
 
 def _status_rows(text: str) -> dict[str, dict[str, str]]:
@@ -136,8 +143,31 @@ async def _status(seeds: str) -> dict[str, dict[str, str]]:
     return _status_rows(result.stdout)
 
 
-async def test_up_runs_on_a_3_node_cluster_and_restarts_a_killed_node(cluster_up: ClusterUp) -> None:
-    up = cluster_up
+async def _replicated(seeds: str) -> dict[str, int]:
+    """Each stream's and bucket's last sequence, once each has a leader and 3 replicas."""
+    nc = await nats.connect(servers=seeds.split(","))
+    try:
+        last = {}
+        for name in cluster_streams():  # the streams and the KV buckets' streams
+            info = await nc.jetstream().stream_info(name)
+            assert info.config.num_replicas == 3, name
+            assert info.cluster is not None and info.cluster.leader in NODES, name
+            assert sorted(p.name for p in info.cluster.replicas or []) == sorted(set(NODES) - {info.cluster.leader})
+            last[name] = info.state.last_seq
+        return last
+    finally:
+        await nc.close()
+
+
+async def _stop(up: ClusterUp) -> None:
+    up.process.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(up.process.wait, 60) == 0, up.text()[-3000:]
+    for node in NODES:
+        assert f"{node} stopped (exit code 0)" in up.text()
+
+
+async def test_up_runs_on_a_3_node_cluster_and_restarts_a_killed_node(start_up: Callable[[], ClusterUp]) -> None:
+    up = start_up()
     await up.wait_ready(90)
     seeds = up.seeds
     assert len(seeds.split(",")) == 3
@@ -145,15 +175,10 @@ async def test_up_runs_on_a_3_node_cluster_and_restarts_a_killed_node(cluster_up
         env = _environ(up.children()[service])
         assert (env["AUTOSERVE_NATS_URL"], env["AUTOSERVE_STREAM_REPLICAS"]) == (seeds, "3"), service
 
+    await _replicated(seeds)
     nc = await nats.connect(servers=seeds.split(","))
     try:
         js = nc.jetstream()
-        for name in cluster_streams():  # the streams and the KV buckets' streams
-            info = await js.stream_info(name)
-            assert info.config.num_replicas == 3, name
-            assert info.cluster is not None and info.cluster.leader in NODES, name
-            assert sorted(p.name for p in info.cluster.replicas or []) == sorted(set(NODES) - {info.cluster.leader})
-
         rows = await _status(seeds)
         assert all(rows[node]["reachable"] == "yes" for node in NODES), rows
         for name in cluster_streams():
@@ -179,10 +204,18 @@ async def test_up_runs_on_a_3_node_cluster_and_restarts_a_killed_node(cluster_up
     text = up.text()
     assert f"{victim} died (signal SIGKILL)" in text and f"{victim} ready again" in text, text[-3000:]
 
-    up.process.send_signal(signal.SIGTERM)
-    assert up.process.wait(60) == 0, up.text()[-3000:]
-    for node in NODES:
-        assert f"{node} stopped (exit code 0)" in up.text()
+    stored = await _replicated(seeds)
+    await _stop(up)
+
+    # Again on the same stores, on new ports: the cluster forms, every stream elects its
+    # leader again (up waits for that before provisioning), and nothing stored is gone.
+    again = start_up()
+    await wait_for(lambda: "config:" in again.text() or again.process.poll() is not None, 60, "up to provision")
+    assert again.process.poll() is None, again.text()[-3000:]
+    assert again.seeds != seeds
+    after = await _replicated(again.seeds)
+    assert all(after[name] >= stored[name] for name in stored), (stored, after)
+    await _stop(again)
 
 
 @pytest.mark.parametrize(

@@ -57,6 +57,7 @@ SERVICES_GROUP, TARGETS_GROUP, BUS_GROUP = 0, 1, 2  # stop order
 BUS = "nats-server"  # the single one; a cluster's nodes are nats-1 .. nats-N
 CLUSTER = "nats"
 EXIT_USAGE = 2
+PROVISION_SECONDS = 60.0  # a restarted cluster's streams elect their leaders meanwhile
 
 
 @dataclass
@@ -294,11 +295,22 @@ def _replicas(args: argparse.Namespace) -> int:
     return replicas
 
 
-async def _prepare(nats_url: str, config: Config | None, replicas: int) -> str:
+async def _prepare(nats_url: str, config: Config | None, replicas: int, console: Console) -> str:
     nc = await connect(nats_url, "autoserve-up", timeout=10)
     try:
         js = nc.jetstream()
-        await provision(js, durables=True, replicas=replicas)  # before anything publishes
+        deadline = time.monotonic() + PROVISION_SECONDS
+        while True:  # before anything publishes
+            try:
+                await provision(js, durables=True, replicas=replicas)
+                break
+            except TimeoutError:  # nats-py's too
+                # A cluster restarted on its stores answers /healthz before each stream's
+                # Raft group has elected a leader: until then a stream request gets no answer.
+                if time.monotonic() > deadline:
+                    raise
+                console.print("waiting for the streams' leaders…")
+                await asyncio.sleep(1.0)
         return str(await store_config(js, config)) if config else "no config given; using what is in KV"
     finally:
         await nc.close()
@@ -335,7 +347,7 @@ async def _main(
         nats_url = args.nats_url
         if nats_url is None:
             nats_url = await _start_bus(args, data_dir, runner, stop)
-        console.print(f"config: {await _prepare(nats_url, config, replicas)}")
+        console.print(f"config: {await _prepare(nats_url, config, replicas, console)}")
         env = {**os.environ, "AUTOSERVE_NATS_URL": nats_url, "AUTOSERVE_DATA_DIR": str(data_dir),
                "AUTOSERVE_STREAM_REPLICAS": str(replicas)}  # fmt: skip
         if args.demo:  # one process per target, so the recovery service can restart each
