@@ -123,6 +123,9 @@ class FakeDeadLetters:
         done.set_result(True)
         return done if track else None
 
+    async def room(self) -> None:  # never full: nothing waits
+        return None
+
 
 class FakeFold:
     """The state fold as the parts read it: always caught up unless told otherwise."""

@@ -65,7 +65,6 @@ class PublisherStats:
     submitted: int = 0
     acked: int = 0
     retried: int = 0
-    dropped: int = 0  # always 0: the queue never drops (kept for /metrics and its readers)
     rejected: int = 0
     stalls: int = 0  # times the queue filled and input waited for room
     stalled_seconds: float = 0.0  # how long input waited, stalls that ended

@@ -53,7 +53,7 @@ class ProberService(HostedService):
         submit = self._observe(host.publisher)
         http = await HttpProbe().start()
         host.closing(http.close)
-        self.workers = workers = ProbeWorkers(Prober(http).probe, submit)
+        self.workers = workers = ProbeWorkers(Prober(http).probe, submit, room=host.publisher)
         host.closing(workers.stop_all)
         if self.use_docker:
             self._docker = DockerSource(
@@ -72,7 +72,7 @@ class ProberService(HostedService):
 
     def stopped(self) -> dict[str, Any]:
         stats = self.publisher.stats if self.publisher else None
-        return {"shard": self.shard, "published": stats.acked if stats else 0, "dropped": stats.dropped if stats else 0}
+        return {"shard": self.shard, "published": stats.acked if stats else 0, "stalls": stats.stalls if stats else 0}
 
     def _observe(self, publisher: EventPublisher) -> Callable[[Event], None]:
         """/metrics: probes by result (rate() gives probes per second), targets, missed slots."""

@@ -235,6 +235,9 @@ class RawPublisher(Protocol):
         self, subject: str, payload: bytes, headers: dict[str, str], *, track: bool = False
     ) -> asyncio.Future[bool] | None: ...
 
+    async def room(self) -> None:
+        """Return once the publisher takes more input (at once unless it is full)."""
+
 
 # (input, keep-alive) -> None when done (acknowledge), else the delay to look at it again.
 Handler = Callable[[Event, KeepAlive], Awaitable[float | None]]

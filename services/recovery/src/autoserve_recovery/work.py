@@ -67,6 +67,7 @@ class WorkFeed:
         long poll (a message the server hands to an abandoned fetch would wait out its
         ``ack_wait`` before anyone saw it)."""
         while not stop.is_set():
+            await self.dead_letters.room()  # the publisher is full: leave the input in JetStream
             try:
                 # One at a time: nats-py's fetch of a batch, once its long poll has one
                 # message, waits for the rest of the batch until the timeout, so the first

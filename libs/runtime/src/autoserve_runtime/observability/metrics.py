@@ -240,7 +240,8 @@ _PUBLISHER_COUNTERS = (
     ("submitted", "autoserve_publish_submitted", "Events handed to the publisher"),
     ("acked", "autoserve_publish_stored", "Publishes JetStream acknowledged (stored)"),
     ("retried", "autoserve_publish_retried", "Publishes sent again (no ack in time, or the server was busy)"),
-    ("dropped", "autoserve_publish_dropped", "Oldest buffered publishes dropped while NATS was away too long"),
+    ("stalls", "autoserve_publish_stalls", "Times the publisher filled and its input waited for room"),
+    ("stalled_seconds", "autoserve_publish_stalled_seconds", "Seconds input waited for the publisher's room"),
     ("rejected", "autoserve_publish_rejected", "Publishes JetStream refused"),
 )
 
