@@ -28,7 +28,7 @@ from nats.js.api import StreamConfig
 from autoserve_events import PROBES_STREAM, ProbeCompleted
 from autoserve_runtime import EventPublisher, connect, provision
 from autoserve_runtime.nats_cluster import EmbeddedNatsCluster
-from bench.common import LOG_DIR, WORK_DIR, Table, fmt, nats_server, until
+from bench.common import LOG_DIR, WORK_DIR, CpuWindow, Table, fmt, machine, nats_server, until, wait_quiet
 from bench.failover import current_leader, failover_table
 from bench.faults import _p
 from bench.reporter import probe
@@ -106,11 +106,15 @@ async def publish_table(cluster: EmbeddedNatsCluster) -> Table:
         js = nc.jetstream()
         config = (await js.stream_info(PROBES_STREAM)).config  # as provision() made it
         r1, r3 = [], []
+        groups = {"nats-server": [node.process.pid for node in cluster.nodes if node.process is not None]}
+        await wait_quiet(groups)
+        window = CpuWindow(groups)
         for _ in range(REPEATS):  # interleaved, so a busy moment of the machine hits both
             await _fresh_stream(js, replace(config, num_replicas=1))
             r1.append(await publish_run(js, events))
             await _fresh_stream(js, replace(config, num_replicas=3))
             r3.append(await publish_run(js, events))
+        used = window.stop()
     finally:
         await nc.close()
     alone = await _standalone_runs(config, events)
@@ -138,6 +142,14 @@ async def publish_table(cluster: EmbeddedNatsCluster) -> Table:
         "latency (submit → the stored ack, nearest-rank p99) is the ack's, not a queue's.",
         "One publishing client, connected to the cluster through the seed list; a replicated publish is acked "
         "by the leader once a majority of the replicas stored it.",
+        "Runs, events/s: R1 "
+        + ", ".join(fmt(r.rate) for r in r1)
+        + "; R3 "
+        + ", ".join(fmt(r.rate) for r in r3)
+        + "; standalone "
+        + ", ".join(fmt(r.rate) for r in alone)
+        + ". Other load on the machine (not the "
+        f"benchmark's) during the cluster runs: {used['other'] / used['wall']:.2f} of {machine()[0]} cores.",
     ]
     return table
 

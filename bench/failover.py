@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+import httpx
 import nats
 from nats.js import JetStreamContext
 
@@ -25,7 +26,7 @@ from autoserve_events import PROBES_STREAM, ProbeCompleted, decode, encode, head
 from autoserve_reporter.adapters.clickhouse import Store
 from autoserve_reporter.core.rows import METRICS_TABLE
 from autoserve_reporter.service import ReporterSettings, consumer_specs
-from autoserve_runtime import connect
+from autoserve_runtime import connect, free_port
 from autoserve_runtime.nats_cluster import EmbeddedNatsCluster
 from bench.common import WORK_DIR, ProberProcess, Table, apply_config, until, write_config
 from bench.faults import _p, _row
@@ -150,6 +151,7 @@ class Pipeline:
         shutil.rmtree(self.data, ignore_errors=True)
         self.prober: ProberProcess | None = None
         self.reporter: ReporterProcess | None = None
+        self.prober_metrics_port = free_port()  # its /metrics, read when the pipeline is stuck
 
     async def start(self) -> None:
         apps = {f"cluster{i}": TARGETS // 5 for i in range(5)}
@@ -157,7 +159,8 @@ class Pipeline:
             await asyncio.to_thread(apply_config, write_config("cluster", apps, self.nginx_port), self.cluster.url)
         self.reporter = ReporterProcess(self.cluster.url, self.data, "cluster-reporter")
         await self.reporter.ready()
-        self.prober = ProberProcess(self.cluster.url, label="cluster-prober").start()
+        with _environ(AUTOSERVE_METRICS_PORT=str(self.prober_metrics_port)):
+            self.prober = ProberProcess(self.cluster.url, label="cluster-prober").start()
 
     async def rows_stored(self) -> int | None:
         """None while the reporter is not ready (a feed broken)."""
@@ -195,7 +198,20 @@ class Pipeline:
         except Exception as exc:
             parts.append(f"{type(exc).__name__}: {exc}")
         parts.append(f"the reporter {'ready' if await self.rows_stored() is not None else 'NOT ready'}")
+        parts.append(f"the prober's {await self._prober_metrics()}")
         return "; ".join(parts)
+
+    async def _prober_metrics(self) -> str:
+        """Its readiness, NATS connection and publisher counters, from its /metrics."""
+        try:
+            async with httpx.AsyncClient(timeout=5) as client:
+                text = (await client.get(f"http://127.0.0.1:{self.prober_metrics_port}/metrics")).text
+        except httpx.HTTPError as exc:
+            return f"/metrics unreadable ({type(exc).__name__})"
+        wanted = ("autoserve_ready", "autoserve_nats_connected", "autoserve_publish_")
+        values = [line.removeprefix("autoserve_").split("{")[0].split(" ")[0] + " " + line.rsplit(" ", 1)[-1]
+                  for line in text.splitlines() if line.startswith(wanted)]  # fmt: skip
+        return ", ".join(values)
 
     async def stop_services(self) -> None:
         if self.prober is not None:
@@ -231,7 +247,7 @@ async def _quiet(*_: object) -> None:
 class Rounds:
     kills: list[float] = field(default_factory=list)  # wall time of each SIGKILL
     floors: list[float] = field(default_factory=list)
-    stuck: str = ""  # why the rounds ended early: the pipeline did not flow again
+    stuck: str = ""  # why the rounds ended early: the pipeline did not flow again (the last kill)
     ended: float = 0.0
 
 
@@ -288,6 +304,8 @@ def _table(rounds: Rounds, probes: list[tuple[float, float]]) -> Table:
     first = rounds.kills[0]
     steady = max(stored - made for made, stored in probes if first - 8 <= made < first - 2)
     worst = worst_lags(probes, rounds.kills, rounds.ended)
+    if rounds.stuck:  # what was stored after that kill is what came before it: no stall to read
+        worst[-1] = None
     lags = [w for w in worst if w is not None]
     stall = [w - steady for w in lags]
     floors = rounds.floors
@@ -297,15 +315,15 @@ def _table(rounds: Rounds, probes: list[tuple[float, float]]) -> Table:
         ["what", "kills", "floor p50", "floor p95", "stall p50", "stall p95", "vs floor"],
     )
     what = "probe → stored in ClickHouse (prober → NATS → reporter → chDB): stall"
-    if not stall:  # stuck at the first kill, for good
-        table.add(what, len(floors), f"{_p(floors, 0.5):.2f}", f"{_p(floors, 0.95):.2f}", "never", "never", "—")
+    if not stall:  # stuck at the first kill
+        table.add(what, 0, "—", "—", "stuck", "stuck", "—")
         stall = [float("inf")]
-    else:
-        _row(table, what, floors, stall)
-        _row(table, "the same, worst probe → stored latency (steady state not taken off)", floors, lags)
+    else:  # the kills the pipeline came back from
+        _row(table, what, floors[: len(stall)], stall)
+        _row(table, "the same, worst probe → stored latency (steady state not taken off)", floors[: len(lags)], lags)
     met = not rounds.stuck and _p(stall, 0.95) <= _p(floors, 0.95) + 1.0
     per_kill = ", ".join(
-        f"{f:.2f} / {'never' if w is None else f'{w - steady:.2f}'}" for f, w in zip(floors, worst, strict=True)
+        f"{f:.2f} / {'stuck' if w is None else f'{w - steady:.2f}'}" for f, w in zip(floors, worst, strict=True)
     )
     table.notes += [
         f"Goal: stall p95 within 1 s of the floor's p95: {'met' if met else 'NOT met'} "
