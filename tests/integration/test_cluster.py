@@ -112,10 +112,13 @@ async def test_apply_moves_a_single_replica_system_to_three_replicas_with_its_st
         cluster.node(leader).kill()
 
         async def led_by_others() -> bool:
+            """The streams, and the meta group (it places the consumer that reads them back)."""
             leaders = [await stream_leader(js, stream) for stream in (PROBES_STREAM, EVENTS_STREAM)]
+            alive = [index for index, node in enumerate(cluster.nodes) if node.running]
+            leaders += [jsz(cluster, index).get("leader") for index in alive]
             return None not in leaders and leader not in leaders
 
-        await wait_for(led_by_others, 60, f"both streams led by a node other than {leader}", every=0.2)
+        await wait_for(led_by_others, 60, f"both streams and the meta group led by others than {leader}", every=0.2)
         assert await stored(js) == before
     finally:
         await nc.close()

@@ -31,6 +31,7 @@ from autoserve_runtime import connect, free_port
 from autoserve_runtime.nats_cluster import EmbeddedNatsCluster
 from autoserve_runtime.process import spawn_child, stop_child
 
+from .secure_nats import get
 from .waiting import wait_for
 
 LOCALHOST = "127.0.0.1"
@@ -157,7 +158,7 @@ class Services:
     def ready(self, name: str) -> bool:
         process = self.processes[name]
         assert process.poll() is None, f"{name} exited with {process.returncode}:\n{self.log(name)}"
-        return _status(f"http://{LOCALHOST}:{self.ports[name]}/readyz") == 200
+        return get(f"http://{LOCALHOST}:{self.ports[name]}/readyz") == 200
 
     async def all_ready(self, timeout: float = 90) -> None:
         for name in self.processes:
@@ -181,14 +182,6 @@ class Services:
 def sample(metrics: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
     """One sample of a scrape (0 when absent: a counter not yet incremented)."""
     return metrics.get((name, frozenset(labels.items())), 0.0)
-
-
-def _status(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as reply:
-            return reply.status
-    except OSError:
-        return 0
 
 
 # -- a fast HTTP target --------------------------------------------------------------------------
@@ -232,7 +225,7 @@ def nginx(work: Path):  # type: ignore[no-untyped-def]
         process = spawn_child([str(link), "-p", str(work), "-c", str(conf)], stdout=out, stderr=out)
     try:
         deadline = time.monotonic() + 15
-        while _status(f"http://{LOCALHOST}:{port}/ok") != 200:  # bounded: the deadline
+        while get(f"http://{LOCALHOST}:{port}/ok") != 200:  # bounded: the deadline
             assert process.poll() is None and time.monotonic() < deadline, (work / "nginx.out").read_text()
             time.sleep(0.05)
         yield port
@@ -271,6 +264,6 @@ def running_cluster(store: Path):  # type: ignore[no-untyped-def]
         yield cluster.start(timeout=60)
     finally:
         for node in cluster.nodes:
-            with contextlib.suppress(ProcessLookupError):
-                node.process and node.process.send_signal(signal.SIGCONT)  # a SIGSTOPped node stops too
+            if node.running:  # a SIGSTOPped node must be able to stop too
+                node.process.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
         cluster.stop()
