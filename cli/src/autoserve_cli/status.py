@@ -49,6 +49,9 @@ KINDS = (ProbeCompleted, HealthChanged, FailureDetected, RecoveryExecuted, Break
 # Alerts are one subject per app, so the live view reads their recent history instead.
 ALERT_HISTORY_SECONDS = 24 * 3600
 MAX_ALERTS = 10_000
+# On a cluster that lost a node, a request gets no answer until the stream's (or the meta
+# group's) new leader is elected: a few seconds. Status waits that long, not forever.
+FOLLOW_PATIENCE_SECONDS = 20.0
 
 
 def age(seconds: float) -> str:
@@ -73,6 +76,7 @@ class StatusView:
         self.alerts: dict[str, AlertChanged] = {}  # alert_id -> its latest transition
         self.last_message_at = 0.0
         self._caught_up: dict[str, bool] = {}
+        self._subscriptions: list[JetStreamContext.PushSubscription] = []
 
     # -- the fold ---------------------------------------------------------------------------
 
@@ -130,10 +134,18 @@ class StatusView:
 
             self._caught_up.setdefault(subject, False)
             sub = await js.subscribe(subject, cb=on_message, ordered_consumer=True, **delivery)
+            self._subscriptions.append(sub)
             with contextlib.suppress(Exception):
                 info = await sub.consumer_info()
                 if info.num_pending == 0 and not info.delivered.consumer_seq:
                     self._caught_up[subject] = True  # nothing stored for this kind
+
+    async def close(self) -> None:
+        """Stop following (ordered consumers: the server deletes them once idle)."""
+        for sub in self._subscriptions:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._subscriptions.clear()
 
     async def settle(self, quiet: float = 2.0, deadline: float = 10.0) -> None:
         """Wait until every kind's stored last messages have arrived (or, should the server
@@ -308,8 +320,7 @@ def _fields(event: object | None, names: tuple[str, ...], **renamed: str) -> dic
 async def show_status(nats_url: str, *, once: bool, as_json: bool, app: str | None = None) -> int:
     nc = await connect(nats_url, "autoserve-status", timeout=10)
     try:
-        view = StatusView()
-        await view.follow(nc.jetstream(), app)
+        view = await following(nc.jetstream(), app)
         await view.settle()
         if as_json:
             print(view.as_json())
@@ -326,6 +337,22 @@ async def show_status(nats_url: str, *, once: bool, as_json: bool, app: str | No
     finally:
         await nc.close()
     return 0
+
+
+async def following(js: JetStreamContext, app: str | None = None) -> StatusView:
+    """A view following the streams; a request that got no answer (a leader election) is
+    tried again with a fresh view (nothing counted twice), for ``FOLLOW_PATIENCE_SECONDS``."""
+    deadline = time.monotonic() + FOLLOW_PATIENCE_SECONDS
+    while True:
+        view = StatusView()
+        try:
+            await view.follow(js, app)
+            return view
+        except TimeoutError:  # nats-py's too
+            await view.close()
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
 
 
 async def live_status(view: StatusView, cluster: ClusterWatch, title: str, stop: asyncio.Event) -> None:

@@ -47,7 +47,7 @@ from autoserve_runtime.observability import PORT_ENV
 from .apply import store_config
 from .cluster_status import ClusterWatch
 from .services import SERVICES
-from .status import LatestProbes, live_status
+from .status import following, live_status
 from .supervise import Exited, Policy, Restart, Signal, Start, Supervisor
 from .watchdog import clean_up, starttime
 
@@ -322,8 +322,7 @@ async def _status(nats_url: str, show: bool, stop: asyncio.Event) -> None:
         return
     nc = await connect(nats_url, "autoserve-up-status", timeout=10)
     try:
-        view = LatestProbes()
-        await view.follow(nc.jetstream())
+        view = await following(nc.jetstream())
         await live_status(view, ClusterWatch(nc, nats_url), "AutoServe Health — Ctrl-C to stop", stop)
     finally:
         await nc.close()
