@@ -45,7 +45,7 @@ from autoserve_events.durables import DurableSpec
 
 from . import observability
 from .admission import Admit
-from .feed import position, subscribe_from
+from .feed import position, sequences, subscribe_from
 from .publisher import EventPublisher
 from .tasks import cancel_all
 
@@ -158,6 +158,7 @@ class ConsumerStats:
     outputs: int = 0
     acked_seq: int = 0
     last_seq: int = 0
+    resumed: int = 0  # times deliveries were lost in transit and the durable delivered again
     started_at: float = field(default_factory=time.time)
 
 
@@ -225,6 +226,8 @@ class EventConsumer:
         self._acker: asyncio.Task[None] | None = None
         self._sub: JetStreamContext.PushSubscription | None = None
         self._highest_seq = 0  # highest stream sequence taken by this process
+        self._last_delivery = 0  # the consumer sequence of the last delivery taken; 0: none yet
+        self._resuming: asyncio.Task[None] | None = None  # after deliveries were lost in transit
         self._watched: asyncio.Future[bool] | None = None
         self.stats = ConsumerStats()
         observability.watch_consumer(service, self)  # /metrics from self.stats; /readyz until bound
@@ -290,6 +293,10 @@ class EventConsumer:
         # Live inputs only (replay used the bare fold): counted by type, 1 in 64 timed.
         self._process = observability.instrument(self._service, self._process)
         self._acker = asyncio.create_task(self._ack_loop(), name=f"acker:{self._spec.durable}")
+        await self._subscribe()
+
+    async def _subscribe(self) -> None:
+        self._last_delivery = 0
         self._sub = await self._js.subscribe_bind(
             self._spec.stream,
             self._spec.config(),
@@ -313,6 +320,8 @@ class EventConsumer:
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Stop taking messages, wait for outputs to be stored, acknowledge what is done."""
+        if self._resuming is not None:
+            await cancel_all([self._resuming])
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
@@ -331,15 +340,43 @@ class EventConsumer:
         if not info.num_ack_pending:
             return
         floor = info.ack_floor.stream_seq if info.ack_floor else 0
-        config = self._spec.config()
-        config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
-        config.opt_start_seq = floor + 1
-        config.opt_start_time = None  # the server refuses a start sequence with a start time
-        await self._js.delete_consumer(self._spec.stream, self._spec.durable)
-        await self._js.add_consumer(self._spec.stream, config)
+        await self._redeliver_from(floor + 1)
         log.info(
             "resuming after the ack floor", durable=self._spec.durable, seq=floor + 1, unacked=info.num_ack_pending
         )
+
+    async def _redeliver_from(self, seq: int) -> None:
+        config = self._spec.config()
+        config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
+        config.opt_start_seq = seq
+        config.opt_start_time = None  # the server refuses a start sequence with a start time
+        await self._js.delete_consumer(self._spec.stream, self._spec.durable)
+        await self._js.add_consumer(self._spec.stream, config)
+
+    async def _resume_after_lost_deliveries(self, lost: int) -> None:
+        """Deliveries were lost in transit (the NATS node between us and the consumer's
+        leader went away with them in flight). Acknowledging a later one would cover them
+        (AckPolicy.ALL) and they would never be folded, so: stop taking input, let what was
+        taken be stored and acknowledged, and deliver again from just after it, in order."""
+        resume_at = self._highest_seq + 1
+        log.warning("deliveries lost in transit; delivering again from the last input taken",
+                    durable=self._spec.durable, lost=lost, seq=resume_at)  # fmt: skip
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+        while self._awaiting:  # the publisher keeps trying: these outputs get stored
+            await asyncio.sleep(0.02)
+        await self._ack_now()
+        while True:
+            try:
+                await self._redeliver_from(resume_at)
+                await self._subscribe()
+                break
+            except Exception as exc:  # NATS is still electing or reconnecting: try again
+                log.info("resume deferred", durable=self._spec.durable, error=str(exc) or type(exc).__name__)
+                await asyncio.sleep(0.5)
+        self.stats.resumed += 1
+        self._resuming = None
 
     async def _ensure_consumer(self) -> ConsumerInfo:
         return (await ensure_durable(self._js, self._spec.stream, self._spec.config()))[1]
@@ -350,8 +387,15 @@ class EventConsumer:
             # inputs wait here unacknowledged, flow control stops the server sending more,
             # and a redelivery of one of them after ack_wait is recognised below.
             await self._publisher.room()
+        if self._resuming is not None:
+            return  # the old subscription's last deliveries: delivered again after the resume
+        seq, delivery = sequences(msg)
+        if self._last_delivery and delivery > self._last_delivery + 1:
+            lost = delivery - self._last_delivery - 1
+            self._resuming = asyncio.create_task(self._resume_after_lost_deliveries(lost), name="consumer-resume")
+            return
+        self._last_delivery = delivery
         self.stats.received += 1
-        seq = position(msg)[0]
         if seq <= self._highest_seq:
             # A redelivery (ack_wait passed while its outputs were still being stored, say):
             # this process already took it, and the ack of a later message covers it

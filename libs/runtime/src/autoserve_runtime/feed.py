@@ -71,6 +71,16 @@ def position(msg: Msg) -> tuple[int, int]:
     return meta.sequence.stream, meta.num_pending
 
 
+def sequences(msg: Msg) -> tuple[int, int]:
+    """A JetStream delivery's stream sequence and its consumer (delivery) sequence, which
+    counts every delivery of the consumer, redeliveries included, with no gaps."""
+    tokens = msg.reply.split(".")
+    if len(tokens) == 9:
+        return int(tokens[5]), int(tokens[6])
+    meta = msg.metadata
+    return meta.sequence.stream, meta.sequence.consumer
+
+
 async def subscribe_from(
     js: JetStreamContext,
     stream: str,
