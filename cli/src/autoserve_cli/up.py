@@ -57,7 +57,6 @@ SERVICES_GROUP, TARGETS_GROUP, BUS_GROUP = 0, 1, 2  # stop order
 BUS = "nats-server"  # the single one; a cluster's nodes are nats-1 .. nats-N
 CLUSTER = "nats"
 EXIT_USAGE = 2
-PROVISION_SECONDS = 60.0  # a restarted cluster's streams elect their leaders meanwhile
 
 
 @dataclass
@@ -299,18 +298,9 @@ async def _prepare(nats_url: str, config: Config | None, replicas: int, console:
     nc = await connect(nats_url, "autoserve-up", timeout=10)
     try:
         js = nc.jetstream()
-        deadline = time.monotonic() + PROVISION_SECONDS
-        while True:  # before anything publishes
-            try:
-                await provision(js, durables=True, replicas=replicas)
-                break
-            except TimeoutError:  # nats-py's too
-                # A cluster restarted on its stores answers /healthz before each stream's
-                # Raft group has elected a leader: until then a stream request gets no answer.
-                if time.monotonic() > deadline:
-                    raise
-                console.print("waiting for the streams' leaders…")
-                await asyncio.sleep(1.0)
+        # Before anything publishes. A cluster restarted on its stores answers /healthz before
+        # each stream has a leader again: provision waits for them (60 s at most).
+        await provision(js, durables=True, replicas=replicas)
         return str(await store_config(js, config)) if config else "no config given; using what is in KV"
     finally:
         await nc.close()

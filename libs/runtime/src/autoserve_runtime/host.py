@@ -191,7 +191,7 @@ class Host:
         service = self.service
         self.nc = nc = await connect(service.nats_url, service.client_name)
         self.closing(lambda: _close_nats(nc))
-        await provision(self.js)
+        await provision(self.js, patience=None)  # a service waits out elections as long as they last
         buffer = {} if service.publisher_buffer is None else {"max_buffered": service.publisher_buffer}
         service.publisher = EventPublisher(self.js, **buffer).start()
         check = watch_room(service.name, service.publisher)

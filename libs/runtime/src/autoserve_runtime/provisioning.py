@@ -21,6 +21,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import APIError, BucketNotFoundError, KeyNotFoundError, NoStreamResponseError, NotFoundError
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, stop_never, wait_exponential
 
 from autoserve_events import APPS_BUCKET, SETTINGS_BUCKET, StreamSpec, stream_specs
 from autoserve_events.durables import durable_specs
@@ -164,6 +165,7 @@ async def provision(
     *,
     durables: bool = False,
     replicas: int | None = None,
+    patience: float | None = 60.0,
 ) -> dict[str, tuple[int, int]]:
     """Create the streams and KV buckets, or update the streams to the given retention;
     with ``durables``, every service's durable consumer too (``autoserve apply`` and
@@ -179,7 +181,26 @@ async def provision(
 
     Under least privilege (a service's credential, no create or update rights), an existing
     stream with the right settings is left alone, one with other settings is used as it is
-    (with a warning), and a missing one is waited for."""
+    (with a warning), and a missing one is waited for.
+
+    A stream whose Raft group is electing a leader (a node just died, or the cluster just
+    restarted on its stores) answers nothing for a few seconds: requests that time out are
+    tried again, for ``patience`` seconds (None: as long as it takes, for a service)."""
+    async for attempt in AsyncRetrying(
+        retry=retry_if_exception_type((TimeoutError, nats.errors.TimeoutError, NoStreamResponseError)),
+        stop=stop_never if patience is None else stop_after_delay(patience),
+        wait=wait_exponential(multiplier=0.25, max=2.0),
+        before_sleep=lambda state: log.info("waiting for the streams' leaders", attempt=state.attempt_number),
+        reraise=True,
+    ):
+        with attempt:
+            return await _provision_once(js, specs, durables=durables, replicas=replicas)
+    raise AssertionError("unreachable: the last attempt's error is raised")
+
+
+async def _provision_once(
+    js: JetStreamContext, specs: tuple[StreamSpec, ...] | None, *, durables: bool, replicas: int | None
+) -> dict[str, tuple[int, int]]:
     wanted = stream_replicas() if replicas is None else replicas
     specs = specs or stream_specs()
     nodes = cluster_size(js._nc)
