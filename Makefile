@@ -19,20 +19,24 @@ $(STAMP): constraints.txt requirements-dev.txt $(addsuffix /pyproject.toml,$(PAC
 system:
 	bash scripts/ensure-system.sh
 
+# make run UP_ARGS="--cluster 3": the same demo on a local 3-node JetStream cluster.
 run: setup
-	$(BIN)/autoserve up --demo -c examples/demo.yaml
+	$(BIN)/autoserve up --demo -c examples/demo.yaml $(UP_ARGS)
 
-# The unit tests (CPU only: no ports, no processes, no shared state) run niced beside the
-# integration tests, which mostly wait on real components: the run takes about the
-# integration tests' time. Both must pass; the unit log follows the integration output.
+# Three lanes at once, sharing no ports and no state: the unit tests (CPU only, niced), the
+# cluster tests (3-node NATS clusters on free ports; marker `cluster`, mostly waiting on
+# elections) and the other integration tests, which mostly wait on real components. The run
+# takes about the longest lane's time. All must pass; the two side logs follow the output.
 test: setup system
 	$(BIN)/ruff check .
 	@mkdir -p .autoserve
 	@nice -n 10 $(BIN)/pytest tests/unit -p no:cacheprovider > .autoserve/unit-tests.log 2>&1 & unit=$$!; \
-	$(BIN)/pytest tests/integration; integration=$$?; \
-	wait $$unit; units=$$?; \
-	echo "---- tests/unit (ran beside the integration tests) ----"; cat .autoserve/unit-tests.log; \
-	test $$integration -eq 0 && test $$units -eq 0
+	$(BIN)/pytest tests/integration -m cluster -p no:cacheprovider > .autoserve/cluster-tests.log 2>&1 & cluster=$$!; \
+	$(BIN)/pytest tests/integration -m "not cluster"; integration=$$?; \
+	wait $$cluster; clusters=$$?; wait $$unit; units=$$?; \
+	echo "---- tests/integration -m cluster (ran beside) ----"; cat .autoserve/cluster-tests.log; \
+	echo "---- tests/unit (ran beside) ----"; cat .autoserve/unit-tests.log; \
+	test $$integration -eq 0 && test $$clusters -eq 0 && test $$units -eq 0
 
 unit: setup
 	$(BIN)/pytest tests/unit

@@ -10,6 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 from nats.js import JetStreamContext
 
 from autoserve_events import (
@@ -30,6 +31,8 @@ from ..support.cluster import LOCALHOST, Services, all_current, apply, client, s
 from ..support.cluster_counts import DETECTOR_DURABLE, read_stream
 from ..support.waiting import wait_for
 from .conftest import check, config_for
+
+pytestmark = pytest.mark.cluster  # runs in its own lane beside the others (Makefile)
 
 
 def jsz(cluster: EmbeddedNatsCluster, index: int) -> dict:

@@ -40,7 +40,7 @@ from ..support.cluster import (
 from ..support.cluster_counts import DETECTOR_DURABLE, REPORTER_DURABLE, check_counts
 from ..support.waiting import wait_for
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 
 STEADY, FAILING = 1_900, 100  # instances, each probed every second: 2,000 probes/s
 KILLS = 5

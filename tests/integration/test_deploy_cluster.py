@@ -30,6 +30,8 @@ from ..support.secure_nats import SecureNats, refused, secure_cluster, session
 from ..support.waiting import wait_for
 from .conftest import LOCALHOST
 
+pytestmark = pytest.mark.cluster  # runs in its own lane beside the others (Makefile)
+
 T = 1_700_000_000.0
 
 

@@ -43,6 +43,8 @@ from autoserve_runtime.nats_cluster import EmbeddedNatsCluster
 
 from ..support.waiting import wait_for
 
+pytestmark = pytest.mark.cluster  # runs in its own lane beside the others (Makefile)
+
 KILLS = 2
 EVENTS = 3000
 

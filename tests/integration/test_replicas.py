@@ -22,6 +22,8 @@ from autoserve_runtime.provisioning import bucket_configs
 from ..support.waiting import wait_for
 from .conftest import LOCALHOST, check, config_for
 
+pytestmark = pytest.mark.cluster  # runs in its own lane beside the others (Makefile)
+
 AUTOSERVE = str(Path(sys.executable).parent / "autoserve")
 STREAMS = [spec.name for spec in stream_specs()] + [f"KV_{bucket.bucket}" for bucket in bucket_configs()]
 

@@ -30,7 +30,7 @@ from .test_status_events_cli import autoserve
 
 SERVICES = ("prober", "detector", "breaker", "recovery", "reporter", "alerter")  # up's start order
 NODES = ("nats-1", "nats-2", "nats-3")
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(180)]
 
 
 def _children(parent: int) -> dict[str, int]:

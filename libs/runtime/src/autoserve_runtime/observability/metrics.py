@@ -235,7 +235,11 @@ _CONSUMER_COUNTERS = (
     ("duplicates", "autoserve_consumer_duplicates", "Redelivered or duplicated inputs that changed nothing"),
     ("dead_lettered", "autoserve_consumer_dead_lettered", "Inputs dead-lettered (malformed, oversized, handler error)"),
     ("outputs", "autoserve_consumer_outputs", "Outputs the fold produced (events and storage futures)"),
-    ("resumed", "autoserve_consumer_resumed", "Deliveries lost in transit, so the durable delivered again from the gap"),
+    (
+        "resumed",
+        "autoserve_consumer_resumed",
+        "Deliveries lost in transit, so the durable delivered again from the gap",
+    ),
 )
 _PUBLISHER_COUNTERS = (
     ("submitted", "autoserve_publish_submitted", "Events handed to the publisher"),
