@@ -119,17 +119,6 @@ def test_replicas_on_a_single_server_are_refused_naming_both(nats_server: Embedd
     assert "AUTOSERVE_STREAM_REPLICAS=3 but the NATS cluster has 1 node(s) up" in result.stderr
 
 
-async def test_a_client_connects_through_the_second_seed_when_the_first_is_dead(
-    nats_cluster: EmbeddedNatsCluster,
-) -> None:
-    dead = f"nats://127.0.0.1:{free_port()}"
-    nc = await connect(f"{dead},{nats_cluster.urls[1]}", "test-seeds", timeout=10)
-    try:
-        assert nc.connected_url is not None and nc.connected_url.port == nats_cluster.nodes[1].port
-    finally:
-        await nc.close()
-
-
 async def test_an_apply_that_moves_no_replicas_works_while_a_node_is_down(
     nats_cluster: EmbeddedNatsCluster, cluster_nc: Client, config: Path
 ) -> None:
