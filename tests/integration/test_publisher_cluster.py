@@ -275,6 +275,16 @@ async def test_with_nats_unreachable_input_waits_for_room_and_nothing_is_dropped
             observability.remove_check(check)
 
 
+async def test_an_event_no_server_would_take_is_refused_and_the_publishing_goes_on(server: EmbeddedNatsServer) -> None:
+    async with publishing(server.url, probes_config(1)) as (nc, _js, publisher):
+        too_big = b"x" * (nc.max_payload + 1)  # nats-py refuses it before sending
+        refused = publisher.submit_raw("autoserve.probe.app.i1", too_big, {"Nats-Msg-Id": "too-big"}, track=True)
+        after = publisher.submit(probe(1), track=True)
+        assert await asyncio.wait_for(refused, 10) is False  # type: ignore[arg-type]
+        assert await asyncio.wait_for(after, 10) is True  # type: ignore[arg-type]
+        assert publisher.stats.rejected == 1 and publisher.pending == 0
+
+
 async def test_the_probe_loop_waits_for_room_while_nats_is_away_and_skips_nothing_silently(
     server: EmbeddedNatsServer,
 ) -> None:

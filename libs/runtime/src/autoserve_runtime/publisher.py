@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import structlog
 from nats.aio.msg import Msg
-from nats.errors import ConnectionClosedError, OutboundBufferLimitError
+from nats.errors import BadSubjectError, MaxPayloadError
 from nats.js import JetStreamContext
 
 from autoserve_events import Event, encode, headers_for, subject_for
@@ -172,7 +172,12 @@ class EventPublisher:
             key, item = queue.take(time.monotonic())
             try:
                 await nc.publish(item.subject, item.payload, reply=f"{prefix}{key:x}", headers=item.headers)
-            except (ConnectionClosedError, OutboundBufferLimitError, OSError) as exc:
+            except (MaxPayloadError, BadSubjectError) as exc:  # no server will ever take it
+                if queue.rejected(key) is not None:
+                    item.resolve(False)
+                log.error("event rejected by the client", subject=item.subject, error=type(exc).__name__)
+                self._settled(time.monotonic())
+            except Exception as exc:  # disconnected, draining, buffer full: the pump must live on
                 queue.failed(key, time.monotonic())
                 log.debug("publish deferred", error=type(exc).__name__)
 
