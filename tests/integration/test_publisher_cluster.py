@@ -285,6 +285,21 @@ async def test_an_event_no_server_would_take_is_refused_and_the_publishing_goes_
         assert publisher.stats.rejected == 1 and publisher.pending == 0
 
 
+async def test_a_publisher_whose_task_ends_holds_input_and_says_why(server: EmbeddedNatsServer) -> None:
+    nc = await connect(server.url, "test-broken", timeout=10)
+    await nc.close()  # its pump cannot even subscribe for acks
+    publisher = EventPublisher(nc.jetstream()).start()
+    try:
+        await wait_for(lambda: publisher.full, what="the publisher to hold input")
+        assert "publisher task EventPublisher._pump ended: ConnectionClosedError" in (publisher.why_full() or "")
+        waiting = asyncio.ensure_future(publisher.room())
+        done, _ = await asyncio.wait({waiting}, timeout=0.5)
+        waiting.cancel()
+        assert not done  # input waits: nothing is taken that could not be stored
+    finally:
+        await publisher.close(timeout=0.1)
+
+
 async def test_the_probe_loop_waits_for_room_while_nats_is_away_and_skips_nothing_silently(
     server: EmbeddedNatsServer,
 ) -> None:

@@ -40,6 +40,7 @@ from autoserve_events import (
     wildcard,
 )
 from autoserve_runtime import cancel_all, connect, start_sequence
+from autoserve_runtime.provisioning import ELECTION_ERRORS
 
 from . import cluster_view
 from .cluster_status import ClusterWatch, read_cluster
@@ -340,7 +341,7 @@ async def show_status(nats_url: str, *, once: bool, as_json: bool, app: str | No
 
 
 async def following(js: JetStreamContext, app: str | None = None) -> StatusView:
-    """A view following the streams; a request that got no answer (a leader election) is
+    """A view following the streams; a request that failed for a leader election is
     tried again with a fresh view (nothing counted twice), for ``FOLLOW_PATIENCE_SECONDS``."""
     deadline = time.monotonic() + FOLLOW_PATIENCE_SECONDS
     while True:
@@ -348,7 +349,7 @@ async def following(js: JetStreamContext, app: str | None = None) -> StatusView:
         try:
             await view.follow(js, app)
             return view
-        except TimeoutError:  # nats-py's too
+        except ELECTION_ERRORS:
             await view.close()
             if time.monotonic() > deadline:
                 raise

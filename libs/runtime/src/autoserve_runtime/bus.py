@@ -257,7 +257,7 @@ async def connect(
         nc = await asyncio.wait_for(attempt, timeout)
     except TimeoutError:
         raise NatsUnavailable(f"cannot reach NATS at {redact_url(url)} within {timeout:g}s") from None
-    nc._autoserve_denied = denied  # type: ignore[attr-defined]  # read by provisioning
+    nc._autoserve_denied = denied  # type: ignore[attr-defined]  # read by provisioning: a denial, not an election
     watch_nats(nc)  # /readyz: every live client connected
     return nc
 

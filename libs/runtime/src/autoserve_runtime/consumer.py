@@ -226,7 +226,8 @@ class EventConsumer:
         self._acker: asyncio.Task[None] | None = None
         self._sub: JetStreamContext.PushSubscription | None = None
         self._highest_seq = 0  # highest stream sequence taken by this process
-        self._last_delivery = 0  # the consumer sequence of the last delivery taken; 0: none yet
+        self._last_delivery: int | None = None  # consumer sequence of the last delivery; None: unknown
+        self._recreated_at = 0  # the stream sequence the durable was last recreated to start at
         self._resuming: asyncio.Task[None] | None = None  # after deliveries were lost in transit
         self._watched: asyncio.Future[bool] | None = None
         self.stats = ConsumerStats()
@@ -296,7 +297,9 @@ class EventConsumer:
         await self._subscribe()
 
     async def _subscribe(self) -> None:
-        self._last_delivery = 0
+        # A durable just recreated delivers from consumer sequence 1; an existing one from
+        # where it is, which is not known here: its first delivery tells.
+        self._last_delivery = 0 if self._recreated_at > self._highest_seq else None
         self._sub = await self._js.subscribe_bind(
             self._spec.stream,
             self._spec.config(),
@@ -350,15 +353,23 @@ class EventConsumer:
         config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
         config.opt_start_seq = seq
         config.opt_start_time = None  # the server refuses a start sequence with a start time
-        await self._js.delete_consumer(self._spec.stream, self._spec.durable)
-        await self._js.add_consumer(self._spec.stream, config)
+
+        async def recreate() -> None:
+            with contextlib.suppress(NotFoundError):  # deleted by an attempt that failed after
+                await self._js.delete_consumer(self._spec.stream, self._spec.durable)
+            await self._js.add_consumer(self._spec.stream, config)
+
+        # Not cut in two by a stop: a deleted durable recreated from its start point would
+        # skip inputs.
+        await asyncio.shield(recreate())
+        self._recreated_at = seq
 
     async def _resume_after_lost_deliveries(self, lost: int) -> None:
         """Deliveries were lost in transit (the NATS node between us and the consumer's
         leader went away with them in flight). Acknowledging a later one would cover them
         (AckPolicy.ALL) and they would never be folded, so: stop taking input, let what was
         taken be stored and acknowledged, and deliver again from just after it, in order."""
-        resume_at = self._highest_seq + 1
+        resume_at = max(self._highest_seq + 1, self._recreated_at)
         log.warning("deliveries lost in transit; delivering again from the last input taken",
                     durable=self._spec.durable, lost=lost, seq=resume_at)  # fmt: skip
         if self._sub is not None:
@@ -390,7 +401,7 @@ class EventConsumer:
         if self._resuming is not None:
             return  # the old subscription's last deliveries: delivered again after the resume
         seq, delivery = sequences(msg)
-        if self._last_delivery and delivery > self._last_delivery + 1:
+        if self._last_delivery is not None and delivery > self._last_delivery + 1:
             lost = delivery - self._last_delivery - 1
             self._resuming = asyncio.create_task(self._resume_after_lost_deliveries(lost), name="consumer-resume")
             return

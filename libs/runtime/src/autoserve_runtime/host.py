@@ -249,7 +249,7 @@ def watch_room(service: str, publisher: EventPublisher) -> str:
     full (its input waits for room); the check's name."""
     watch_publisher(service, publisher)
     name = f"publisher {service} has room"
-    add_check(name, lambda: publisher.has_room, publisher.why_full)
+    add_check(name, lambda: not publisher.full, publisher.why_full)
     return name
 
 

@@ -20,12 +20,20 @@ import structlog
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import APIError, BucketNotFoundError, KeyNotFoundError, NoStreamResponseError, NotFoundError
+from nats.js.errors import (
+    APIError,
+    BucketNotFoundError,
+    KeyNotFoundError,
+    NoStreamResponseError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, stop_never, wait_exponential
 
 from autoserve_events import APPS_BUCKET, SETTINGS_BUCKET, StreamSpec, stream_specs
 from autoserve_events.durables import durable_specs
 
+from .bus import permission_denials
 from .consumer import create_durable
 
 log = structlog.get_logger("autoserve.provisioning")
@@ -38,6 +46,12 @@ WAIT_LOG_SECONDS = 30.0
 # JetStream's answers when replicas cannot be placed: no suitable peers, insufficient
 # resources, replicas > 1 on a server without a cluster.
 _NO_PLACEMENT = {10005, 10023, 10074}
+# What a request gets while a stream or the meta group elects a leader: no answer, no
+# responders, or 503 "JetStream system temporarily unavailable".
+ELECTION_ERRORS = (
+    TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError, NoStreamResponseError,
+    ServiceUnavailableError,
+)  # fmt: skip
 
 
 REPLICA_CHOICES = (1, 3, 5)
@@ -55,16 +69,27 @@ def stream_replicas(env: Mapping[str, str] | None = None) -> int:
     return int(text)
 
 
-def cluster_size(nc: Client) -> int:
-    """How many nodes the connected NATS has: the servers the cluster gossips to clients
-    (``connect_urls``, which names the connected one too once the cluster has formed), or 1."""
+def cluster_size(nc: Client) -> int | None:
+    """How many nodes the connected NATS has up: 1 without a cluster, else the servers the
+    cluster advertises to clients (``connect_urls``, the connected one included once the
+    cluster has formed); None when it advertises none (``no_advertise``): unknown, and the
+    server's own placement error is the answer then."""
     info = nc._server_info  # the server's INFO, kept up to date by nats-py
     if not info.get("cluster"):
         return 1
     urls = set(info.get("connect_urls") or ())
+    if not urls:
+        return None
     if nc.connected_url is not None:
         urls.add(nc.connected_url.netloc)
-    return max(len(urls), 1)
+    return len(urls)
+
+
+def _denied(js: JetStreamContext, api_subject: str) -> bool:
+    """Whether the server refused this connection ``api_subject``: a denied request is never
+    answered (nats-server sends an -ERR and drops it), so its timeout alone cannot tell a
+    denial from a stream electing its leader."""
+    return any(api_subject in text for text in permission_denials(js._nc))
 
 
 def _stream_config(spec: StreamSpec, replicas: int = 1) -> StreamConfig:
@@ -149,14 +174,14 @@ async def _wait_for(what: str, exists: object, started: float) -> None:
         await asyncio.sleep(1.0)
 
 
-async def _create_or_wait(js: JetStreamContext, what: str, create: object, exists: object) -> None:
+async def _create_or_wait(js: JetStreamContext, stream: str, what: str, create: object, exists: object) -> None:
     started = time.monotonic()
     try:
         await create()  # type: ignore[operator]
     except (TimeoutError, nats.errors.TimeoutError):
-        # A denied request is never answered: nats-server tells the client in an -ERR and
-        # drops it, so the reply times out. Wait for someone allowed to create it.
-        await _wait_for(what, exists, started)
+        if not _denied(js, f"$JS.API.STREAM.CREATE.{stream}"):
+            raise  # no answer during an election: provision tries again
+        await _wait_for(what, exists, started)  # someone allowed to create it will
 
 
 async def provision(
@@ -187,7 +212,7 @@ async def provision(
     restarted on its stores) answers nothing for a few seconds: requests that time out are
     tried again, for ``patience`` seconds (None: as long as it takes, for a service)."""
     async for attempt in AsyncRetrying(
-        retry=retry_if_exception_type((TimeoutError, nats.errors.TimeoutError, NoStreamResponseError)),
+        retry=retry_if_exception_type(ELECTION_ERRORS),
         stop=stop_never if patience is None else stop_after_delay(patience),
         wait=wait_exponential(multiplier=0.25, max=2.0),
         before_sleep=lambda state: log.info("waiting for the streams' leaders", attempt=state.attempt_number),
@@ -204,7 +229,12 @@ async def _provision_once(
     wanted = stream_replicas() if replicas is None else replicas
     specs = specs or stream_specs()
     nodes = cluster_size(js._nc)
-    if replicas is not None and replicas > nodes and await _replicas_to_place(js, specs, replicas):
+    if (
+        replicas is not None
+        and nodes is not None
+        and replicas > nodes
+        and await _replicas_to_place(js, specs, replicas)
+    ):
         raise ReplicasError(
             f"AUTOSERVE_STREAM_REPLICAS={replicas} but the NATS cluster has {nodes} node(s) up: "
             f"a stream needs at least as many nodes as replicas; nothing was changed"
@@ -221,7 +251,7 @@ async def _provision_once(
         # Enough nodes in the cluster, but not enough up (or with room) right now.
         raise ReplicasError(
             f"AUTOSERVE_STREAM_REPLICAS={wanted}: NATS cannot place that many replicas "
-            f"({exc.description}); the cluster has {nodes} node(s), are they all up?"
+            f"({exc.description}); the cluster has {nodes or 'an unknown number of'} node(s) up"
         ) from None
     for name, (_, now) in moved.items():
         await _wait_current(js, name, now)
@@ -253,7 +283,7 @@ async def _provision_stream(
     try:
         info = await js.stream_info(name)
     except NotFoundError:
-        await _create_or_wait(js, f"stream {name}", lambda: js.add_stream(config), lambda: js.stream_info(name))
+        await _create_or_wait(js, name, f"stream {name}", lambda: js.add_stream(config), lambda: js.stream_info(name))
         return
     if keep_replicas:
         config.num_replicas = info.config.num_replicas
@@ -262,6 +292,8 @@ async def _provision_stream(
     try:
         await js.update_stream(config)
     except (TimeoutError, nats.errors.TimeoutError):
+        if not _denied(js, f"$JS.API.STREAM.UPDATE.{name}"):
+            raise  # no answer during an election: provision tries again
         log.warning("stream settings differ from this version's, and this credential may not change them; "
                     "using the stream as it is", stream=name)  # fmt: skip
         return
@@ -275,7 +307,7 @@ async def _wait_current(js: JetStreamContext, name: str, replicas: int, timeout:
     write right after a replica change would otherwise time out during the election."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with contextlib.suppress(TimeoutError, nats.errors.TimeoutError, NoStreamResponseError):
+        with contextlib.suppress(*ELECTION_ERRORS):
             cluster = (await js.stream_info(name)).cluster
             followers = (cluster.replicas or []) if cluster else []
             if (
@@ -297,7 +329,11 @@ async def _provision_bucket(
         await js.key_value(bucket.bucket)
     except BucketNotFoundError:
         await _create_or_wait(
-            js, f"KV bucket {bucket.bucket}", lambda: js.create_key_value(bucket), lambda: js.key_value(bucket.bucket)
+            js,
+            f"KV_{bucket.bucket}",
+            f"KV bucket {bucket.bucket}",
+            lambda: js.create_key_value(bucket),
+            lambda: js.key_value(bucket.bucket),
         )
         return
     if keep_replicas:

@@ -76,11 +76,23 @@ class EventPublisher:
         self._stall_logged_at: float | None = None
         self._stall_logged = False  # this stall's start was logged: log its end too
         self._tasks: list[asyncio.Task[None]] = []
+        self._broken: str | None = None  # a task of ours ended with an error
         self.stats = self._queue.stats
 
     def start(self) -> EventPublisher:
         self._tasks = [asyncio.create_task(self._pump()), asyncio.create_task(self._expire())]
+        for task in self._tasks:
+            task.add_done_callback(self._ended)
         return self
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        """A task that ends before ``close`` stops publishing for good: say so, and hold
+        input (``full``) so that nothing is taken that cannot be stored; /readyz turns false."""
+        if task.cancelled() or (error := task.exception()) is None:
+            return
+        self._broken = f"publisher task {task.get_coro().__qualname__} ended: {type(error).__name__}: {error}"
+        self._room.clear()
+        log.error("publisher stopped; input held", error=self._broken)
 
     async def close(self, timeout: float = 5.0) -> None:
         """Wait up to ``timeout`` for everything submitted to be acked, then stop."""
@@ -97,21 +109,20 @@ class EventPublisher:
 
     @property
     def full(self) -> bool:
-        """More than ``max_buffered`` events wait to be stored: take no more input."""
-        return self._queue.full
-
-    @property
-    def has_room(self) -> bool:
-        return not self._queue.full
+        """More than ``max_buffered`` events wait to be stored (or publishing broke): take no
+        more input."""
+        return self._queue.full or self._broken is not None
 
     async def room(self) -> None:
         """Return once the publisher takes more input: at once unless it is full."""
-        while self._queue.full:
+        while self.full:
             await self._room.wait()
 
     def why_full(self) -> str | None:
         """What ``/readyz`` says while input waits for room."""
         queue = self._queue
+        if self._broken is not None:
+            return self._broken
         if not queue.full:
             return None
         return (
@@ -143,7 +154,7 @@ class EventPublisher:
 
     def _settled(self, now: float) -> None:
         queue = self._queue
-        if queue.full and (waited := queue.reopen(now)) is not None:
+        if queue.full and (waited := queue.reopen(now)) is not None and self._broken is None:
             self._room.set()
             if self._stall_logged:
                 self._stall_logged = False
