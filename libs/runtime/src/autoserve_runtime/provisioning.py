@@ -28,7 +28,7 @@ from nats.js.errors import (
     NotFoundError,
     ServiceUnavailableError,
 )
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, stop_never, wait_exponential
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, stop_never, wait_exponential
 
 from autoserve_events import APPS_BUCKET, SETTINGS_BUCKET, StreamSpec, stream_specs
 from autoserve_events.durables import durable_specs
@@ -89,7 +89,8 @@ def _denied(js: JetStreamContext, api_subject: str) -> bool:
     """Whether the server refused this connection ``api_subject``: a denied request is never
     answered (nats-server sends an -ERR and drops it), so its timeout alone cannot tell a
     denial from a stream electing its leader."""
-    return any(api_subject in text for text in permission_denials(js._nc))
+    subject = api_subject.lower()  # nats-py lower-cases the server's -ERR text
+    return any(subject in text for text in permission_denials(js._nc))
 
 
 def _stream_config(spec: StreamSpec, replicas: int = 1) -> StreamConfig:
@@ -211,8 +212,13 @@ async def provision(
     A stream whose Raft group is electing a leader (a node just died, or the cluster just
     restarted on its stores) answers nothing for a few seconds: requests that time out are
     tried again, for ``patience`` seconds (None: as long as it takes, for a service)."""
+    denials = permission_denials(js._nc)
+
+    def electing(exc: BaseException) -> bool:  # not a request the server refused this credential
+        return isinstance(exc, ELECTION_ERRORS) and permission_denials(js._nc) == denials
+
     async for attempt in AsyncRetrying(
-        retry=retry_if_exception_type(ELECTION_ERRORS),
+        retry=retry_if_exception(electing),
         stop=stop_never if patience is None else stop_after_delay(patience),
         wait=wait_exponential(multiplier=0.25, max=2.0),
         before_sleep=lambda state: log.info("waiting for the streams' leaders", attempt=state.attempt_number),
