@@ -302,13 +302,15 @@ async def failover_table(cluster: EmbeddedNatsCluster, nginx_port: int) -> Table
 
 def _table(rounds: Rounds, probes: list[tuple[float, float]]) -> Table:
     first = rounds.kills[0]
-    steady = max(stored - made for made, stored in probes if first - 8 <= made < first - 2)
+    steady = max((stored - made for made, stored in probes if first - 8 <= made < first - 2), default=0.0)
     worst = worst_lags(probes, rounds.kills, rounds.ended)
     if rounds.stuck:  # what was stored after that kill is what came before it: no stall to read
         worst[-1] = None
-    lags = [w for w in worst if w is not None]
-    stall = [w - steady for w in lags]
     floors = rounds.floors
+    # A kill with no probe to read has no stall: its floor leaves the comparison with it.
+    seen = [(floor, lag) for floor, lag in zip(floors, worst, strict=True) if lag is not None]
+    seen_floors, lags = [floor for floor, _ in seen], [lag for _, lag in seen]
+    stall = [lag - steady for lag in lags]
     table = Table(
         f"Cluster: failover, the node leading AUTOSERVE_PROBES SIGKILLed {len(rounds.kills)} times under "
         f"{TARGETS} probes/s (3 nodes, every stream and bucket R3): seconds",
@@ -319,8 +321,8 @@ def _table(rounds: Rounds, probes: list[tuple[float, float]]) -> Table:
         table.add(what, 0, "—", "—", "stuck", "stuck", "—")
         stall = [float("inf")]
     else:  # the kills the pipeline came back from
-        _row(table, what, floors[: len(stall)], stall)
-        _row(table, "the same, worst probe → stored latency (steady state not taken off)", floors[: len(lags)], lags)
+        _row(table, what, seen_floors, stall)
+        _row(table, "the same, worst probe → stored latency (steady state not taken off)", seen_floors, lags)
     met = not rounds.stuck and _p(stall, 0.95) <= _p(floors, 0.95) + 1.0
     per_kill = ", ".join(
         f"{f:.2f} / {'stuck' if w is None else f'{w - steady:.2f}'}" for f, w in zip(floors, worst, strict=True)
