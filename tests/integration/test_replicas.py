@@ -5,34 +5,30 @@ are refused naming both numbers, with nothing changed."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 from nats.aio.client import Client
 
-from autoserve_events import PROBES_STREAM, stream_specs
+from autoserve_cli.cluster_status import cluster_streams
+from autoserve_events import PROBES_STREAM
 from autoserve_runtime import EmbeddedNatsServer, connect, free_port, provision
 from autoserve_runtime.nats_cluster import EmbeddedNatsCluster
-from autoserve_runtime.provisioning import bucket_configs
 
+from ..support.cluster import autoserve, clean_env
 from ..support.waiting import wait_for
 from .conftest import LOCALHOST, check, config_for
 
 pytestmark = pytest.mark.cluster  # runs in its own lane beside the others (Makefile)
 
-AUTOSERVE = str(Path(sys.executable).parent / "autoserve")
-STREAMS = [spec.name for spec in stream_specs()] + [f"KV_{bucket.bucket}" for bucket in bucket_configs()]
+STREAMS = cluster_streams()
 
 
-def apply(config: Path, url: str, replicas: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "AUTOSERVE_STREAM_REPLICAS": replicas}
-    return subprocess.run(
-        [AUTOSERVE, "apply", "-c", str(config), "--nats-url", url], capture_output=True, text=True, env=env, timeout=90
-    )
+async def apply(config: Path, url: str, replicas: str) -> subprocess.CompletedProcess[str]:
+    env = clean_env(AUTOSERVE_STREAM_REPLICAS=replicas)
+    return await autoserve("apply", "-c", str(config), "--nats-url", url, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +60,7 @@ async def test_apply_moves_every_stream_and_bucket_to_r3_and_back_with_the_event
     nats_cluster: EmbeddedNatsCluster, cluster_nc: Client, config: Path
 ) -> None:
     url = nats_cluster.url
-    result = apply(config, url, "1")
+    result = await apply(config, url, "1")
     assert result.returncode == 0, result.stderr
     assert await replicas(cluster_nc) == dict.fromkeys(STREAMS, 1)
     js = cluster_nc.jetstream()
@@ -72,7 +68,7 @@ async def test_apply_moves_every_stream_and_bucket_to_r3_and_back_with_the_event
         await js.publish("autoserve.probe.web.w-1", b"{}", headers={"Nats-Msg-Id": f"kept-{i}"})
     before = (await js.stream_info(PROBES_STREAM)).state
 
-    result = apply(config, url, "3")
+    result = await apply(config, url, "3")
     assert result.returncode == 0, result.stderr
     assert f"{PROBES_STREAM} 1 -> 3" in result.stdout
     assert await replicas(cluster_nc) == dict.fromkeys(STREAMS, 3)
@@ -90,7 +86,7 @@ async def test_apply_moves_every_stream_and_bucket_to_r3_and_back_with_the_event
     assert await provision(js) == {}
     assert await replicas(cluster_nc) == dict.fromkeys(STREAMS, 3)
 
-    result = apply(config, url, "1")
+    result = await apply(config, url, "1")
     assert result.returncode == 0, result.stderr
     assert await replicas(cluster_nc) == dict.fromkeys(STREAMS, 1)
     assert (await js.stream_info(PROBES_STREAM)).state.last_seq == before.last_seq
@@ -99,22 +95,24 @@ async def test_apply_moves_every_stream_and_bucket_to_r3_and_back_with_the_event
 async def test_more_replicas_than_nodes_are_refused_naming_both_and_nothing_changes(
     nats_cluster: EmbeddedNatsCluster, cluster_nc: Client, config: Path
 ) -> None:
-    assert apply(config, nats_cluster.url, "3").returncode == 0
-    result = apply(config, nats_cluster.url, "5")
+    assert (await apply(config, nats_cluster.url, "3")).returncode == 0
+    result = await apply(config, nats_cluster.url, "5")
     assert result.returncode == 2
     assert "AUTOSERVE_STREAM_REPLICAS=5 but the NATS cluster has 3 node(s) up" in result.stderr
     assert "nothing was changed" in result.stderr
     assert await replicas(cluster_nc) == dict.fromkeys(STREAMS, 3)
 
 
-def test_a_replica_count_other_than_1_3_5_is_refused_before_connecting(config: Path) -> None:
-    result = apply(config, f"nats://127.0.0.1:{free_port()}", "2")
+async def test_a_replica_count_other_than_1_3_5_is_refused_before_connecting(config: Path) -> None:
+    result = await apply(config, f"nats://127.0.0.1:{free_port()}", "2")
     assert result.returncode == 2
     assert "AUTOSERVE_STREAM_REPLICAS: must be one of 1, 3 or 5, got '2'; nothing applied" in result.stderr
 
 
-def test_replicas_on_a_single_server_are_refused_naming_both(nats_server: EmbeddedNatsServer, config: Path) -> None:
-    result = apply(config, nats_server.url, "3")
+async def test_replicas_on_a_single_server_are_refused_naming_both(
+    nats_server: EmbeddedNatsServer, config: Path
+) -> None:
+    result = await apply(config, nats_server.url, "3")
     assert result.returncode == 2
     assert "AUTOSERVE_STREAM_REPLICAS=3 but the NATS cluster has 1 node(s) up" in result.stderr
 
@@ -122,11 +120,11 @@ def test_replicas_on_a_single_server_are_refused_naming_both(nats_server: Embedd
 async def test_an_apply_that_moves_no_replicas_works_while_a_node_is_down(
     nats_cluster: EmbeddedNatsCluster, cluster_nc: Client, config: Path
 ) -> None:
-    assert apply(config, nats_cluster.url, "3").returncode == 0
+    assert (await apply(config, nats_cluster.url, "3")).returncode == 0
     down = nats_cluster.nodes[2]
     down.stop()
     try:
-        result = apply(config, nats_cluster.url, "3")
+        result = await apply(config, nats_cluster.url, "3")
         assert result.returncode == 0, result.stderr
         assert "unchanged: web" in result.stdout
     finally:

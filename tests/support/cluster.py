@@ -58,13 +58,6 @@ async def stream_leader(js: JetStreamContext, stream: str) -> str | None:
     return info.cluster.leader if info.cluster else None
 
 
-async def replicas(js: JetStreamContext, stream: str) -> int | None:
-    try:
-        return (await js.stream_info(stream)).config.num_replicas
-    except UNAVAILABLE:
-        return None
-
-
 async def all_current(js: JetStreamContext, size: int) -> bool:
     """Every stream (the KV buckets' included) has a leader and ``size - 1`` followers, each
     online and current."""

@@ -1,7 +1,7 @@
 """The cluster part of ``autoserve status``: which NATS nodes answer, which node leads each
 stream and KV bucket, and how each replica follows.
 
-A pure core: the adapter (``status``) reads each stream's ``ClusterInfo`` and each node's
+A pure core: the adapter (``cluster_status``) reads each stream's ``ClusterInfo`` and each node's
 INFO line; this turns them into rows and rich tables, with no I/O and no clock (a replica's
 ``active`` is already an age: the leader's nanoseconds since it last heard from it).
 """

@@ -294,7 +294,7 @@ def _replicas(args: argparse.Namespace) -> int:
     return replicas
 
 
-async def _prepare(nats_url: str, config: Config | None, replicas: int, console: Console) -> str:
+async def _prepare(nats_url: str, config: Config | None, replicas: int) -> str:
     nc = await connect(nats_url, "autoserve-up", timeout=10)
     try:
         js = nc.jetstream()
@@ -336,7 +336,7 @@ async def _main(
         nats_url = args.nats_url
         if nats_url is None:
             nats_url = await _start_bus(args, data_dir, runner, stop)
-        console.print(f"config: {await _prepare(nats_url, config, replicas, console)}")
+        console.print(f"config: {await _prepare(nats_url, config, replicas)}")
         env = {**os.environ, "AUTOSERVE_NATS_URL": nats_url, "AUTOSERVE_DATA_DIR": str(data_dir),
                "AUTOSERVE_STREAM_REPLICAS": str(replicas)}  # fmt: skip
         if args.demo:  # one process per target, so the recovery service can restart each
