@@ -142,9 +142,13 @@ async def test_each_service_in_its_own_process_with_its_own_credentials_runs_the
             await asyncio.sleep(0.5)
         assert report["app_name"] == "demo" and report["failed_checks"] > 0 and report["successful_checks"] > 0
         assert [i["instance_id"] for i in report["instances"]] == ["web-1"]
-        async with httpx.AsyncClient(base_url=f"http://{LOCALHOST}:{reporter_port}") as client:
-            incidents = (await client.get("/v1/apps/demo/incidents")).json()["incidents"]
-        assert any(i["recovered_by"] == "restart_container" for i in incidents), incidents
+
+        async def incident_recovered() -> bool:  # the reporter stores in batches: wait for them
+            async with httpx.AsyncClient(base_url=f"http://{LOCALHOST}:{reporter_port}") as client:
+                incidents = (await client.get("/v1/apps/demo/incidents")).json()["incidents"]
+            return any(i["recovered_by"] == "restart_container" for i in incidents)
+
+        await wait_for(incident_recovered, timeout=30, what="the incident, recovered by restart_container")
 
         # 5. A clean stop: SIGTERM drains every service, exit status 0.
         for child in children.values():

@@ -28,6 +28,7 @@ class PullStats:
     outputs: int = 0
     replayed: int = 0
     acked_seq: int = 0  # the highest stream sequence acknowledged
+    resumed: int = 0  # stays 0: a fetch's lost messages come back after ack_wait (explicit acks)
 
 
 @dataclass(frozen=True)
