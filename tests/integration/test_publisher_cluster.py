@@ -129,16 +129,6 @@ async def publishing(
         await nc.close()
 
 
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[EmbeddedNatsCluster]:
-    nodes = EmbeddedNatsCluster(tmp_path / "cluster", 3)
-    try:
-        await asyncio.to_thread(nodes.start)
-        yield nodes
-    finally:
-        await asyncio.to_thread(nodes.stop)
-
-
 class Feeder:
     """Submits probe results steadily, waiting for room as the prober does, and records when
     each was acked."""
