@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -27,19 +28,25 @@ def nats_server_binary() -> str:
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free port on 127.0.0.1, outside the ephemeral range (see ``free_ports``)."""
+    return free_ports(1)
+
+
+# Below the kernel's ephemeral range (32768-60999 on Linux by default), where no outgoing
+# connection takes a port between our check and our bind; above the fixed demo ports.
+_PICKED_PORTS = range(20_000, 32_000)
 
 
 def free_ports(n: int) -> int:
     """The first of ``n`` consecutive free ports on 127.0.0.1 (``autoserve up`` gives its
-    services a base port plus their place in its start order)."""
-    for _ in range(50):
-        base = free_port()
-        if base + n < 65535 and all(bindable(base + i) for i in range(n)):
+    services a base port plus their place in its start order). Chosen outside the ephemeral
+    range: a port the kernel hands to some connection's source side after this check would
+    leave a service without its endpoint (seen with three test lanes at once)."""
+    for _ in range(100):
+        base = random.randrange(_PICKED_PORTS.start, _PICKED_PORTS.stop - n)
+        if all(bindable(base + i) for i in range(n)):
             return base
-    raise OSError(f"no {n} consecutive free ports on 127.0.0.1")
+    raise OSError(f"no {n} consecutive free ports on 127.0.0.1 in {_PICKED_PORTS.start}-{_PICKED_PORTS.stop}")
 
 
 def bindable(port: int) -> bool:
