@@ -47,7 +47,7 @@ from autoserve_events.subjects import _ONE_TOKEN, PREFIX, PROBES_WILDCARD  # the
 from autoserve_recovery.feeds import WORK_DURABLE
 from autoserve_reporter.service import ReporterSettings, consumer_specs
 from autoserve_runtime import ConsumerSpec
-from autoserve_runtime.provisioning import CLAIMS_BUCKET, bucket_configs
+from autoserve_runtime.provisioning import CLAIMS_BUCKET, MEMBERS_BUCKET, bucket_configs
 
 OUTPUT = Path(__file__).resolve().parent.parent / "deploy" / "nats" / "nats-server.conf"
 BREAKER_DURABLES = ("breaker", "breaker-0-of-2", "breaker-1-of-2")  # one per replica (--replica I/N)
@@ -108,7 +108,22 @@ class User:
         """Provisioning checks (stream info only) and the app-spec watch every service does."""
         names = [s.name for s in stream_specs()] + [f"KV_{b.bucket}" for b in bucket_configs()]
         self.pub(*(f"$JS.API.STREAM.INFO.{n}" for n in names), why="provisioning checks: read-only")
-        return self.ordered(f"KV_{APPS_BUCKET}", why="watching the app specs")
+        self.ordered(f"KV_{APPS_BUCKET}", why="watching the app specs")
+        return self.member()
+
+    def member(self) -> User:
+        """Membership: its own keys and leases only (a prober cannot speak for a detector),
+        the watch of its service's members, and reading a lease's holder."""
+        self.pub(
+            f"$KV.{MEMBERS_BUCKET}.{self.name}.>",
+            f"$KV.{MEMBERS_BUCKET}.lease.{self.name}",
+            f"$KV.{MEMBERS_BUCKET}.lease.{self.name}.>",
+            f"$JS.API.DIRECT.GET.KV_{MEMBERS_BUCKET}",
+            f"$JS.API.DIRECT.GET.KV_{MEMBERS_BUCKET}.>",
+            f"$JS.API.STREAM.MSG.GET.KV_{MEMBERS_BUCKET}",
+            why="membership: its own member keys and leases",
+        )
+        return self.ordered(f"KV_{MEMBERS_BUCKET}", why="watching its service's members")
 
     def ordered(self, stream: str, why: str) -> User:
         """Ordered (ephemeral) consumers: created without a name, info, flow control."""

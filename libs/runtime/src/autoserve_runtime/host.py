@@ -4,10 +4,11 @@ A service declares a ``Plan``: the configuration keys it follows, the durable co
 that feed its fold (and how much history each replays first), the RPC subjects it answers,
 and how its publisher is sized. The host does the rest, in this order::
 
-    connect ─ provision ─ publisher ─ open() ─ plan() ─ follow config ─ prepare()
-        ─ replay + live + catch-up (each Consume) ─ RPCs ─ started() ─ ready
+    connect ─ provision ─ join the members ─ publisher ─ open() ─ plan() ─ follow config
+        ─ prepare() ─ replay + live + catch-up (each Consume) ─ RPCs ─ started() ─ ready
         ... SIGTERM ...
-    drain: everything above is closed in reverse order of opening
+    leave the members (the others take over now) ─ drain: everything above is closed in
+    reverse order of opening
 
 Anything a service opens in its hooks it registers with ``host.closing(...)`` or starts
 with ``host.spawn(...)``, so the one teardown closes it at the right moment: a consumer
@@ -34,6 +35,7 @@ from .admission import Admit
 from .bus import connect
 from .consumer import ConsumerSpec, EventConsumer, ProcessFn
 from .lifecycle import close_nats
+from .membership import Membership
 from .observability import add_check, remove_check, watch_publisher
 from .provisioning import provision
 from .publisher import EventPublisher
@@ -93,6 +95,8 @@ class HostedService:
 
     name: str = "service"
     publisher_buffer: int | None = None  # events the publisher holds while NATS is away; None: its default
+    member: str | None = None  # this process's member name; None: AUTOSERVE_MEMBER, else host-pid
+    member_slots: int = 0  # members that need a durable of their own take one of this many slots
 
     def __init__(self, nats_url: str) -> None:
         self.nats_url = nats_url
@@ -100,6 +104,7 @@ class HostedService:
         self.publisher: EventPublisher | None = None
         self.consumers: list[EventConsumer] = []
         self.replayed: dict[str, int] = {}  # what start-up folded, by durable (logs, tests)
+        self.membership: Membership | None = None
 
     @property
     def consumer(self) -> EventConsumer | None:
@@ -109,6 +114,10 @@ class HostedService:
     @property
     def client_name(self) -> str:
         return f"autoserve-{self.name}"
+
+    def owns_what(self) -> str:
+        """What this member owns, in words, for ``autoserve status`` ("112 targets")."""
+        return ""
 
     def plan(self) -> Plan:
         """Read once, after ``open``: what it names may be built there."""
@@ -168,6 +177,8 @@ class Host:
                     log.info(f"{name} started", nats=service.nats_url, replayed=service.replayed)
                     await stop.wait()
                 self.stopping.set()
+                if service.membership is not None:
+                    await service.membership.leave()
             finally:
                 log.info(f"{name} stopping")
         log.info(f"{name} stopped", **service.stopped())
@@ -192,6 +203,13 @@ class Host:
         self.nc = nc = await connect(service.nats_url, service.client_name)
         self.closing(lambda: _close_nats(nc))
         await provision(self.js, patience=None)  # a service waits out elections as long as they last
+        service.membership = membership = Membership(
+            self.js, service.name, service.member, describe=service.owns_what, slots=service.member_slots
+        )
+        await membership.start()
+        self.closing(membership.stop)
+        check = watch_membership(membership)
+        self.closing(lambda: _unwatched(check))
         buffer = {} if service.publisher_buffer is None else {"max_buffered": service.publisher_buffer}
         service.publisher = EventPublisher(self.js, **buffer).start()
         check = watch_room(service.name, service.publisher)
@@ -250,6 +268,18 @@ def watch_room(service: str, publisher: EventPublisher) -> str:
     watch_publisher(service, publisher)
     name = f"publisher {service} has room"
     add_check(name, lambda: not publisher.full, publisher.why_full)
+    return name
+
+
+def watch_membership(membership: Membership) -> str:
+    """``/readyz`` is false, with the reason, while this member's lease may have lapsed
+    (it owns nothing then: paused, or cut off from NATS)."""
+    name = f"{membership.service} member {membership.member} holds its lease"
+
+    def why() -> str:
+        return f"no membership renewal within {membership.ttl:g}s: owning nothing until it is renewed"
+
+    add_check(name, lambda: not membership.fenced, why)
     return name
 
 

@@ -42,6 +42,10 @@ log = structlog.get_logger("autoserve.provisioning")
 # here so that an admin provisions every bucket and no service needs create rights.
 CLAIMS_BUCKET = "autoserve-recovery-claims"
 CLAIMS_TTL_SECONDS = 86_400.0
+# Members and leases (autoserve_runtime.membership): keys carry their own TTL; an expiry
+# leaves a marker (kept this long) so that the other members' watchers see it.
+MEMBERS_BUCKET = "autoserve-members"
+MEMBERS_MARKER_TTL_SECONDS = 60.0
 WAIT_LOG_SECONDS = 30.0
 # JetStream's answers when replicas cannot be placed: no suitable peers, insufficient
 # resources, replicas > 1 on a server without a cluster.
@@ -130,6 +134,9 @@ def bucket_configs(replicas: int = 1) -> tuple[KeyValueConfig, ...]:
                        history=5, storage=StorageType.FILE, replicas=replicas),
         KeyValueConfig(bucket=CLAIMS_BUCKET, description="AutoServe recovery: at-most-once claims and instance leases",
                        history=1, ttl=CLAIMS_TTL_SECONDS, storage=StorageType.FILE, replicas=replicas),
+        KeyValueConfig(bucket=MEMBERS_BUCKET, description="AutoServe members and leases, each key with its own TTL",
+                       history=1, limit_marker_ttl=MEMBERS_MARKER_TTL_SECONDS, storage=StorageType.FILE,
+                       replicas=replicas),
     )  # fmt: skip
 
 

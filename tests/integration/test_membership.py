@@ -1,0 +1,117 @@
+"""Membership and leases on a real nats-server: members join, leave, die (their key expires
+by its own TTL) and are fenced after a pause; ownership moves only the share that must."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from nats.aio.client import Client
+
+from autoserve_runtime import provision
+from autoserve_runtime.membership import Lease, Membership, slot_durable
+from autoserve_runtime.ownership import owner_of
+from tests.support.waiting import wait_for
+
+KEYS = [f"web/w{i}" for i in range(300)]
+
+
+Join = Callable[..., Awaitable[Membership]]
+
+
+@pytest.fixture
+async def joined(nc: Client) -> AsyncIterator[Join]:
+    """Members of "prober" with a 2 s TTL; all stopped at the end, whatever happened."""
+    await provision(nc.jetstream())
+    started: list[Membership] = []
+
+    async def join(member: str, slots: int = 0) -> Membership:
+        membership = Membership(nc.jetstream(), "prober", member, ttl=2.0, slots=slots)
+        await membership.start()
+        started.append(membership)
+        return membership
+
+    yield join
+    for membership in started:
+        await membership.stop()
+
+
+def owned(membership: Membership) -> set[str]:
+    return {key for key in KEYS if membership.owns(key)}
+
+
+async def test_members_split_the_keys_and_a_dead_members_keys_come_back(joined: Join) -> None:
+    a = await joined("a")
+    assert owned(a) == set(KEYS)  # alone: everything
+    b = await joined("b")
+    await wait_for(lambda: a.members == b.members == {"a", "b"}, 10, "both members see each other")
+    assert owned(a) | owned(b) == set(KEYS) and not owned(a) & owned(b)
+    assert 90 < len(owned(b)) < 210  # about half, not all
+
+    # A third member takes about a third, each key from whoever had it: nothing else moves.
+    before = {key: owner_of(key, {"a", "b"}) for key in KEYS}
+    c = await joined("c")
+    await wait_for(lambda: a.members == b.members == c.members == {"a", "b", "c"}, 10, "three members")
+    moved = {key for key in KEYS if a.owner(key) != before[key]}
+    assert moved == owned(c) and 50 < len(moved) < 150
+
+    # "b" dies without a goodbye: its renewals stop, JetStream expires its key, and the
+    # others see the marker and take its keys over.
+    b._tasks[1].cancel()
+    b_keys = owned(b)
+    started = time.monotonic()
+    await wait_for(lambda: a.members == {"a", "c"} and c.members == {"a", "c"}, 15, "b's key expired")
+    assert time.monotonic() - started < 2.0 + 3.0  # TTL, plus the expiry marker's way
+    assert b_keys <= owned(a) | owned(c)
+
+    # "c" leaves gracefully: "a" owns everything at once, well within the TTL.
+    started = time.monotonic()
+    await c.leave()
+    await wait_for(lambda: a.members == {"a"}, 5, "c left")
+    assert time.monotonic() - started < 1.0
+    assert owned(a) == set(KEYS)
+
+
+async def test_a_member_paused_past_its_lease_owns_nothing_until_it_has_reread_the_members(joined: Join) -> None:
+    a = await joined("a")
+    b = await joined("b")
+    await wait_for(lambda: a.members == b.members == {"a", "b"}, 10, "both members")
+    # Simulate a pause: the renewals stop and the monotonic clock runs past the TTL.
+    b._tasks[1].cancel()
+    await wait_for(lambda: b.fenced, 5, "b fenced once its lease may have lapsed")
+    assert owned(b) == set()
+    await wait_for(lambda: a.members == {"a"}, 10, "a sees b gone")
+    assert owned(a) == set(KEYS)
+    # Resumed: its next renewal rejoins, it re-reads the view, and only then owns again.
+    b._tasks[1] = asyncio.create_task(b._heartbeat())
+    await wait_for(lambda: not b.fenced, 10, "b renewed and re-read the members")
+    assert b.lapses == 1
+    await wait_for(lambda: a.members == {"a", "b"}, 10, "a sees b back")
+    assert owned(a) | owned(b) == set(KEYS) and not owned(a) & owned(b)
+
+
+async def test_a_lease_has_one_holder_and_lapses_when_the_holder_stops_renewing(nc: Client) -> None:
+    await provision(nc.jetstream())
+    js = nc.jetstream()
+    first, second = Lease(js, "reporter", "r1", ttl=2), Lease(js, "reporter", "r2", ttl=2)
+    assert await first.try_take()
+    assert not await second.try_take()
+    assert await first.try_take()  # renewed
+    assert await first.current_holder() == "r1"
+    # The holder dies: no renewal, and the key expires by its TTL.
+    await wait_for(second.try_take, 10, "the standby takes the lapsed lease", every=0.25)
+    assert not first.held
+    assert not await first.try_take()
+    await second.release()
+    assert await first.try_take()
+
+
+async def test_members_that_need_a_durable_each_take_their_own_slot(joined: Join) -> None:
+    a, b = await joined("a", slots=2), await joined("b", slots=2)
+    assert (a.slot, b.slot) == (0, 1)
+    assert (slot_durable("detector", a.slot), slot_durable("detector", b.slot)) == ("detector", "detector-1")
+    await a.leave()  # a graceful stop frees its slot at once
+    c = await joined("c", slots=2)
+    assert c.slot == 0
