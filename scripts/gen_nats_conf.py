@@ -18,7 +18,7 @@ subject of a request it received) instead of a grant on every inbox.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from autoserve_detector.service import CONSUMER as DETECTOR_CONSUMER
@@ -41,16 +41,17 @@ from autoserve_events import (
     RecoveryExecuted,
     SilenceCreated,
     deadletter,
+    durables,
     stream_specs,
 )
 from autoserve_events.subjects import _ONE_TOKEN, PREFIX, PROBES_WILDCARD  # the catalogue's own stems
 from autoserve_recovery.feeds import WORK_DURABLE
 from autoserve_reporter.service import ReporterSettings, consumer_specs
 from autoserve_runtime import ConsumerSpec
+from autoserve_runtime.membership import MEMBER_SLOTS, slot_durable
 from autoserve_runtime.provisioning import CLAIMS_BUCKET, MEMBERS_BUCKET, bucket_configs
 
 OUTPUT = Path(__file__).resolve().parent.parent / "deploy" / "nats" / "nats-server.conf"
-BREAKER_DURABLES = ("breaker", "breaker-0-of-2", "breaker-1-of-2")  # one per replica (--replica I/N)
 # The breaker's answers to allow/override requests: one reply per request it received, while
 # the requester still waits (an override is answered once JetStream stored it, within 5 s).
 RESPONSES = {"max": 1, "expires": "30s"}
@@ -118,10 +119,11 @@ class User:
             f"$KV.{MEMBERS_BUCKET}.{self.name}.>",
             f"$KV.{MEMBERS_BUCKET}.lease.{self.name}",
             f"$KV.{MEMBERS_BUCKET}.lease.{self.name}.>",
+            f"$KV.{MEMBERS_BUCKET}.progress.{self.name}.>",
             f"$JS.API.DIRECT.GET.KV_{MEMBERS_BUCKET}",
             f"$JS.API.DIRECT.GET.KV_{MEMBERS_BUCKET}.>",
             f"$JS.API.STREAM.MSG.GET.KV_{MEMBERS_BUCKET}",
-            why="membership: its own member keys and leases",
+            why="membership: its own member keys, leases and progress marks",
         )
         return self.ordered(f"KV_{MEMBERS_BUCKET}", why="watching its service's members")
 
@@ -147,6 +149,13 @@ class User:
         )
         if push:
             self.sub(spec.deliver_subject)
+        return self
+
+    def slot_durables(self, spec: ConsumerSpec) -> User:
+        """One durable per member slot (membership.MEMBER_SLOTS): permissions cannot hold a
+        wildcard inside a token, so each name is listed."""
+        for slot in range(MEMBER_SLOTS):
+            self.durable(replace(spec, durable=slot_durable(spec.durable, slot)))
         return self
 
     def render(self) -> str:
@@ -196,7 +205,7 @@ def users() -> list[User]:
         .basics()
         .ordered(f"KV_{SETTINGS_BUCKET}", why="watching the detector settings")
         .ordered(PROBES_STREAM, why="the replay before consuming")
-        .durable(DETECTOR_CONSUMER)
+        .slot_durables(DETECTOR_CONSUMER)
     )
 
     breaker = (
@@ -208,8 +217,7 @@ def users() -> list[User]:
         .ordered(EVENTS_STREAM, why="its history, the last breaker event per subject")
         .ordered(PROBES_STREAM, why="the replay before consuming")
     )
-    for durable in BREAKER_DURABLES:
-        breaker.durable(ConsumerSpec(PROBES_STREAM, durable, ""))
+    breaker.slot_durables(ConsumerSpec.of(durables.BREAKER))
 
     recovery = (
         User("recovery", "recovery: recovery actions; panic mode is announced as a critical FailureDetected")
@@ -247,7 +255,7 @@ def users() -> list[User]:
         .basics()
         .ordered(f"KV_{SETTINGS_BUCKET}", why="watching the alerting settings")
         .ordered(EVENTS_STREAM, why="the replay before consuming")
-        .durable(ALERTER_CONSUMER)
+        .slot_durables(ALERTER_CONSUMER)
     )
 
     admin = (

@@ -36,6 +36,9 @@ log = structlog.get_logger("autoserve.membership")
 DEFAULT_TTL_SECONDS = 5.0
 EXPIRY_GRACE_SECONDS = 1.0  # beyond a member's TTL before this process drops it itself
 LOAD_TIMEOUT_SECONDS = 30.0
+# Members of a service that each need a durable consumer of their own (detector, breaker,
+# alerter) take one of this many slots; the NATS permissions list each slot's durable.
+MEMBER_SLOTS = 8
 
 OnChange = Callable[[], None]
 
