@@ -4,13 +4,16 @@ by its own TTL) and are fenced after a pause; ownership moves only the share tha
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from nats.aio.client import Client
 
-from autoserve_runtime import provision
+from autoserve_cli.cluster_status import read_members
+from autoserve_cli.status import show_status
+from autoserve_runtime import EmbeddedNatsServer, provision
 from autoserve_runtime.membership import Lease, Membership, slot_durable
 from autoserve_runtime.ownership import owner_of
 from tests.support.waiting import wait_for
@@ -115,3 +118,21 @@ async def test_members_that_need_a_durable_each_take_their_own_slot(joined: Join
     await a.leave()  # a graceful stop frees its slot at once
     c = await joined("c", slots=2)
     assert c.slot == 0
+
+
+async def test_status_shows_each_members_host_what_it_owns_and_when_it_was_last_seen(
+    joined: Join, nats_server: EmbeddedNatsServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a = await joined("a")
+    a.describe = lambda: "150 targets"
+    await joined("b")
+    await Lease(a._js, "prober", "a", ttl=2).try_take()  # leases are not members
+    await wait_for(lambda: a.members == {"a", "b"}, 10, "both members")
+    await a._renew()  # the record carries what it owns from the next renewal on
+    records = {r.member: r for r in await read_members(a._js)}
+    assert set(records) == {"a", "b"}
+    assert records["a"].service == "prober" and records["a"].host == socket.gethostname()
+    assert await show_status(nats_server.url, once=True, as_json=False) == 0
+    out = capsys.readouterr().out
+    assert "Members" in out and "2 members of 1 services" in out
+    assert "150 targets" in out and "s ago" in out

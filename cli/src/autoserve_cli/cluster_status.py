@@ -16,7 +16,8 @@ from nats.js.errors import NotFoundError
 
 from autoserve_events import stream_specs
 from autoserve_runtime.bus import seed_urls
-from autoserve_runtime.provisioning import bucket_configs
+from autoserve_runtime.ownership import MemberRecord, decode_record
+from autoserve_runtime.provisioning import MEMBERS_BUCKET, bucket_configs
 
 from . import cluster_view
 from .cluster_view import ClusterView, StreamRow
@@ -54,6 +55,26 @@ async def _stream_row(js: JetStreamContext, name: str) -> StreamRow:
     return cluster_view.stream_row(name, info.cluster)
 
 
+async def read_members(js: JetStreamContext) -> list[MemberRecord]:
+    """Every live member's last record: the member keys ``<service>.<member>`` of the members
+    bucket that hold a value now (leases and progress marks are not members; an expired or
+    deleted key's last entry is a marker, not a record)."""
+    stream, prefix = f"KV_{MEMBERS_BUCKET}", f"$KV.{MEMBERS_BUCKET}."
+    try:
+        info = await js.stream_info(stream, subjects_filter=f"{prefix}>")
+    except NotFoundError:
+        return []
+    records = []
+    for subject in sorted(info.state.subjects or {}):
+        if subject.removeprefix(prefix).split(".")[0] in ("lease", "progress"):
+            continue
+        with contextlib.suppress(NotFoundError):
+            msg = await js.get_msg(stream, subject=subject)
+            if record := decode_record(msg.data or b""):
+                records.append(record)
+    return records
+
+
 def address(url: str) -> str:
     """A seed URL as the server lists client addresses (``connect_urls``): ``host:port``."""
     parts = urlsplit(url if "://" in url else f"nats://{url}")
@@ -89,10 +110,12 @@ class ClusterWatch:
     def __init__(self, nc: Client, seeds: str) -> None:
         self.nc, self.seeds = nc, seeds
         self.view: ClusterView | None = None
+        self.members: list[MemberRecord] = []
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             with contextlib.suppress(nats.errors.Error, TimeoutError, OSError):
+                self.members = await read_members(self.nc.jetstream(timeout=3))
                 self.view = await read_cluster(self.nc, self.seeds)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), REFRESH_SECONDS)

@@ -42,8 +42,8 @@ from autoserve_events import (
 from autoserve_runtime import cancel_all, connect, start_sequence
 from autoserve_runtime.provisioning import ELECTION_ERRORS
 
-from . import cluster_view
-from .cluster_status import ClusterWatch, read_cluster
+from . import cluster_view, members_view
+from .cluster_status import ClusterWatch, read_cluster, read_members
 
 InstanceKey = tuple[str, str]
 KINDS = (ProbeCompleted, HealthChanged, FailureDetected, RecoveryExecuted, BreakerStateChanged)
@@ -330,6 +330,8 @@ async def show_status(nats_url: str, *, once: bool, as_json: bool, app: str | No
             if not console.is_terminal:  # piped or logged: do not crop to 80 columns
                 console = Console(width=240)
             console.print(view.table())
+            if members := await read_members(nc.jetstream()):
+                console.print(members_view.members_table(members, time.time()))
             cluster = await read_cluster(nc, nats_url)
             if cluster is not None:
                 console.print(*cluster_view.tables(cluster))
@@ -362,8 +364,13 @@ async def live_status(view: StatusView, cluster: ClusterWatch, title: str, stop:
     watching = asyncio.create_task(cluster.run(stop))
 
     def render() -> RenderableType:
-        table = view.table(title, max_rows=max(5, rows_that_fit() - cluster_view.lines(cluster.view)))
-        return table if cluster.view is None else Group(table, *cluster_view.tables(cluster.view))
+        below = cluster_view.lines(cluster.view) + members_view.lines(len(cluster.members))
+        parts: list[RenderableType] = [view.table(title, max_rows=max(5, rows_that_fit() - below))]
+        if cluster.members:
+            parts.append(members_view.members_table(cluster.members, time.time()))
+        if cluster.view is not None:
+            parts.extend(cluster_view.tables(cluster.view))
+        return Group(*parts)
 
     try:
         await live_table(render, stop)
