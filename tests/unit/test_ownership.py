@@ -76,3 +76,10 @@ def test_member_names_become_one_key_token(given_name: str, expected: str) -> No
 def test_a_member_name_with_nothing_usable_is_refused_with_the_value() -> None:
     with pytest.raises(ValueError, match=r"member name '\.\.\.'"):
         member_name("...")
+
+
+def test_run_refuses_a_member_name_it_cannot_use_naming_the_flag_and_value(capsys: pytest.CaptureFixture[str]) -> None:
+    from autoserve_cli.main import main
+
+    assert main(["run", "prober", "--member", "..."]) == 2
+    assert "--member: member name '...'" in capsys.readouterr().err

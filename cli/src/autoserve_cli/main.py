@@ -14,6 +14,7 @@ import nats.errors
 from autoserve_config import ConfigError, load_config, parse_switch
 from autoserve_runtime import DEFAULT_NATS_URL, NatsUnavailable, configure_logging
 from autoserve_runtime.bus import NatsAuth, NatsConfigError, absorb_url_credentials
+from autoserve_runtime.ownership import member_name
 
 from .services import SERVICES
 
@@ -91,6 +92,11 @@ def _parser() -> argparse.ArgumentParser:
     nats_option(run)
     run.add_argument("--workers", type=int, default=int(_env("AUTOSERVE_PROBER_WORKERS", "1")), help="prober processes")
     run.add_argument("--shard", help=argparse.SUPPRESS)
+    run.add_argument(
+        "--member",
+        help="this process's name among its service's members, shown by `autoserve status` (env AUTOSERVE_MEMBER; "
+        "default <host name>-<pid>; prober workers add -w<i>)",
+    )
     run.add_argument(
         "--replica",
         default=os.environ.get("AUTOSERVE_BREAKER_REPLICA"),
@@ -230,6 +236,12 @@ def main(argv: list[str] | None = None) -> int:
             args.docker = parse_switch("AUTOSERVE_DOCKER", os.environ.get("AUTOSERVE_DOCKER", ""))
         except ValueError as exc:
             print(f"autoserve run: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+    if args.command == "run" and args.member:
+        try:
+            os.environ["AUTOSERVE_MEMBER"] = member_name(args.member)  # the workers a prober spawns inherit it
+        except ValueError as exc:
+            print(f"autoserve run: --member: {exc}", file=sys.stderr)
             return EXIT_CONFIG
     if args.command != "run":  # a service configures its own logs; commands keep stdout for output
         configure_logging("cli", level=os.environ.get("AUTOSERVE_LOG_LEVEL", "warning"), json=False)
