@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from autoserve_prober.core.schedule import first_due, next_due, phase_offset
+from autoserve_prober.core.schedule import after_takeover, aligned_due, first_due, next_due, phase_offset
 
 
 def test_phase_is_stable_and_inside_the_period() -> None:
@@ -88,3 +88,28 @@ def test_ticks_never_fire_early_and_stay_close(t: float) -> None:
     from autoserve_prober.core.schedule import TICK_SECONDS, on_tick
 
     assert t - 1e-6 <= on_tick(t) < t + TICK_SECONDS + 1e-6
+
+
+@given(st.floats(1e9, 2e9, allow_nan=False), st.floats(0, 60, allow_nan=False), st.sampled_from([0.5, 1.0, 10.0]))
+def test_aligned_slots_are_the_keys_phase_on_a_grid_every_member_shares(
+    now: float, delay: float, period: float
+) -> None:
+    due = aligned_due(now, delay, period, "web/w-1")
+    assert now + delay - 1e-6 <= due < now + delay + period + 1e-6
+    slots = (due - phase_offset("web/w-1", period)) / period
+    assert slots == pytest.approx(round(slots), abs=1e-5)  # a whole number of periods past the phase
+
+
+def test_two_members_starting_apart_probe_a_key_in_the_same_slots() -> None:
+    """A target moving between members keeps its slots: no burst, no gap."""
+    first = aligned_due(1_000.1, 0.0, 1.0, "k")
+    second = aligned_due(1_003.7, 0.0, 1.0, "k")
+    assert (second - first) == pytest.approx(round(second - first))
+    assert aligned_due(1_000.0, 30.0, 10.0, "k") == pytest.approx(1_030.0 + phase_offset("k", 10.0))
+
+
+def test_after_a_takeover_probe_the_next_slot_is_on_the_grid_at_least_half_a_period_on() -> None:
+    for now in (1_000.0, 1_000.3, 1_000.77):
+        following = after_takeover(now, 1.0, "k")
+        assert now + 0.5 - 1e-9 <= following < now + 1.5
+        assert following == pytest.approx(aligned_due(following, 0.0, 1.0, "k"))

@@ -1,4 +1,5 @@
-"""Targets from config and containers, sharding, and the changes a worker manager applies."""
+"""Targets from config and containers, ownership among members, and the changes a worker
+manager applies."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from autoserve_config import parse_config
-from autoserve_prober.core.targets import Container, desired_targets, diff, shard_of
+from autoserve_prober.core.targets import Container, Owners, desired_targets, diff, taken_over
 
 CONTAINER_ID = "0123456789ab" + "c" * 52
 
@@ -91,18 +92,62 @@ def test_a_sequence_of_config_changes() -> None:
         current = desired
 
 
-@given(st.integers(1, 8), st.lists(st.text(min_size=1, max_size=10), min_size=1, max_size=50, unique=True))
-def test_shards_partition_the_targets(shards: int, ids: list[str]) -> None:
+MEMBERS = frozenset({"a", "b", "c"})
+
+
+@given(
+    st.sets(st.sampled_from("abcdefgh"), min_size=1),
+    st.lists(st.text(min_size=1, max_size=10), min_size=1, max_size=50, unique=True),
+)
+def test_members_partition_the_targets(members: set[str], ids: list[str]) -> None:
     keys = [("app", i) for i in ids]
-    owners = [shard_of(k, shards) for k in keys]
-    assert all(0 <= o < shards for o in owners)
-    assert owners == [shard_of(k, shards) for k in keys]  # stable
+    owned = {m: {k for k in keys if Owners(m).owns(k, frozenset(members), fenced=False)} for m in members}
+    assert sorted(k for part in owned.values() for k in part) == sorted(keys)  # each exactly once
+    again = {m: {k for k in keys if Owners(m).owns(k, frozenset(members), fenced=False)} for m in members}
+    assert owned == again  # stable
 
 
-def test_every_target_is_owned_by_exactly_one_shard() -> None:
+def test_every_target_is_owned_by_exactly_one_member() -> None:
     raw = {"apps": {"a": {"instances": [{"id": f"i{n}", "host": "127.0.0.1"} for n in range(300)]}}}
-    spec = parse_config(raw).apps
-    parts = [desired_targets(spec, shard=s, shards=3) for s in range(3)]
+    every = desired_targets(parse_config(raw).apps)
+    parts = [{k for k in every if Owners(m).owns(k, MEMBERS, fenced=False)} for m in sorted(MEMBERS)]
     assert sum(len(p) for p in parts) == 300
-    assert set().union(*parts) == set(desired_targets(spec))
+    assert set().union(*parts) == set(every)
     assert all(len(p) > 60 for p in parts)
+
+
+def test_a_joining_member_takes_about_its_share_and_nothing_else_moves() -> None:
+    keys = [("a", f"i{n}") for n in range(300)]
+
+    def owners(members: frozenset[str]) -> dict[tuple[str, str], str]:
+        return {k: next(m for m in members if Owners(m).owns(k, members, fenced=False)) for k in keys}
+
+    before, after = owners(MEMBERS), owners(MEMBERS | {"d"})
+    moved = {k for k in keys if before[k] != after[k]}
+    assert all(after[k] == "d" for k in moved)  # only to the newcomer
+    assert 0.15 < len(moved) / len(keys) < 0.35  # about a quarter, not all
+
+
+def test_a_fenced_member_owns_nothing_unless_it_was_alone() -> None:
+    owner = Owners("a")
+    key = ("app", "x")
+    assert not owner.owns(key, MEMBERS, fenced=True)
+    assert owner.owns(key, frozenset({"a"}), fenced=True)  # nobody can have taken it over
+    assert owner.owns(key, frozenset(), fenced=True)
+    assert not owner.owns(key, frozenset({"a"}), fenced=False, stopping=True)  # handed over
+
+
+def test_the_owner_cache_follows_the_members() -> None:
+    owner = Owners("a")
+    keys = [("app", f"i{n}") for n in range(50)]
+    assert all(owner.owns(k, frozenset(), fenced=False) for k in keys)  # alone: everything
+    with_b = [k for k in keys if owner.owns(k, frozenset({"a", "b"}), fenced=False)]
+    assert 0 < len(with_b) < len(keys)
+    assert all(owner.owns(k, frozenset({"a"}), fenced=False) for k in keys)  # b gone: all back
+
+
+def test_targets_gained_from_another_member_are_the_known_ones_not_yet_running() -> None:
+    known = {("a", "1"), ("a", "2"), ("a", "3")}
+    desired = {("a", "1"), ("a", "2"), ("a", "4")}
+    assert taken_over(desired, running={("a", "1")}, known=known) == {("a", "2")}  # a-4 is new: phase
+    assert taken_over(desired, running=set(), known=set()) == set()  # a first start

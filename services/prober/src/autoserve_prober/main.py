@@ -1,4 +1,4 @@
-"""``autoserve run prober``: one prober process, or several shards of it."""
+"""``autoserve run prober``: one prober process, or several shards of it (each a member)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,9 @@ def run_service(args: argparse.Namespace) -> int:
 
 
 def run_sharded(nats_url: str, workers: int, docker: bool | None = None) -> int:
-    """Targets are split across ``workers`` processes by a stable hash of their key."""
+    """``workers`` processes, each a member of the prober (``<member>-w<i>``): targets are
+    split among them, and any other members, by ownership. ``--shard I/N`` only names a
+    child (its member, its client, its /metrics port); it no longer decides what it owns."""
     if workers <= 1:
         return run(nats_url, docker=docker)
     command = [sys.executable, "-m", "autoserve_cli.main", "run", "prober", "--nats-url", nats_url]

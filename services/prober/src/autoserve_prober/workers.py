@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -25,8 +25,8 @@ import structlog
 from autoserve_events import ProbeCompleted
 from autoserve_probes import Target, TargetKey
 
-from .core.schedule import first_due, next_due, on_tick
-from .core.targets import TargetChanges, diff
+from .core.schedule import after_takeover, aligned_due, next_due, on_tick
+from .core.targets import TargetChanges, diff, target_name
 
 log = structlog.get_logger("autoserve.prober")
 
@@ -62,6 +62,7 @@ class ProbeWorkers:
         self._publish = publish
         self._targets: dict[TargetKey, Target] = {}
         self._tasks: dict[TargetKey, asyncio.Task[None]] = {}
+        self._closed = False
         self.stats = WorkerStats()
 
     @property
@@ -69,10 +70,16 @@ class ProbeWorkers:
         return self._targets
 
     def apply(
-        self, desired: Mapping[TargetKey, Target], appeared_at: Mapping[TargetKey, float] | None = None
+        self,
+        desired: Mapping[TargetKey, Target],
+        appeared_at: Mapping[TargetKey, float] | None = None,
+        at_once: Collection[TargetKey] = (),
     ) -> TargetChanges:
         """Start, stop and restart workers. ``appeared_at`` gives, for new targets, the
-        wall time their instance appeared, from which ``initial_delay_seconds`` counts."""
+        wall time their instance appeared, from which ``initial_delay_seconds`` counts;
+        new targets in ``at_once`` (taken over from another member) are probed at once."""
+        if self._closed:  # stopping: a late ownership change starts nothing
+            desired = {}
         changes = diff(self._targets, desired)
         for key in changes.removed:
             self._stop(key)
@@ -81,18 +88,20 @@ class ProbeWorkers:
             self._stop(target.key)
             self._start(target, None)
         for target in changes.added:
-            self._start(target, (appeared_at or {}).get(target.key))
+            self._start(target, (appeared_at or {}).get(target.key), target.key in at_once)
         if changes:
             log.info(
                 "targets changed",
                 added=len(changes.added),
                 removed=len(changes.removed),
                 changed=len(changes.changed),
+                taken_over=sum(t.key in at_once for t in changes.added),
                 total=len(self._targets),
             )
         return changes
 
     async def stop_all(self) -> None:
+        self._closed = True
         tasks = list(self._tasks.values())
         for key in list(self._tasks):
             self._stop(key)
@@ -101,24 +110,26 @@ class ProbeWorkers:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    def _start(self, target: Target, appeared_at: float | None) -> None:
+    def _start(self, target: Target, appeared_at: float | None, at_once: bool = False) -> None:
         self._targets[target.key] = target
-        self._tasks[target.key] = asyncio.create_task(self._run(target, appeared_at), name=f"probe:{target.key}")
+        work = self._run(target, appeared_at, at_once)
+        self._tasks[target.key] = asyncio.create_task(work, name=f"probe:{target.key}")
 
     def _stop(self, key: TargetKey) -> None:
         task = self._tasks.pop(key, None)
         if task is not None:
             task.cancel()
 
-    async def _run(self, target: Target, appeared_at: float | None) -> None:
+    async def _run(self, target: Target, appeared_at: float | None, at_once: bool) -> None:
         loop = asyncio.get_running_loop()
-        check = target.check
-        # Scheduling runs on the monotonic clock; events carry wall-clock times.
+        check, period, name = target.check, target.check.period_seconds, target_name(target.key)
+        # Scheduling runs on the monotonic clock; the phase grid and events on the wall clock.
         wall_minus_mono = time.time() - loop.time()
         delay = 0.0
         if appeared_at is not None:
             delay = max(0.0, appeared_at + check.initial_delay_seconds - time.time())
-        due = on_tick(first_due(loop.time(), delay, check.period_seconds, f"{target.app_name}/{target.instance_id}"))
+        # A taken-over target was another member's: its last probe may be a TTL old already.
+        due = loop.time() if at_once else on_tick(aligned_due(time.time(), delay, period, name) - wall_minus_mono)
         while True:
             wait = due - loop.time()
             if wait > 0:
@@ -135,7 +146,11 @@ class ProbeWorkers:
             else:
                 self._publish(result)
                 self.stats.probes += 1
-            due, missed = next_due(due, check.period_seconds, loop.time())
+            if at_once:
+                at_once, missed = False, 0
+                due = after_takeover(loop.time() + wall_minus_mono, period, name) - wall_minus_mono
+            else:
+                due, missed = next_due(due, period, loop.time())
             due = on_tick(due)
             self.stats.missed_slots += missed
 

@@ -2,7 +2,7 @@
 of targets, and ``ContainerObserved`` events (engine events and periodic stats).
 
 Listing is refreshed on every container start/stop/die/destroy event and, as a safety
-net, every ``resync_seconds``. With several prober shards, each observes only the
+net, every ``resync_seconds``. With several prober members, each observes only the
 containers whose targets it owns. The Docker socket is privileged: the prober only reads.
 """
 
@@ -33,7 +33,7 @@ LISTING_EVENTS = frozenset({"start", "stop", "die", "destroy", "pause", "unpause
 # (containers by id, when each started)
 OnContainers = Callable[[dict[str, Container], dict[str, float]], None]
 Publish = Callable[[ContainerObserved], object]
-Owns = Callable[[str, str], bool]  # (app, instance) -> this shard probes it
+Owns = Callable[[str, str], bool]  # (app, instance) -> this member probes it
 
 
 def docker_available() -> bool:

@@ -1,8 +1,9 @@
 """When each probe is due: kubelet-style start-up spread and a fixed-rate period.
 
 Each target gets a stable phase inside its period, derived from its key, so thousands of
-targets do not fire together, and a restarted prober keeps the same rhythm (a consumer
-sees no burst and no gap). A probe that overruns its slot runs
+targets do not fire together. The phase is on the wall clock (``aligned_due``), a grid every
+member of the prober shares: a restarted prober keeps the same rhythm, and a target that
+moves to another member is probed in the slots it had (a consumer sees no burst and no gap). A probe that overruns its slot runs
 the next one at once, late, and skips any slot that passed entirely. Due times sit on a 20 ms grid, so probes due together
 run in one loop iteration: one wake-up, one NATS write and one read of acks per batch.
 """
@@ -22,6 +23,21 @@ def phase_offset(key: str, period: float) -> float:
 def first_due(now: float, initial_delay: float, period: float, key: str) -> float:
     """The first probe waits ``initial_delay``, then a stable share of one period."""
     return now + initial_delay + phase_offset(key, period)
+
+
+def aligned_due(now: float, initial_delay: float, period: float, key: str) -> float:
+    """The first slot of ``key`` on the shared grid (wall clock: ``phase_offset`` past a
+    multiple of the period) not before ``now + initial_delay``."""
+    start = now + initial_delay
+    due = first_due(math.floor(start / period) * period, 0.0, period, key)
+    return due if due >= start else due + period
+
+
+def after_takeover(now: float, period: float, key: str) -> float:
+    """The slot after a probe made at once on a takeover (wall clock): back on the shared
+    grid, at least half a period later, so the taken-over targets spread again rather
+    than fire together from then on."""
+    return aligned_due(now, period / 2, period, key)
 
 
 def next_due(due: float, period: float, now: float) -> tuple[float, int]:

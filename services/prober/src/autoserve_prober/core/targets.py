@@ -1,16 +1,19 @@
 """What to probe: targets from the config and from discovered containers, which of them
-this shard owns, and how the set changes. A target's key is ``(app_name, instance_id)``:
+this member owns, and how the set changes. A target's key is ``(app_name, instance_id)``:
 one worker per key. ``Target`` itself is a probe's (``autoserve_probes``).
+
+Ownership is rendezvous hashing of ``"<app>/<instance>"`` over the prober's live members
+(``autoserve_runtime.ownership``): a member joining or leaving moves only its share.
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
 
 from autoserve_config import AppSpec
 from autoserve_probes import Target, TargetKey
+from autoserve_runtime.ownership import owner_of
 
 
 @dataclass(frozen=True)
@@ -40,10 +43,8 @@ def short_id(container_id: str) -> str:
 def desired_targets(
     apps: Mapping[str, AppSpec],
     containers: Mapping[str, Container] | None = None,
-    shard: int = 0,
-    shards: int = 1,
 ) -> dict[TargetKey, Target]:
-    """Every enabled target of every app that this shard owns."""
+    """Every enabled target of every app, of every member (``Owners`` picks this one's)."""
     targets: dict[TargetKey, Target] = {}
     for app_name, spec in apps.items():
         check = spec.health_check
@@ -67,8 +68,6 @@ def desired_targets(
             container_id=container.container_id,
         )
         targets[target.key] = target
-    if shards > 1:
-        targets = {key: t for key, t in targets.items() if shard_of(key, shards) == shard}
     return targets
 
 
@@ -80,6 +79,44 @@ def diff(current: Mapping[TargetKey, Target], desired: Mapping[TargetKey, Target
     )
 
 
-def shard_of(key: TargetKey, shards: int) -> int:
-    digest = hashlib.blake2b(f"{key[0]}/{key[1]}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") % shards
+def target_name(key: TargetKey) -> str:
+    """The key ownership hashes (and the schedule's phase): ``"<app>/<instance>"``."""
+    return f"{key[0]}/{key[1]}"
+
+
+def taken_over(
+    desired: Collection[TargetKey], running: Collection[TargetKey], known: Collection[TargetKey]
+) -> set[TargetKey]:
+    """Targets this member gains that existed before (in ``known``, the last reconcile's
+    targets of every member): another member was probing them, so they are probed at once
+    rather than after a phase. New targets and a first start keep the phase spread."""
+    return {key for key in desired if key not in running and key in known}
+
+
+@dataclass
+class Owners:
+    """Who owns each target among ``members``: rendezvous hashing, remembered until the
+    members change (a reconcile of 100,000 targets would otherwise hash each one per member
+    again on every config or container change).
+
+    While fenced (its lease may have lapsed) a member owns nothing, unless it was alone in
+    its last view: then nobody can have taken its targets over, and a prober cut off from
+    NATS goes on probing and buffering, as one prober always did. A member that is
+    stopping owns nothing: it has handed its targets over."""
+
+    member: str
+    _members: frozenset[str] = frozenset()
+    _owner: dict[TargetKey, str | None] = field(default_factory=dict)
+
+    def owns(self, key: TargetKey, members: frozenset[str], *, fenced: bool, stopping: bool = False) -> bool:
+        alive = members | {self.member}
+        if stopping:
+            return False
+        if fenced:
+            return alive == {self.member}
+        if alive != self._members:
+            self._members, self._owner = alive, {}
+        owner = self._owner.get(key, "")
+        if owner == "":
+            owner = self._owner[key] = owner_of(target_name(key), alive)
+        return owner == self.member
