@@ -120,29 +120,39 @@ class Services:
     url: str
     logs: Path
     data: Path
-    reporter_port: int = field(default_factory=free_port)
     ports: dict[str, int] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    reporter_ports: dict[str, int] = field(default_factory=dict)  # by process key
+    extra_env: dict[str, dict[str, str]] = field(default_factory=dict)  # by service
+    member_ttl: int = 2
 
-    def env(self, name: str, url: str | None = None) -> dict[str, str]:
+    @property
+    def reporter_port(self) -> int:
+        """The (first) reporter's report API port."""
+        return self.reporter_ports.setdefault("reporter", free_port())
+
+    def env(self, name: str, url: str | None = None, key: str | None = None) -> dict[str, str]:
+        key = key or name
         extra = {
             "prober": {"AUTOSERVE_DOCKER": "false"},
             "reporter": {"AUTOSERVE_CLICKHOUSE_URL": f"chdb://{self.data / 'clickhouse'}",
-                         "AUTOSERVE_REPORTER_LISTEN": f"{LOCALHOST}:{self.reporter_port}"},
+                         "AUTOSERVE_REPORTER_LISTEN": f"{LOCALHOST}:{self.reporter_ports.setdefault(key, free_port())}"},
         }.get(name, {})  # fmt: skip
-        return clean_env(
-            AUTOSERVE_NATS_URL=url or self.url,
-            AUTOSERVE_METRICS_PORT=str(self.ports[name]),
-            AUTOSERVE_DATA_DIR=str(self.data),
-            **extra,
-        )
+        base = {"AUTOSERVE_NATS_URL": url or self.url, "AUTOSERVE_METRICS_PORT": str(self.ports[key]),
+                "AUTOSERVE_DATA_DIR": str(self.data)}  # fmt: skip
+        return clean_env(**(base | extra | self.extra_env.get(name, {})))
 
-    def start(self, name: str, url: str | None = None) -> subprocess.Popen[bytes]:
+    def start(self, name: str, url: str | None = None, member: str | None = None) -> subprocess.Popen[bytes]:
+        """``autoserve run name``; with ``member``, as that member (its key: ``name-member``)."""
+        key = name if member is None else f"{name}-{member}"
         self.logs.mkdir(parents=True, exist_ok=True)
-        self.ports.setdefault(name, free_port())
-        with (self.logs / f"{name}.log").open("ab") as log:
-            process = spawn_child([AUTOSERVE, "run", name], env=self.env(name, url), stdout=log, stderr=log)
-        self.processes[name] = process
+        self.ports.setdefault(key, free_port())
+        env = self.env(name, url, key)
+        if member is not None:
+            env |= {"AUTOSERVE_MEMBER": member, "AUTOSERVE_MEMBER_TTL": str(self.member_ttl)}
+        with (self.logs / f"{key}.log").open("ab") as log:
+            process = spawn_child([AUTOSERVE, "run", name], env=env, stdout=log, stderr=log)
+        self.processes[key] = process
         return process
 
     def log(self, name: str) -> str:
