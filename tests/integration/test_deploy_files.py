@@ -2,9 +2,12 @@
 the systemd unit by systemd-analyze, the Kubernetes manifests against the Kubernetes
 schemas (kubernetes-validate, offline), and the NATS configs (one server, a cluster node)
 by nats-server itself. Each also covers every service ``autoserve run`` knows, and every
-environment variable the code reads is documented in deploy/README.md. Neither helm nor
-the images can be fetched here: the Helm values are checked against the chart's key tree
-(tests/data/nats-helm-chart-*-keys.txt), and the images' tags against constraints.txt.
+environment variable the code reads is documented in deploy/README.md. Compose and
+Kubernetes run two members of every service (deploy/README.md, "Running several members"):
+distinct member names, no host port clash, rolling updates, anti-affinity and a disruption
+budget. Neither helm nor the images can be fetched here: the Helm values are checked
+against the chart's key tree (tests/data/nats-helm-chart-*-keys.txt), and the images' tags
+against constraints.txt.
 The cluster itself runs in test_deploy_cluster.py."""
 
 from __future__ import annotations
@@ -59,25 +62,68 @@ def test_make_secrets_gives_the_nats_config_every_password_it_needs(deploy_copy:
     assert (secrets / "detector.password").read_text() == before
 
 
+def resolved_compose(deploy_copy: Path) -> dict:
+    """The services as docker-compose resolves them (anchors merged, env_files read)."""
+    compose = deploy_copy / "compose" / "compose.yaml"
+    return yaml.safe_load(run("docker-compose", "-f", str(compose), "config").stdout)["services"]
+
+
+def compose_members(services: dict) -> dict[str, list[str]]:
+    """Each service's members: the compose services that run ``autoserve run <service>``."""
+    return {name: sorted(s for s, spec in services.items() if spec.get("command") == [name]) for name in SERVICES}
+
+
 def test_the_compose_file_is_valid_and_runs_every_service_with_its_own_user(deploy_copy: Path) -> None:
     compose = deploy_copy / "compose" / "compose.yaml"
     checked = run("docker-compose", "-f", str(compose), "config", "-q")
     assert checked.returncode == 0, checked.stderr
-    resolved = yaml.safe_load(run("docker-compose", "-f", str(compose), "config").stdout)
-    services = resolved["services"]
+    services = resolved_compose(deploy_copy)
     assert {*NATS_NODES, "clickhouse", "nginx"} <= set(services)
-    for name in SERVICES:
-        spec = services[name]
-        assert spec["command"] == [name]
-        env = spec["environment"]
-        assert env["AUTOSERVE_NATS_USER"] == name
-        assert env["AUTOSERVE_NATS_PASSWORD_FILE"] == f"/run/secrets/{name}_password"
-        assert env["AUTOSERVE_METRICS_PORT"] == str(DEFAULT_PORTS[name])
-        assert "AUTOSERVE_NATS_PASSWORD" not in env  # secrets as files, never in the environment
-        assert [s if isinstance(s, str) else s["source"] for s in spec["secrets"]] == [f"{name}_password"]
-        assert "/readyz" in " ".join(spec["healthcheck"]["test"])
+    for name, members in compose_members(services).items():
+        assert members == [f"{name}-1", f"{name}-2"], name  # two members of every service
+        for member in members:
+            spec = services[member]
+            env = spec["environment"]
+            assert env["AUTOSERVE_MEMBER"] == member  # unique and readable in `autoserve status`
+            assert env["AUTOSERVE_NATS_USER"] == name
+            assert env["AUTOSERVE_NATS_PASSWORD_FILE"] == f"/run/secrets/{name}_password"
+            assert env["AUTOSERVE_METRICS_PORT"] == str(DEFAULT_PORTS[name])
+            assert "AUTOSERVE_NATS_PASSWORD" not in env  # secrets as files, never in the environment
+            assert [s if isinstance(s, str) else s["source"] for s in spec["secrets"]] == [f"{name}_password"]
+            assert "/readyz" in " ".join(spec["healthcheck"]["test"])
+            assert spec.get("deploy", {}).get("replicas", 1) == 1 and "scale" not in spec  # one process per name
     for node in NATS_NODES:
         assert any("nats-server.conf" in str(v) for v in services[node]["volumes"])
+
+
+def test_the_compose_members_of_a_service_differ_only_in_their_name_and_host_port(deploy_copy: Path) -> None:
+    services = resolved_compose(deploy_copy)
+    for name, (first, second) in compose_members(services).items():
+        a, b = services[first], services[second]
+        assert {k: v for k, v in a.items() if k not in ("environment", "ports")} == {
+            k: v for k, v in b.items() if k not in ("environment", "ports")
+        }, name
+        assert {**a["environment"], "AUTOSERVE_MEMBER": None} == {**b["environment"], "AUTOSERVE_MEMBER": None}, name
+    # No host port is published twice: each reporter member answers on its own.
+    published = [port[:2] for spec in services.values() for port in host_ports(spec)]
+    assert len(published) >= 5 and len(published) == len(set(published)), published  # nats x3, nginx, reporters
+    assert {m: host_ports(services[m]) for m in compose_members(services)["reporter"]} == {
+        "reporter-1": [("127.0.0.1", 8710, 8710)],
+        "reporter-2": [("127.0.0.1", 8711, 8710)],
+    }
+
+
+def host_ports(spec: dict) -> list[tuple[str, int, int]]:
+    """(host address, host port, container port) of each published port, in either syntax
+    docker-compose prints: ``127.0.0.1:8710:8710/tcp`` or a mapping."""
+    ports = []
+    for port in spec.get("ports", []):
+        if isinstance(port, str):
+            host_ip, published, target = port.split("/")[0].split(":")
+        else:
+            host_ip, published, target = port.get("host_ip", ""), port["published"], port["target"]
+        ports.append((host_ip, int(published), int(target)))
+    return ports
 
 
 def nats_minor_under_test() -> str:
@@ -130,7 +176,7 @@ def test_the_compose_file_runs_a_three_node_nats_cluster_that_every_service_uses
     assert data_volumes == {f"{node}-data" for node in NATS_NODES}  # each node its own store
     seeds = {f"nats://{node}:4222" for node in NATS_NODES}
     clients = [name for name, spec in services.items() if "AUTOSERVE_NATS_USER" in (spec.get("environment") or {})]
-    assert set(clients) == {*SERVICES, "apply"}
+    assert set(clients) == {*(m for members in compose_members(services).values() for m in members), "apply"}
     for name in clients:
         spec = services[name]
         assert set(spec["environment"]["AUTOSERVE_NATS_URL"].split(",")) == seeds, name
@@ -176,6 +222,33 @@ def test_the_kubernetes_manifests_match_their_schemas_and_probe_each_service() -
         assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
         (secret,) = [v for v in pod["volumes"] if "secret" in v]
         assert secret["secret"]["items"] == [{"key": name, "path": "nats-password"}]
+
+
+def test_the_kubernetes_deployments_run_two_members_of_each_service_on_different_nodes() -> None:
+    text = (DEPLOY / "k8s" / "autoserve.yaml").read_text()
+    assert "Recreate" not in text and "one replica per durable consumer" not in text  # no longer true
+    docs = list(yaml.safe_load_all(text))
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    budgets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "PodDisruptionBudget"}
+    assert set(budgets) == set(deployments) == {f"autoserve-{name}" for name in SERVICES}
+    for name, deployment in deployments.items():
+        spec = deployment["spec"]
+        selector = spec["selector"]["matchLabels"]
+        assert spec["replicas"] == 2, name
+        # Membership hands work over, so a rollout may overlap members: one more first, none less.
+        assert spec["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+        pod = spec["template"]["spec"]
+        (container,) = pod["containers"]
+        (member,) = [e for e in container["env"] if e["name"] == "AUTOSERVE_MEMBER"]
+        assert member == {"name": "AUTOSERVE_MEMBER", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}
+        (preferred,) = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+        term = preferred["podAffinityTerm"]
+        assert term["topologyKey"] == "kubernetes.io/hostname", name
+        assert term["labelSelector"] == {"matchLabels": selector}, name  # apart from its own service's pods
+        assert "requiredDuringSchedulingIgnoredDuringExecution" not in pod["affinity"]["podAntiAffinity"]
+        budget = budgets[name]
+        assert budget["apiVersion"] == "policy/v1" and budget["metadata"]["namespace"] == "autoserve"
+        assert budget["spec"] == {"minAvailable": 1, "selector": {"matchLabels": selector}}, name
 
 
 CHART_KEYS = ROOT / "tests" / "data" / "nats-helm-chart-2.14.2-keys.txt"
