@@ -1,5 +1,5 @@
 """The breaker service against a real nats-server (and the real prober for a real target):
-opening on failures, the timer, the half-open cap, restart and replay, two replicas,
+opening on failures, the timer, the half-open cap, restart and replay, two members,
 manual overrides and poison messages. Every wait has a deadline; nothing sleeps blind."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 from nats.aio.client import Client
 
-from autoserve_breaker.service import BreakerService, replica_of
+from autoserve_breaker.service import BreakerService, breaker_key
 from autoserve_cli.breaker import override
 from autoserve_cli.status import LatestProbes
 from autoserve_events import (
@@ -38,11 +38,11 @@ AUTOSERVE = str(Path(sys.executable).parent / "autoserve")
 
 @pytest.fixture
 async def start_breaker(nats_server: EmbeddedNatsServer) -> AsyncIterator[Callable[..., object]]:
-    """Starts breaker replicas in the test's loop; stops every one at the end."""
+    """Starts breaker members in the test's loop; stops every one at the end."""
     runners: list[ServiceRunner] = []
 
-    async def start(replica: int = 0, replicas: int = 1) -> tuple[ServiceRunner, BreakerService]:
-        runner = ServiceRunner(lambda: BreakerService(nats_server.url, replica=replica, replicas=replicas))
+    async def start(member: str = "solo") -> tuple[ServiceRunner, BreakerService]:
+        runner = ServiceRunner(lambda: BreakerService(nats_server.url, member=member))
         runners.append(runner)
         service = await runner.start()
         return runner, service
@@ -183,15 +183,16 @@ def nats_url(nc: Client) -> str:
 # -- scale-out ----------------------------------------------------------------------------
 
 
-async def test_two_replicas_answer_alike_and_share_one_trial_budget(
-    nc: Client, outputs: Outputs, start_breaker
-) -> None:
+async def test_two_members_answer_alike_and_share_one_trial_budget(nc: Client, outputs: Outputs, start_breaker) -> None:
     await apply_yaml(nc, config_for(BREAKER_APPS))
-    _, first = await start_breaker(0, 2)
-    _, second = await start_breaker(1, 2)
+    _, first = await start_breaker("a")
+    _, second = await start_breaker("b")
+    await wait_for(lambda: first.membership.members == second.membership.members == {"a", "b"}, 15, "two members")
+    await wait_for(lambda: first.reowned + second.reowned >= 1, 15, "the first member to hand over a share")
     client = BreakerClient(nc)
     instances = [f"q-{i}" for i in range(6)]
-    assert {replica_of("quick", i, 2) for i in instances} == {0, 1}, "both replicas own some breakers"
+    owners = {first.membership.owner(breaker_key("quick", i)) for i in instances}
+    assert owners == {"a", "b"}, "both members own some breakers"
 
     for instance in instances:
         await report_many(client, "quick", instance, False, 2)
@@ -203,17 +204,17 @@ async def test_two_replicas_answer_alike_and_share_one_trial_budget(
                 return False
         return True
 
-    await wait_for(lambda: agree("half_open"), 15, "both replicas to see every breaker open, then half-open")
+    await wait_for(lambda: agree("half_open"), 15, "both members to see every breaker open, then half-open")
     assert all(last_state(outputs, "quick", i) == "half_open" for i in instances)
     answers = {i: await asyncio.gather(*(client.check("quick", i) for _ in range(40))) for i in instances}
     for instance, replies in answers.items():
-        assert [r.allow for r in replies].count(True) == 3, f"{instance}: one budget of 3 across both replicas"
+        assert [r.allow for r in replies].count(True) == 3, f"{instance}: one budget of 3 across both members"
     for instance in instances:
         await report_many(client, "quick", instance, True, 3)
-    await wait_for(lambda: agree("closed"), 15, "both replicas to see every breaker closed")
+    await wait_for(lambda: agree("closed"), 15, "both members to see every breaker closed")
     replies = await asyncio.gather(*(client.check("quick", i) for i in instances for _ in range(10)))
     assert {(r.allow, r.state) for r in replies} == {(True, "closed")}
-    assert first.handlers.stats.allows > 0 and second.handlers.stats.allows > 0, "both replicas answered"
+    assert first.handlers.stats.allows > 0 and second.handlers.stats.allows > 0, "both members answered"
 
 
 # -- overrides, unknown instances, poison -------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from autoserve_breaker.main import parse_replica
-from autoserve_breaker.service import replica_of
+from autoserve_breaker.service import owned_by
 from autoserve_events import (
     AllowReply,
     MalformedMessage,
@@ -82,11 +82,13 @@ def test_report_and_rpc_subjects_are_outside_every_stream() -> None:
         assert not any(subject.startswith(prefix) for prefix in stream_prefixes), subject
 
 
-def test_replicas_split_the_breakers_stably() -> None:
+def test_members_split_the_breakers_stably() -> None:
     keys = [("web", f"web-{i}") for i in range(300)]
-    owners = [replica_of(*key, 3) for key in keys]
-    assert owners == [replica_of(*key, 3) for key in keys]
-    assert all(owners.count(r) > 60 for r in range(3))
+    members = frozenset({"a", "b", "c"})
+    owners = [[m for m in sorted(members) if owned_by(m, members)(*key)] for key in keys]
+    assert all(len(o) == 1 for o in owners), "each breaker has exactly one owner"
+    assert owners == [[m for m in sorted(members) if owned_by(m, members)(*key)] for key in keys]
+    assert all([o[0] for o in owners].count(m) > 60 for m in members)
 
 
 @pytest.mark.parametrize("text", ["2/2", "x/2", "1", "0/0", "-1/2"])

@@ -1,8 +1,9 @@
-"""``autoserve run breaker [--replica I/N]``: one breaker replica in the foreground."""
+"""``autoserve run breaker``: one breaker member in the foreground."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from autoserve_runtime import serve
 
@@ -10,7 +11,8 @@ from .service import BreakerService
 
 
 def parse_replica(text: str | None) -> tuple[int, int]:
-    """``"I/N"`` -> (I, N); None -> the only replica."""
+    """``"I/N"`` -> (I, N); None -> the only replica. Still checked: a deployment that passes
+    ``--replica`` learns that it is ignored, not that it is malformed."""
     if not text:
         return 0, 1
     index, sep, count = text.partition("/")
@@ -23,12 +25,21 @@ def parse_replica(text: str | None) -> tuple[int, int]:
     return replica, replicas
 
 
-def run(nats_url: str, *, replica: int = 0, replicas: int = 1) -> int:
-    service = BreakerService(nats_url, replica=replica, replicas=replicas)
-    return serve(f"breaker-{replica}" if replicas > 1 else "breaker", service.run)
+REPLICA_IGNORED = (
+    "--replica (AUTOSERVE_BREAKER_REPLICA) is deprecated and ignored: breaker members share the "
+    "breakers by membership (AUTOSERVE_MEMBER names a member); it will be removed in the next release"
+)
+
+
+def run(nats_url: str) -> int:
+    service = BreakerService(nats_url)
+    return serve("breaker", service.run)
 
 
 def run_service(args: argparse.Namespace) -> int:
-    """``autoserve run breaker [--replica I/N]``: decisions for 1/N of the breakers, answers for all."""
-    replica, replicas = parse_replica(getattr(args, "replica", None))
-    return run(args.nats_url, replica=replica, replicas=replicas)
+    """``autoserve run breaker``: decisions for this member's share of the breakers, answers for all."""
+    text = getattr(args, "replica", None)
+    if text:
+        parse_replica(text)
+        print(f"autoserve run breaker: warning: {REPLICA_IGNORED}", file=sys.stderr, flush=True)
+    return run(args.nats_url)

@@ -4,6 +4,8 @@ An ordered consumer with ``DeliverPolicy.LAST_PER_SUBJECT`` delivers the last ev
 subject first, in stream order: each breaker's last ``BreakerStateChanged`` (a full state:
 state, generation, hold, ``retry_at``) and its last ``BreakerTrialAdmitted`` (trials of the
 current half-open). That is the whole fold, however long the history, then every new event.
+Each is handed on with its stream sequence: a transition names its predecessor's when it is
+published (``outbox.py``).
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ from autoserve_events import (
     MalformedEvent,
     decode,
 )
+from autoserve_runtime.feed import position
 
 log = structlog.get_logger("autoserve.breaker.follow")
 
-OnEvent = Callable[[BreakerStateChanged | BreakerTrialAdmitted], bool]
+OnEvent = Callable[[BreakerStateChanged | BreakerTrialAdmitted, int], bool]
 
 
 class BreakerEventFollower:
@@ -69,5 +72,5 @@ class BreakerEventFollower:
         except MalformedEvent as exc:
             log.warning("undecodable breaker event skipped", subject=msg.subject, error=str(exc))
             return
-        if isinstance(event, BreakerStateChanged | BreakerTrialAdmitted) and self._on_event(event):
+        if isinstance(event, BreakerStateChanged | BreakerTrialAdmitted) and self._on_event(event, position(msg)[0]):
             self.applied += 1

@@ -2,7 +2,7 @@
 
 None of them waits on I/O before answering: ``allow`` is a dict lookup in the core, the
 reply is one of a dozen pre-encoded byte strings, and the events a decision causes are
-handed to the publisher, which sends them without blocking.
+handed to the outbox (``outbox.py``), which sends them without blocking.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from nats.aio.msg import Msg
 from autoserve_events import (
     BREAKER_REPORT_PREFIX,
     AllowReply,
+    BreakerStateChanged,
     MalformedMessage,
     OverrideReply,
     deadletter,
@@ -33,6 +34,7 @@ from autoserve_runtime import EventPublisher
 from autoserve_runtime.observability import dead_lettered
 
 from ..core.breakers import Breakers
+from .outbox import Outbox
 
 log = structlog.get_logger("autoserve.breaker")
 
@@ -61,11 +63,17 @@ class HandlerStats:
 
 class Handlers:
     def __init__(
-        self, nc: Client, core: Breakers, publisher: EventPublisher, clock: Callable[[], float] = time.time
+        self,
+        nc: Client,
+        core: Breakers,
+        publisher: EventPublisher,
+        outbox: Outbox,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._nc = nc
         self._core = core
-        self._publisher = publisher
+        self._publisher = publisher  # dead letters
+        self._outbox = outbox  # breaker events, chained per breaker
         self._clock = clock
         self._deadletter = deadletter(SERVICE)
         self._keys: dict[str, tuple[str, str] | str] = {}  # report subject -> key, or why it is bad
@@ -84,10 +92,12 @@ class Handlers:
         except MalformedMessage as exc:
             self._dead_letter(msg, str(exc))
             return
-        changes = self._core.record(key[0], key[1], report.success, report.duration_ms, self._clock())
+        self.publish(self._core.record(key[0], key[1], report.success, report.duration_ms, self._clock()))
+
+    def publish(self, changes: list[BreakerStateChanged]) -> None:
         for change in changes:
             self.stats.transitions += 1
-            self._publisher.submit(change)
+            self._outbox.submit(change)
 
     def _parse_subject(self, subject: str) -> tuple[str, str] | str:
         tokens = subject.split(".")
@@ -128,7 +138,7 @@ class Handlers:
         decision, events = self._core.allow(request.app_name, request.instance_id, self._clock())
         await self._nc.publish(msg.reply, _REPLIES[(decision.allow, decision.state, decision.known)])
         for event in events:
-            self._publisher.submit(event)
+            self._outbox.submit(event)  # type: ignore[arg-type]
 
     # -- manual override: the owner answers once the transition is stored ---------------
 
@@ -141,12 +151,12 @@ class Handlers:
                 await self._nc.publish(msg.reply, encode_message(OverrideReply(ok=False, error=str(exc))))
             return
         if not self._core.owns((request.app_name, request.instance_id)):
-            return  # the owning replica answers
+            return  # the owning member answers
         self.stats.overrides += 1
         changes = self._core.override(
             request.app_name, request.instance_id, request.action, self._clock(), request.requested_by, uuid.uuid4().hex
         )
-        stored = [f for change in changes if (f := self._publisher.submit(change, track=True)) is not None]
+        stored = [self._outbox.submit(change) for change in changes]
         done, pending = await asyncio.wait(stored, timeout=5.0)
         ok = not pending and all(f.result() for f in done)
         error = None if ok else "the transition was applied but JetStream did not confirm storing it in 5 s"
@@ -163,7 +173,5 @@ class Handlers:
     def tick(self, now: float) -> float | None:
         """Open breakers half-open after ``recovery_timeout`` with no request needed; returns
         the next time one is due."""
-        for change in self._core.tick(now):
-            self.stats.transitions += 1
-            self._publisher.submit(change)
+        self.publish(self._core.tick(now))
         return self._core.next_due()

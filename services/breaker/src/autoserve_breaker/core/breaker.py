@@ -18,6 +18,9 @@ States and parameters are the seed's (``failure_threshold``, ``success_threshold
 Every transition starts fresh counts: outcomes belong to the state they were seen in.
 Event ids are deterministic (cause, breaker, generation), so a repeated fold publishes
 duplicates that JetStream drops by ``Nats-Msg-Id``.
+
+``from_log`` rebuilds a breaker from what the log holds of it: its last transition and the
+last trial admitted in it. A member taking a breaker over starts from there.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ class Breaker:
     app_name: str
     instance_id: str
     state: str = CLOSED
-    generation: int = 0  # transitions so far; orders them across replicas
+    generation: int = 0  # transitions so far; orders them across members
     forced: bool = False  # held by an operator: no automatic transition
     retry_at: float | None = None  # open: when it half-opens
     changed_at: float = 0.0
@@ -62,6 +65,18 @@ class Breaker:
     last_activity_at: float = 0.0  # half-open: last trial admitted or outcome seen
     window: Window | None = None
     window_spec: tuple[str, int] | None = None
+
+
+def from_log(
+    app_name: str, instance_id: str, change: BreakerStateChanged | None, trial: BreakerTrialAdmitted | None
+) -> Breaker:
+    """The breaker as its logged events leave it: counts fresh from its last transition."""
+    breaker = Breaker(app_name, instance_id)
+    if change is not None:
+        apply(breaker, change)
+    if trial is not None and trial.generation == breaker.generation:
+        apply(breaker, trial)
+    return breaker
 
 
 def uses_window(config: BreakerConfig) -> bool:

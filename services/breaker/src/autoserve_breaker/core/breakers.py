@@ -1,10 +1,16 @@
-"""Every breaker of every (app, instance), and which of them this replica decides for.
+"""Every breaker of every (app, instance), and which of them this member decides for.
 
-Decisions are partitioned: the replica that ``owns`` a key folds its outcomes, admits its
-half-open trials and decides its transitions. Answers are replicated: every replica
-follows every ``BreakerStateChanged`` and answers ``allow`` for any key from it. A replica
-that does not own a half-open key admits no trial (so the cap holds across replicas) and
-leaves timed transitions to the owner.
+Decisions are partitioned: the member that ``owns`` a key folds its outcomes, admits its
+half-open trials and decides its transitions. Answers are replicated: every member follows
+every ``BreakerStateChanged`` and answers ``allow`` for any key from it. A member that does
+not own a half-open key admits no trial (so the cap holds across members) and leaves timed
+transitions to the owner. ``may_decide`` (False while this member's lease may have lapsed)
+stops every decision at once, whatever ownership says.
+
+Takeover (``reown``): a key this member gains starts again from the log, its last transition
+and trial (``from_log``); the stored probes since are replayed into it (``replay_probe``);
+live outcomes for it meanwhile are held back and folded after them (``rebuilt``). Only then
+does this member decide for it.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from . import breaker as core
 from .breaker import CLOSED, HALF_OPEN, OPEN, Breaker
 
 Key = tuple[str, str]
+Owns = Callable[[str, str], bool]
 DEFAULT_CONFIG = BreakerConfig()
 
 
@@ -34,14 +41,25 @@ class Decision:
 
 
 class Breakers:
-    def __init__(self, *, owns: Callable[[str, str], bool] | None = None, allow_unknown_apps: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        owns: Owns | None = None,
+        allow_unknown_apps: bool = True,
+        may_decide: Callable[[], bool] | None = None,
+    ) -> None:
         self.breakers: dict[Key, Breaker] = {}
         self.configs: dict[str, BreakerConfig] = {}
         self.configured: dict[str, frozenset[str]] = {}
         self.allow_unknown_apps = allow_unknown_apps
         self._owns = owns
+        self._may_decide = may_decide
         self._owned: dict[Key, bool] = {}
         self._timed: set[Key] = set()  # owned keys that ``tick`` must look at
+        self._gained: Owns | None = None  # keys taken over and still being rebuilt
+        self._held_back: list[tuple[Key, bool, float, float, str | None]] = []  # their live outcomes
+        self._logged: dict[Key, tuple[BreakerStateChanged, int]] = {}  # last transition stored, stream seq
+        self._logged_trials: dict[Key, BreakerTrialAdmitted] = {}
 
     # -- configuration ---------------------------------------------------------------
 
@@ -54,10 +72,17 @@ class Breakers:
         return self.configs.get(app_name, DEFAULT_CONFIG)
 
     def owns(self, key: Key) -> bool:
+        """True if this member decides for ``key`` now (never while it may not decide)."""
+        if self._may_decide is not None and not self._may_decide():
+            return False
         owned = self._owned.get(key)
         if owned is None:
-            owned = self._owned[key] = self._owns is None or self._owns(*key)
+            owned = self._owns is None or self._owns(*key)
+            owned = self._owned[key] = owned and not (self._gained is not None and self._gained(*key))
         return owned
+
+    def owned_count(self) -> int:
+        return sum(1 for key in self.breakers if self.owns(key))
 
     def get(self, app_name: str, instance_id: str) -> Breaker | None:
         return self.breakers.get((app_name, instance_id))
@@ -77,9 +102,16 @@ class Breakers:
         and ``record_failure``. Returns the transitions to publish."""
         key = (app_name, instance_id)
         if not self.owns(key):
+            if self._gained is not None and self._gained(*key):  # folded once its rebuild is done
+                self._held_back.append((key, success, duration_ms, now, cause))
             return []
+        return self._record(key, success, duration_ms, now, cause)
+
+    def _record(
+        self, key: Key, success: bool, duration_ms: float, now: float, cause: str | None
+    ) -> list[BreakerStateChanged]:
         breaker = self._breaker(key)
-        config = self.configs.get(app_name, DEFAULT_CONFIG)
+        config = self.configs.get(key[0], DEFAULT_CONFIG)
         outcomes = core.record(breaker, config, success, duration_ms, now)
         if not outcomes:
             return []
@@ -87,6 +119,8 @@ class Breakers:
         if breaker.state == CLOSED:
             core.ensure_window(breaker, config)
         core.apply(breaker, outcome)
+        if self._may_decide is not None and not self._may_decide():
+            return []  # counted; the decision waits for a member that holds its lease
         changes = core.evaluate(breaker, config, outcome, now, cause)
         for change in changes:
             self._apply(key, breaker, change)
@@ -126,6 +160,8 @@ class Breakers:
     def tick(self, now: float) -> list[BreakerStateChanged]:
         """Timed transitions of owned breakers: open to half-open after ``recovery_timeout``."""
         changes: list[BreakerStateChanged] = []
+        if self._may_decide is not None and not self._may_decide():
+            return changes
         for key in list(self._timed):
             breaker = self.breakers[key]
             for change in core.tick(breaker, self.config(key[0]), now):
@@ -147,18 +183,82 @@ class Breakers:
             self._apply(key, breaker, change)
         return changes
 
-    def follow(self, event: BreakerStateChanged | BreakerTrialAdmitted) -> bool:
-        """A breaker event from the stream: on start-up (the replay), or another replica's
-        decision. Applied only if newer than what this replica knows; True if applied."""
+    def follow(self, event: BreakerStateChanged | BreakerTrialAdmitted, seq: int = 0) -> bool:
+        """A breaker event from the stream (at stream sequence ``seq``): on start-up (the
+        replay), or another member's decision. Remembered as the log's last of its breaker;
+        applied only if newer than what this member knows; True if applied."""
         key = (event.app_name, event.instance_id)
         breaker = self._breaker(key)
         if isinstance(event, BreakerStateChanged):
+            self._logged[key] = (event, seq)  # the stream delivers in order: the newest is last
             if event.generation <= breaker.generation:
-                return False  # this replica's own decision, or an older one
-        elif event.generation != breaker.generation or event.trial <= breaker.test_request_count:
-            return False
+                return False  # this member's own decision, or an older one
+        else:
+            last = self._logged_trials.get(key)
+            if last is None or (event.generation, event.trial) > (last.generation, last.trial):
+                self._logged_trials[key] = event
+            if event.generation != breaker.generation or event.trial <= breaker.test_request_count:
+                return False
         self._apply(key, breaker, event)
         return True
+
+    # -- takeover: rebuilt from the log ----------------------------------------------------
+
+    def logged(self, key: Key) -> tuple[int, int, str]:
+        """``key``'s last stored transition: its generation, stream sequence and event id
+        (0, 0, "": none)."""
+        entry = self._logged.get(key)
+        return (entry[0].generation, entry[1], entry[0].event_id) if entry else (0, 0, "")
+
+    def log_aged_out(self, key: Key) -> None:
+        """The stream may no longer hold ``key``'s last transition: name none when extending it."""
+        if (entry := self._logged.get(key)) is not None:
+            self._logged[key] = (entry[0], 0)
+
+    def from_log(self, key: Key) -> Breaker:
+        entry = self._logged.get(key)
+        return core.from_log(*key, entry[0] if entry else None, self._logged_trials.get(key))
+
+    def reown(self, owns: Owns | None, gained: Owns | None = None) -> None:
+        """Ownership moved: ``owns`` says which keys this member decides for from now on, and
+        ``gained`` which of them it did not before; those are rebuilt from the log first."""
+        self._owns, self._gained, self._held_back = owns, gained, []
+        self._owned.clear()
+        if gained is not None:
+            for key in self.breakers:
+                if gained(*key):
+                    self.breakers[key] = self.from_log(key)
+        self._retime()
+
+    def replay_probe(self, event: ProbeCompleted) -> list[BreakerStateChanged]:
+        """A stored probe, replayed into the breakers being rebuilt (others are skipped); a
+        transition their last owner did not live to store is decided here."""
+        key = (event.app_name, event.instance_id)
+        if self._gained is None or not self._gained(*key):
+            return []
+        return self._record(key, event.is_healthy, event.response_time_ms, event.timestamp, event.event_id)
+
+    def rebuilt(self) -> list[BreakerStateChanged]:
+        """The replay is done: fold the live outcomes held back meanwhile, and decide."""
+        held, self._held_back, self._gained = self._held_back, [], None
+        self._owned.clear()
+        self._retime()
+        changes: list[BreakerStateChanged] = []
+        for key, success, duration_ms, now, cause in held:
+            if self.owns(key):
+                changes += self._record(key, success, duration_ms, now, cause)
+        return changes
+
+    def resync(self, key: Key) -> None:
+        """A transition of ``key`` was refused by the log (another member's came first): start
+        again from what the log holds."""
+        breaker = self.breakers[key] = self.from_log(key)
+        self._timed.discard(key)
+        if breaker.state != CLOSED and not breaker.forced and self.owns(key):
+            self._timed.add(key)
+
+    def _retime(self) -> None:
+        self._timed = {k for k, b in self.breakers.items() if b.state != CLOSED and not b.forced and self.owns(k)}
 
     def _apply(self, key: Key, breaker: Breaker, event: BreakerStateChanged | BreakerTrialAdmitted) -> None:
         core.apply(breaker, event)

@@ -1,0 +1,72 @@
+"""The probe replay of a takeover: the stored probes, from a start time up to the last one this
+member's live consumer had taken when it gained the breakers, folded in order. What the live
+consumer takes after that is held back by the core and folded once this is done, so each
+probe is folded once, and in stream order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+
+import structlog
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from autoserve_events import MalformedEvent, ProbeCompleted, decode, durables
+from autoserve_runtime.admission import Admit
+from autoserve_runtime.feed import position, subscribe_from
+
+log = structlog.get_logger("autoserve.breaker.rebuild")
+
+
+async def replay_probes(
+    js: JetStreamContext,
+    since: float,
+    until_seq: int,
+    fold: Callable[[ProbeCompleted], object],
+    admit: Admit | None = None,
+    idle_timeout: float = 5.0,
+) -> int:
+    """Fold the probes stored from wall time ``since`` up to stream sequence ``until_seq``;
+    return how many were folded. Inputs the live consumer refuses (``admit``) are skipped."""
+    if until_seq <= 0:
+        return 0
+    done = asyncio.Event()
+    count = 0
+    last_delivery = time.monotonic()
+
+    async def on_message(msg: Msg) -> None:
+        nonlocal count, last_delivery
+        last_delivery = time.monotonic()
+        if done.is_set():
+            return
+        seq, pending = position(msg)
+        if seq > until_seq:
+            done.set()
+            return
+        try:
+            event = decode(msg.data)
+            if isinstance(event, ProbeCompleted) and not (admit and admit(event)):
+                fold(event)
+                count += 1
+        except MalformedEvent:
+            pass  # dead-lettered when it was live
+        except Exception:  # as live, where it was dead-lettered: skip it, keep rebuilding
+            log.exception("fold failed during a takeover replay; input skipped", subject=msg.subject, seq=seq)
+        if seq >= until_seq or pending == 0:
+            done.set()
+
+    (subject,) = durables.BREAKER.filter_subjects
+    sub = await subscribe_from(js, durables.BREAKER.stream, [subject], on_message, since=since)
+    try:
+        info = await sub.consumer_info()
+        if info.num_pending == 0 and not info.delivered.consumer_seq:
+            return 0  # nothing stored in range
+        while not done.is_set() and time.monotonic() - last_delivery < idle_timeout:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), 0.5)
+    finally:
+        await sub.unsubscribe()
+    return count
