@@ -8,7 +8,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from autoserve_prober.core.schedule import after_takeover, aligned_due, first_due, next_due, phase_offset
+from autoserve_prober.core.schedule import (
+    after_takeover,
+    aligned_due,
+    catch_up_due,
+    first_due,
+    next_due,
+    phase_offset,
+)
 
 
 def test_phase_is_stable_and_inside_the_period() -> None:
@@ -113,3 +120,11 @@ def test_after_a_takeover_probe_the_next_slot_is_on_the_grid_at_least_half_a_per
         following = after_takeover(now, 1.0, "k")
         assert now + 0.5 - 1e-9 <= following < now + 1.5
         assert following == pytest.approx(aligned_due(following, 0.0, 1.0, "k"))
+
+
+def test_a_takeover_catches_up_one_missed_slot_at_once_and_otherwise_keeps_the_grid() -> None:
+    slot = aligned_due(1_000.0, 0.0, 1.0, "k")  # a slot in [1000, 1001)
+    assert catch_up_due(slot + 0.1, slot - 0.2, 1.0, "k") == pytest.approx(slot + 0.1)  # missed: now
+    assert catch_up_due(slot + 0.1, 0.0, 1.0, "k") == pytest.approx(slot + 0.1)  # since ever: now
+    assert catch_up_due(slot - 0.1, slot - 0.3, 1.0, "k") == pytest.approx(slot)  # not yet due: its slot
+    assert catch_up_due(slot + 0.1, slot + 0.05, 1.0, "k") == pytest.approx(slot + 1.0)  # probed: the next

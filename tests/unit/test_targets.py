@@ -7,7 +7,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from autoserve_config import parse_config
-from autoserve_prober.core.targets import Container, Owners, desired_targets, diff, taken_over
+from autoserve_prober.core.targets import (
+    HANDOVER_GRACE_SECONDS,
+    Container,
+    Owners,
+    desired_targets,
+    diff,
+    taken_over,
+    takeover_since,
+)
 
 CONTAINER_ID = "0123456789ab" + "c" * 52
 
@@ -151,3 +159,13 @@ def test_targets_gained_from_another_member_are_the_known_ones_not_yet_running()
     desired = {("a", "1"), ("a", "2"), ("a", "4")}
     assert taken_over(desired, running={("a", "1")}, known=known) == {("a", "2")}  # a-4 is new: phase
     assert taken_over(desired, running=set(), known=set()) == set()  # a first start
+
+
+def test_targets_of_a_member_that_left_keep_their_slots_and_of_one_that_died_are_probed_at_once() -> None:
+    ttl, now, wall = 2.0, 100.0, 5_000.0
+    heard = {"left": now - 0.6, "died": now - 2.3}  # a heartbeat ago; a TTL and the marker ago
+    assert takeover_since({"left"}, heard, now, wall, ttl, was_fenced=False) == wall - HANDOVER_GRACE_SECONDS
+    assert takeover_since({"died"}, heard, now, wall, ttl, was_fenced=False) == 0.0
+    assert takeover_since({"left", "died"}, heard, now, wall, ttl, was_fenced=False) == 0.0
+    assert takeover_since({"unheard"}, heard, now, wall, ttl, was_fenced=False) == 0.0
+    assert takeover_since(set(), heard, now, wall, ttl, was_fenced=True) == 0.0  # our own lease lapsed

@@ -5,11 +5,16 @@ Every prober process is a member of the prober (``--workers N`` shards included:
 one member, named ``<member>-w<i>``), and probes the targets it owns by rendezvous hashing
 over the live members (``core.targets.Owners``). When the members change, the targets are
 planned again at once: a member's targets go to the others when it leaves or its key
-expires, and the taken-over ones are probed at once (their last probe may be a TTL old).
+expires. Taken over from a member that stopped gracefully, they keep their slots (the
+phase grid is shared); from one that died, they are probed at once (their last probe may
+be a TTL old): ``core.targets.takeover_since``. A member that joins catches up the slots
+of its share that passed while it loaded the config (the others dropped them at its join).
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +28,7 @@ from autoserve_runtime.host import Host, HostedService, Plan, Watch
 from autoserve_runtime.membership import default_member
 
 from .adapters.docker_source import DockerSource, docker_available
-from .core.targets import Container, Owners, TargetKey, desired_targets, taken_over
+from .core.targets import Container, Owners, TargetKey, desired_targets, taken_over, takeover_since
 from .workers import ProbeWorkers
 
 log = structlog.get_logger("autoserve.prober")
@@ -56,6 +61,10 @@ class ProberService(HostedService):
         self._host: Host | None = None
         self._owners: Owners | None = None
         self._known: set[TargetKey] = set()  # every member's targets, at the last reconcile
+        self._members: frozenset[str] = frozenset()  # the members at the last change
+        self._heard: dict[str, float] = {}  # when each member's last renewal arrived (monotonic)
+        self._was_fenced = False
+        self._joined_at: float | None = None  # (wall) while the first targets are not planned yet
 
     @property
     def client_name(self) -> str:
@@ -71,9 +80,13 @@ class ProberService(HostedService):
         host.closing(http.close)
         self.workers = workers = ProbeWorkers(Prober(http).probe, submit, room=host.publisher)
         host.closing(workers.stop_all)
-        assert self.membership is not None
-        self._owners = Owners(self.membership.member)
-        self.membership.on_change.append(lambda: self._reconcile(None, moved=True))
+        membership = self.membership
+        assert membership is not None
+        self._owners = Owners(membership.member)
+        self._members, self._was_fenced = membership.members, membership.fenced
+        if membership.members - {membership.member}:  # others had our share until we joined
+            self._joined_at = membership.started_at
+        membership.on_change.append(self._on_members)
         if self.use_docker:
             self._docker = DockerSource(
                 self._on_containers, submit, self._owns, stats_seconds=self.container_stats_seconds
@@ -86,6 +99,7 @@ class ProberService(HostedService):
         return Plan(watches=[Watch(APPS_BUCKET, follow_apps, self._on_apps)], config_wait=None)
 
     async def started(self, host: Host) -> None:
+        host.spawn(self._note_renewals(), "member-renewals")
         if self._docker is not None:
             host.spawn(self._docker.run(), "docker-discovery")
 
@@ -124,22 +138,42 @@ class ProberService(HostedService):
         stopping = self._host is not None and self._host.stopping.is_set()
         return owners.owns(key, membership.members, fenced=membership.fenced, stopping=stopping)
 
+    def _on_members(self) -> None:
+        """The members or this member's fencing changed: plan the targets again now."""
+        membership = self.membership
+        assert membership is not None
+        departed = self._members - membership.members
+        since = takeover_since(
+            departed, self._heard, time.monotonic(), time.time(), membership.ttl, was_fenced=self._was_fenced
+        )
+        self._members, self._was_fenced = membership.members, membership.fenced
+        self._reconcile(None, taken_since=since)
+
+    async def _note_renewals(self) -> None:
+        """Remember when each member was last heard from, beyond its removal from the view:
+        what tells a graceful leave from a death (``probe_at_once``)."""
+        membership = self.membership
+        assert membership is not None
+        while True:
+            now, view = time.monotonic(), membership.view.heard
+            kept = {m: at for m, at in self._heard.items() if now - at < 10 * membership.ttl}
+            self._heard = kept | view
+            await asyncio.sleep(membership.ttl / 6)
+
     def _on_containers(self, containers: dict[str, Container], started: dict[str, float]) -> None:
         self.containers = containers
         self.container_started = started
         self._reconcile(None)
 
-    def _reconcile(self, written_at: float | None, *, moved: bool = False) -> None:
+    def _reconcile(self, written_at: float | None, *, taken_since: float | None = None) -> None:
         """``initial_delay_seconds`` counts from when an instance appeared: a container's
         start, or the config write that added it while the prober ran. Targets known at
         start-up are probed without that delay, or a prober restart would blind it for the
-        delay. ``moved``: the members (or this member's fencing) changed; targets it gains
-        that existed before were another member's, and are probed at once."""
+        delay. ``taken_since``: the members changed, and targets gained from another member
+        catch up the slots they missed since then."""
         assert self.workers is not None
         every = desired_targets(self.apps, self.containers)
         desired = {key: target for key, target in every.items() if self._owns_key(key)}
-        at_once = taken_over(desired, self.workers.targets, self._known) if moved else set()
-        self._known = set(every)
         appeared: dict[TargetKey, float] = {}
         for key, target in desired.items():
             if key in self.workers.targets:
@@ -149,4 +183,11 @@ class ProberService(HostedService):
                     appeared[key] = self.container_started[target.container_id]
             elif written_at is not None:
                 appeared[key] = written_at
-        self.workers.apply(desired, appeared, at_once)
+        since: dict[TargetKey, float] = {}
+        if taken_since is not None:
+            since = dict.fromkeys(taken_over(desired, self.workers.targets, self._known), taken_since)
+        if self._joined_at is not None and self.apps:
+            since = {key: self._joined_at for key in desired if key not in appeared} | since
+            self._joined_at = None
+        self._known = set(every)
+        self.workers.apply(desired, appeared, since)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -25,7 +25,7 @@ import structlog
 from autoserve_events import ProbeCompleted
 from autoserve_probes import Target, TargetKey
 
-from .core.schedule import after_takeover, aligned_due, next_due, on_tick
+from .core.schedule import after_takeover, aligned_due, catch_up_due, next_due, on_tick
 from .core.targets import TargetChanges, diff, target_name
 
 log = structlog.get_logger("autoserve.prober")
@@ -73,11 +73,12 @@ class ProbeWorkers:
         self,
         desired: Mapping[TargetKey, Target],
         appeared_at: Mapping[TargetKey, float] | None = None,
-        at_once: Collection[TargetKey] = (),
+        since: Mapping[TargetKey, float] | None = None,
     ) -> TargetChanges:
         """Start, stop and restart workers. ``appeared_at`` gives, for new targets, the
         wall time their instance appeared, from which ``initial_delay_seconds`` counts;
-        new targets in ``at_once`` (taken over from another member) are probed at once."""
+        ``since``, for targets taken over from another member, the wall time from which
+        their slots were nobody's: a slot missed since then is caught up at once."""
         if self._closed:  # stopping: a late ownership change starts nothing
             desired = {}
         changes = diff(self._targets, desired)
@@ -88,14 +89,14 @@ class ProbeWorkers:
             self._stop(target.key)
             self._start(target, None)
         for target in changes.added:
-            self._start(target, (appeared_at or {}).get(target.key), target.key in at_once)
+            self._start(target, (appeared_at or {}).get(target.key), (since or {}).get(target.key))
         if changes:
             log.info(
                 "targets changed",
                 added=len(changes.added),
                 removed=len(changes.removed),
                 changed=len(changes.changed),
-                taken_over=sum(t.key in at_once for t in changes.added),
+                taken_over=sum(t.key in (since or {}) for t in changes.added),
                 total=len(self._targets),
             )
         return changes
@@ -110,9 +111,9 @@ class ProbeWorkers:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    def _start(self, target: Target, appeared_at: float | None, at_once: bool = False) -> None:
+    def _start(self, target: Target, appeared_at: float | None, since: float | None = None) -> None:
         self._targets[target.key] = target
-        work = self._run(target, appeared_at, at_once)
+        work = self._run(target, appeared_at, since)
         self._tasks[target.key] = asyncio.create_task(work, name=f"probe:{target.key}")
 
     def _stop(self, key: TargetKey) -> None:
@@ -120,7 +121,7 @@ class ProbeWorkers:
         if task is not None:
             task.cancel()
 
-    async def _run(self, target: Target, appeared_at: float | None, at_once: bool) -> None:
+    async def _run(self, target: Target, appeared_at: float | None, since: float | None) -> None:
         loop = asyncio.get_running_loop()
         check, period, name = target.check, target.check.period_seconds, target_name(target.key)
         # Scheduling runs on the monotonic clock; the phase grid and events on the wall clock.
@@ -128,8 +129,11 @@ class ProbeWorkers:
         delay = 0.0
         if appeared_at is not None:
             delay = max(0.0, appeared_at + check.initial_delay_seconds - time.time())
-        # A taken-over target was another member's: its last probe may be a TTL old already.
-        due = loop.time() if at_once else on_tick(aligned_due(time.time(), delay, period, name) - wall_minus_mono)
+        if since is None:
+            first = aligned_due(time.time(), delay, period, name)
+        else:  # taken over: catch up a slot that nobody probed
+            first = catch_up_due(time.time(), since, period, name)
+        due = on_tick(first - wall_minus_mono)
         while True:
             wait = due - loop.time()
             if wait > 0:
@@ -146,9 +150,9 @@ class ProbeWorkers:
             else:
                 self._publish(result)
                 self.stats.probes += 1
-            if at_once:
-                at_once, missed = False, 0
-                due = after_takeover(loop.time() + wall_minus_mono, period, name) - wall_minus_mono
+            if since is not None:  # the first probe of a takeover: back on the grid
+                since, missed = None, 0
+                due = after_takeover(first, period, name) - wall_minus_mono
             else:
                 due, missed = next_due(due, period, loop.time())
             due = on_tick(due)

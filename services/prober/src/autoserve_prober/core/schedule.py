@@ -33,11 +33,18 @@ def aligned_due(now: float, initial_delay: float, period: float, key: str) -> fl
     return due if due >= start else due + period
 
 
-def after_takeover(now: float, period: float, key: str) -> float:
-    """The slot after a probe made at once on a takeover (wall clock): back on the shared
-    grid, at least half a period later, so the taken-over targets spread again rather
-    than fire together from then on."""
-    return aligned_due(now, period / 2, period, key)
+def catch_up_due(now: float, since: float, period: float, key: str) -> float:
+    """The first slot of a target taken over from another member: its first slot on the
+    grid at or after ``since`` (from when its slots were nobody's), or ``now`` when that
+    one has passed: a missed slot is caught up once, late, never as a burst of several."""
+    return max(now, aligned_due(since, 0.0, period, key))
+
+
+def after_takeover(first: float, period: float, key: str) -> float:
+    """The slot after a first probe due at ``first`` that may be off the grid (caught up
+    late): back on the grid, at least half a period later, so targets taken over together
+    spread again rather than fire together from then on."""
+    return aligned_due(first, period / 2, period, key)
 
 
 def next_due(due: float, period: float, now: float) -> tuple[float, int]:

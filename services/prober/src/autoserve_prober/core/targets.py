@@ -88,9 +88,31 @@ def taken_over(
     desired: Collection[TargetKey], running: Collection[TargetKey], known: Collection[TargetKey]
 ) -> set[TargetKey]:
     """Targets this member gains that existed before (in ``known``, the last reconcile's
-    targets of every member): another member was probing them, so they are probed at once
-    rather than after a phase. New targets and a first start keep the phase spread."""
+    targets of every member): another member was probing them. New targets and a first
+    start are not taken over: they start on their phase."""
     return {key for key in desired if key not in running and key in known}
+
+
+HANDOVER_GRACE_SECONDS = 0.25  # beyond how long the news of a graceful leave takes to arrive
+
+
+def takeover_since(
+    departed: Collection[str], heard: Mapping[str, float], now: float, wall_now: float, ttl: float,
+    *, was_fenced: bool,
+) -> float:  # fmt: skip
+    """From when (wall clock) the slots of the targets taken over now were nobody's: a slot
+    since then is caught up at once (``schedule.catch_up_due``).
+
+    A member that stopped gracefully renewed its key within a heartbeat (a third of the
+    TTL) of leaving, and probed its targets until it left, a moment ago: only a slot within
+    ``HANDOVER_GRACE_SECONDS`` may have been missed, and the others keep their slots on the
+    shared grid, once per period. One that died (SIGKILL, a pause, a cut) was last heard
+    at least a TTL ago: its targets have missed slots, and are probed at once (0: since
+    ever). So are targets regained after this member's own lease lapsed. ``heard``: when
+    (monotonic, ``now``) each member's last renewal arrived, as last seen."""
+    if was_fenced or any(now - heard.get(member, float("-inf")) > ttl * 2 / 3 for member in departed):
+        return 0.0
+    return wall_now - HANDOVER_GRACE_SECONDS
 
 
 @dataclass
