@@ -224,19 +224,52 @@ def test_the_kubernetes_manifests_match_their_schemas_and_probe_each_service() -
         assert secret["secret"]["items"] == [{"key": name, "path": "nats-password"}]
 
 
+def repeated_keys(text: str) -> list[str]:
+    """Keys given twice in one mapping: YAML loaders (and the schema check) keep the last."""
+    found: list[str] = []
+
+    def walk(node: yaml.Node) -> None:
+        if isinstance(node, yaml.MappingNode):
+            keys = [k.value for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"]
+            found.extend(f"{k} (line {node.start_mark.line + 1})" for k in set(keys) if keys.count(k) > 1)
+            for _, value in node.value:
+                walk(value)
+        elif isinstance(node, yaml.SequenceNode):
+            for value in node.value:
+                walk(value)
+
+    for document in yaml.compose_all(text):
+        walk(document)
+    return found
+
+
+def test_the_deploy_files_give_no_key_twice() -> None:
+    for path in (DEPLOY / "k8s" / "autoserve.yaml", DEPLOY / "compose" / "compose.yaml"):
+        assert repeated_keys(path.read_text()) == [], path
+    assert repeated_keys("a: {b: 1, b: 2}") == ["b (line 1)"]  # the check is real
+
+
 def test_the_kubernetes_deployments_run_two_members_of_each_service_on_different_nodes() -> None:
     text = (DEPLOY / "k8s" / "autoserve.yaml").read_text()
     assert "Recreate" not in text and "one replica per durable consumer" not in text  # no longer true
     docs = list(yaml.safe_load_all(text))
     deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
     budgets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "PodDisruptionBudget"}
-    assert set(budgets) == set(deployments) == {f"autoserve-{name}" for name in SERVICES}
+    assert set(deployments) == {f"autoserve-{name}" for name in SERVICES}
+    # The reporter's standby is never ready while the active one runs: a budget counting
+    # ready pods would refuse every eviction of the active one (a drain waiting forever).
+    assert set(budgets) == set(deployments) - {"autoserve-reporter"}
     for name, deployment in deployments.items():
         spec = deployment["spec"]
         selector = spec["selector"]["matchLabels"]
         assert spec["replicas"] == 2, name
-        # Membership hands work over, so a rollout may overlap members: one more first, none less.
-        assert spec["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+        # Membership hands work over, so a rollout may overlap members: one more first, none
+        # less; except the reporter, whose new members cannot be ready before the old ones go.
+        unavailable = 2 if name == "autoserve-reporter" else 0
+        assert spec["strategy"] == {
+            "type": "RollingUpdate",
+            "rollingUpdate": {"maxSurge": 1, "maxUnavailable": unavailable},
+        }, name
         pod = spec["template"]["spec"]
         (container,) = pod["containers"]
         (member,) = [e for e in container["env"] if e["name"] == "AUTOSERVE_MEMBER"]
@@ -246,9 +279,15 @@ def test_the_kubernetes_deployments_run_two_members_of_each_service_on_different
         assert term["topologyKey"] == "kubernetes.io/hostname", name
         assert term["labelSelector"] == {"matchLabels": selector}, name  # apart from its own service's pods
         assert "requiredDuringSchedulingIgnoredDuringExecution" not in pod["affinity"]["podAntiAffinity"]
+        if name == "autoserve-reporter":
+            continue
         budget = budgets[name]
         assert budget["apiVersion"] == "policy/v1" and budget["metadata"]["namespace"] == "autoserve"
-        assert budget["spec"] == {"minAvailable": 1, "selector": {"matchLabels": selector}}, name
+        assert budget["spec"] == {
+            "minAvailable": 1,
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",  # a member not ready never holds a drain up
+            "selector": {"matchLabels": selector},
+        }, name
 
 
 CHART_KEYS = ROOT / "tests" / "data" / "nats-helm-chart-2.14.2-keys.txt"
