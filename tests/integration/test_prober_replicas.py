@@ -106,6 +106,23 @@ async def test_members_share_the_targets_and_take_over_from_a_killed_or_stopped_
             assert after_kill <= bound, f"c's targets were probed again {after_kill:.2f}s after the kill"
             await settle(members)
 
+            # SIGSTOP b past its lease: a takes its targets over; b resumed probes none of
+            # them before it has re-read the members (at most one extra probe when it takes
+            # them back), then has its share again.
+            paused = [i for i in INSTANCES if owners(APP, INSTANCES, ["a", "b"])[i] == "b"]
+            paused_at = members.pause("b")
+            await wait_for(lambda: log.probed_since(paused, paused_at + TTL), timeout=bound + 10, what="b's by a")
+            after_pause = max(log.since(paused, paused_at).values())
+            members.resume("b")
+            await wait_for(lambda: members.targets("b") > 0, timeout=30, what="b to own its share again")
+            await settle(members)
+            back_at = time.time()
+            extra = log.doubles(paused, paused_at, back_at + PERIOD, PERIOD)
+            print(f"SIGSTOP: b's {len(paused)} targets probed again {after_pause:.2f}s after the pause; "
+                  f"{sum(extra.values())} extra probes around its resumption")  # fmt: skip
+            assert after_pause <= bound, f"b's targets were probed again {after_pause:.2f}s after it paused"
+            assert all(n <= 1 for n in extra.values()), f"b probed as a zombie: {extra}"
+
             # SIGTERM b: it leaves first, and a probes its targets within a period.
             handed = [i for i in INSTANCES if owners(APP, INSTANCES, ["a", "b"])[i] == "b"]
             stopped_at = members.terminate("b")

@@ -151,6 +151,17 @@ class ProberMembers:
         process.wait()
         return at
 
+    def pause(self, name: str) -> float:
+        """SIGSTOP: the member keeps its state but renews nothing (a GC pause, a frozen VM)."""
+        at = time.time()
+        self.processes[name].send_signal(signal.SIGSTOP)
+        return at
+
+    def resume(self, name: str) -> float:
+        at = time.time()
+        self.processes[name].send_signal(signal.SIGCONT)
+        return at
+
     def terminate(self, name: str) -> float:
         """SIGTERM: a graceful stop (the member leaves first). The wall time it was sent."""
         at = time.time()
@@ -162,4 +173,6 @@ class ProberMembers:
 
     def stop_all(self) -> None:
         for process in self.processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGCONT)  # a paused member cannot stop
             stop_child(process, 15)

@@ -78,7 +78,7 @@ class ProberService(HostedService):
         submit = self._observe(host.publisher)
         http = await HttpProbe().start()
         host.closing(http.close)
-        self.workers = workers = ProbeWorkers(Prober(http).probe, submit, room=host.publisher)
+        self.workers = workers = ProbeWorkers(Prober(http).probe, submit, room=host.publisher, owns=self._owns_key)
         host.closing(workers.stop_all)
         membership = self.membership
         assert membership is not None

@@ -50,13 +50,21 @@ class WorkerStats:
     missed_slots: int = 0
     room_waits: int = 0  # probe rounds that waited for the publisher's room
     room_wait_seconds: float = 0.0
+    not_owned: int = 0  # slots skipped: the target was not this member's when it was due
 
 
 class ProbeWorkers:
     def __init__(
-        self, probe: ProbeFn, publish: PublishFn, *, max_in_flight: int = 256, room: Room | None = None
+        self,
+        probe: ProbeFn,
+        publish: PublishFn,
+        *,
+        max_in_flight: int = 256,
+        room: Room | None = None,
+        owns: Callable[[TargetKey], bool] | None = None,
     ) -> None:
         self._probe = probe
+        self._owns = owns
         self._room = room
         self._in_flight = asyncio.Semaphore(max_in_flight)
         self._publish = publish
@@ -140,16 +148,10 @@ class ProbeWorkers:
                 await asyncio.sleep(wait)
             if self._room is not None and self._room.full:
                 await self._wait_for_room(self._room, loop)
-            try:
-                # An overloaded prober waits here, before the attempt and its timeout start:
-                # it then reports lateness and skipped slots, not false timeouts.
-                async with self._in_flight:
-                    result = await self._probe(target, due + wall_minus_mono)
-            except Exception:  # a bug in a probe must not end its worker
-                log.exception("probe crashed", app=target.app_name, instance=target.instance_id)
-            else:
-                self._publish(result)
-                self.stats.probes += 1
+            if self._owns is None or self._owns(target.key):
+                await self._probe_once(target, due + wall_minus_mono)
+            else:  # not ours now (resumed past our lease; the change that stops us is on its way)
+                self.stats.not_owned += 1
             if since is not None:  # the first probe of a takeover: back on the grid
                 since, missed = None, 0
                 due = after_takeover(first, period, name) - wall_minus_mono
@@ -157,6 +159,18 @@ class ProbeWorkers:
                 due, missed = next_due(due, period, loop.time())
             due = on_tick(due)
             self.stats.missed_slots += missed
+
+    async def _probe_once(self, target: Target, scheduled_at: float) -> None:
+        try:
+            # An overloaded prober waits here, before the attempt and its timeout start:
+            # it then reports lateness and skipped slots, not false timeouts.
+            async with self._in_flight:
+                result = await self._probe(target, scheduled_at)
+        except Exception:  # a bug in a probe must not end its worker
+            log.exception("probe crashed", app=target.app_name, instance=target.instance_id)
+        else:
+            self._publish(result)
+            self.stats.probes += 1
 
     async def _wait_for_room(self, room: Room, loop: asyncio.AbstractEventLoop) -> None:
         started = loop.time()
