@@ -4,8 +4,9 @@ email over SMTP, and a Prometheus Alertmanager (its v2 API).
 Each ``send`` makes one attempt and raises ``DeliveryError`` (``permanent`` when trying
 again cannot help: a 4xx other than 408/429, a redirect, a missing secret); the dispatcher
 retries. Delivery is at least once: every message carries the notification's id
-(``X-Autoserve-Notification-Id``, the email's ``Message-ID``), the same on every retry and
-after a restart, so a receiver can drop a copy.
+(``X-Autoserve-Notification-Id`` and ``Idempotency-Key``, the email's ``Message-ID``), the
+same on every retry, after a restart and from whichever member sends it, so a receiver can
+drop a copy (``inbox.py`` is a webhook receiver that does).
 
 Secrets (the HMAC key, the SMTP password) are read from the named environment variable or
 file when the receiver is built, and never logged or echoed. URLs can hold secrets too (a
@@ -46,6 +47,9 @@ from ..core.notification import Notification
 SIGNATURE_HEADER = "X-Autoserve-Signature"
 TIMESTAMP_HEADER = "X-Autoserve-Timestamp"
 ID_HEADER = "X-Autoserve-Notification-Id"
+# The same id under the name HTTP APIs use for it (Stripe's, the IETF draft's): a receiver
+# that drops repeats of a key drops ours without knowing our header.
+IDEMPOTENCY_HEADER = "Idempotency-Key"
 USER_AGENT = "AutoServe-Alerter/1.0"
 
 
@@ -209,7 +213,7 @@ class _Base:
 
     def _headers(self, n: Notification) -> dict[str, str]:
         return {"Content-Type": "application/json", "User-Agent": USER_AGENT, ID_HEADER: n.notification_id,
-                **(self.config.headers or {})}  # fmt: skip
+                IDEMPOTENCY_HEADER: n.notification_id, **(self.config.headers or {})}  # fmt: skip
 
     async def send(self, n: Notification) -> None:
         """One attempt; a receiver with a configuration problem fails it at once, whatever its kind."""

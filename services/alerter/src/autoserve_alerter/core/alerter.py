@@ -39,7 +39,7 @@ from autoserve_events.catalogue import NotificationOutcome
 
 from .alerts import ACTIVE, BREAKER_OPEN, Alert, AlertBook, AlertView, Group, fingerprint
 from .forwarding import Forwarding
-from .notification import Decisions, InFlight, Notification
+from .notification import Decisions, InFlight, Notification, Owns, everything
 from .notify import Notifier
 from .suppression import Silence, Suppression
 
@@ -59,6 +59,9 @@ class Alerter:
         self.notifier = Notifier(self.book, self.suppression, self.forwarding, self.in_flight)
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._next_prune = float("-inf")
+        # Which groups this member notifies (with several members, each group has one owner);
+        # the others' are folded from their owner's log entries.
+        self.owns: Owns = everything
         self.configure(config or AlertingConfig())
 
     def configure(self, config: AlertingConfig) -> None:
@@ -119,11 +122,14 @@ class Alerter:
 
     def tick(self, now: float, apps: tuple[str, ...] = ()) -> Decisions:
         """Every timed decision due at ``now``. ``apps``: the configured apps, for
-        maintenance windows that name none."""
+        maintenance windows that name none. Only the groups (and Alertmanager re-sends) that
+        ``owns`` says are this member's are notified."""
+        owns = self.owns
         out = Decisions()
         if now >= self._next_prune:
             self.forwarding.prune(now - self.book.history)
             self.book.prune(now)
+            self.notifier.tidy(now, owns)
             self._next_prune = now + PRUNE_EVERY
 
         def emit(event: Event) -> None:
@@ -133,8 +139,8 @@ class Alerter:
 
         self.book.expire(now, emit)
         self.suppression.tick(now, apps, emit)
-        self.forwarding.tick(now, out.notifications)
-        self.notifier.tick(now, emit, out.notifications)
+        self.forwarding.tick(now, out.notifications, owns)
+        self.notifier.tick(now, emit, out.notifications, owns)
         return out
 
     def delivered(self, notification: Notification, outcome: NotificationOutcome, now: float, attempts: int = 1,
@@ -161,8 +167,8 @@ class Alerter:
         retry after a failure); the end of an active silence (held escalations go then); an
         Alertmanager re-send; the memory prune; the next minute while maintenance windows
         are configured (a window is looked for once a minute)."""
-        due = [self._next_prune, *self.suppression.due(now), *self.book.expiries(), *self.forwarding.due()]
-        return min(due + self.notifier.due(now))
+        due = [self._next_prune, *self.suppression.due(now), *self.book.expiries(), *self.forwarding.due(self.owns)]
+        return min(due + self.notifier.due(now, self.owns))
 
     # -- views -----------------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from autoserve_events import NotificationLogged, derived_event_id
 from autoserve_events.catalogue import NotificationOutcome
 
 from .alerts import Alert, AlertBook, AlertView
-from .notification import RESEND_TIER, InFlight, Notification
+from .notification import RESEND_TIER, InFlight, Notification, Owns, everything
 from .suppression import Suppression
 
 DEFAULT_RESEND_INTERVAL = 60.0
@@ -94,9 +94,10 @@ class Forwarding:
 
     # -- time ----------------------------------------------------------------------------------
 
-    def tick(self, now: float, notifications: list[Notification]) -> None:
+    def tick(self, now: float, notifications: list[Notification], owns: Owns = everything) -> None:
         for receiver in self.resend_every:
-            self._resend(receiver, now, notifications)
+            if owns(resend_key(receiver)):
+                self._resend(receiver, now, notifications)
 
     def _resend(self, receiver: str, now: float, notifications: list[Notification]) -> None:
         """Tell an Alertmanager receiver again what it was told: the alerts still active, valid
@@ -164,10 +165,16 @@ class Forwarding:
             ]
             self._told_resolved(receiver, stale, None)
 
-    def due(self) -> list[float]:
-        """Each receiver's next re-send, unless one is in flight (its end wakes the timer)."""
+    def due(self, owns: Owns = everything) -> list[float]:
+        """Each owned receiver's next re-send, unless one is in flight (its end wakes the timer)."""
         return [
             at
             for receiver, at in self.resend_at.items()
             if self.forwarded.get(receiver) and ("", receiver, RESEND_TIER) not in self.in_flight
-        ]
+            and owns(resend_key(receiver))
+        ]  # fmt: skip
+
+
+def resend_key(receiver: str) -> str:
+    """What decides which member re-sends to an Alertmanager receiver (one member does)."""
+    return f"resend:{receiver}"

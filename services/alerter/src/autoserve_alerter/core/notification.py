@@ -13,6 +13,7 @@ from .alerts import AlertView
 
 NotificationStatus = Literal["firing", "resolved"]
 Emit = Callable[[Event], None]  # folds a decided event and queues it for publishing
+Owns = Callable[[str], bool]  # whether this member is the active one for a key (a group's, say)
 RESEND_TIER = -1  # in-flight key of a re-send: it is no group's tier
 InFlight = set[tuple[str, str, int]]  # (group key, receiver, tier): a delivery not yet ended
 
@@ -39,6 +40,9 @@ class Notification:
     # A re-send of what an Alertmanager receiver was told (not logged: not a notification).
     resend: bool = False
     retry_for: float | None = None  # bounds the receiver's retry_for (a re-send: until the next)
+    # When it fell due (a flush's or a tier's time): a member that took its group over after
+    # that moment may repeat what the previous owner sent and had not yet logged.
+    due_at: float | None = None
 
     @property
     def key(self) -> tuple[str, str, int]:
@@ -65,6 +69,11 @@ class Notification:
             attempts=attempts,
             error=error,
         )
+
+
+def everything(_key: str) -> bool:
+    """One member alone owns every key."""
+    return True
 
 
 @dataclass

@@ -17,9 +17,13 @@ from autoserve_events import NotificationLogged, derived_event_id
 
 from .alerts import Alert, AlertBook, AlertView, Group
 from .forwarding import Forwarding
-from .notification import Emit, InFlight, Notification
+from .notification import Emit, InFlight, Notification, Owns, everything
 from .routing import Tier
 from .suppression import Suppression
+
+# How long after its resolve an alert another member never announced is dropped here: well
+# past the owner's next flush, so a late log entry (it was announced after all) comes first.
+TIDY_AFTER = 600.0
 
 
 @dataclass(eq=False)
@@ -82,15 +86,19 @@ class Notifier:
 
     # -- time ------------------------------------------------------------------------------------
 
-    def tick(self, now: float, emit: Emit, notifications: list[Notification]) -> None:
-        """Flush the groups that are due, and escalate what is due in each."""
+    def tick(self, now: float, emit: Emit, notifications: list[Notification], owns: Owns = everything) -> None:
+        """Flush the groups that are due, and escalate what is due in each: the groups this
+        member owns (another member's are folded from its log entries, never decided here)."""
         for group in list(self.book.groups.values()):
+            if not owns(group.key):
+                continue
             if group.next_flush <= now and (group.key, group.receiver, 0) not in self.in_flight:
                 self._flush(group, now, emit, notifications)
             if group.route.escalation and group.key in self.book.groups:
                 self._escalate(group, now, emit, notifications)
 
     def _flush(self, group: Group, now: float, emit: Emit, notifications: list[Notification]) -> None:
+        due_at = group.next_flush
         send_resolved = self.send_resolved.get(group.receiver, True)
         firing: list[Alert] = []
         resolved: list[Alert] = []
@@ -119,7 +127,7 @@ class Notifier:
             if not group.alerts:
                 del self.book.groups[group.key]
             return
-        self._decide(group, group.receiver, 0, group.seq + 1, firing, resolved, now, notifications)
+        self._decide(group, group.receiver, 0, group.seq + 1, firing, resolved, now, notifications, due_at)
 
     def _tiers(self, group: Group) -> Iterator[tuple[int, Tier, str, float, list[Alert]]]:
         """Each escalation (tier, receiver) of ``group`` with nothing in flight: when a failed
@@ -156,7 +164,8 @@ class Notifier:
                 emit(self._held_back(group, receiver, tier_index, held, now))
             if firing:
                 seq = group.tier_seq.get((tier_index, receiver), 0) + 1
-                self._decide(group, receiver, tier_index, seq, firing, [], now, notifications)
+                due_at = max(min(a.starts_at + tier.after for a in firing), retry_at)
+                self._decide(group, receiver, tier_index, seq, firing, [], now, notifications, due_at)
 
     def _held_back(self, group: Group, receiver: str, tier: int, why: dict[str, str], now: float) -> NotificationLogged:
         """The log entry of alerts held back from ``receiver`` (its id: the same reasons, the same id)."""
@@ -168,7 +177,7 @@ class Notifier:
         )  # fmt: skip
 
     def _decide(self, group: Group, receiver: str, tier: int, seq: int, firing: list[Alert], resolved: list[Alert],
-                now: float, notifications: list[Notification]) -> None:  # fmt: skip
+                now: float, notifications: list[Notification], due_at: float) -> None:  # fmt: skip
         notification = Notification(
             notification_id=derived_event_id(group.key, group.created_at, receiver, tier, seq),
             receiver=receiver,
@@ -183,18 +192,36 @@ class Notifier:
             dependents=self.suppression.dependents({a.app for a in firing}),
             created_at=now,
             valid_for=self.forwarding.valid_for(receiver),
+            due_at=due_at,
         )
         self.in_flight.add(notification.key)
         notifications.append(notification)
 
-    def due(self, now: float) -> list[float]:
-        """Each group's flush, unless its delivery is in flight (its end wakes the timer); each
-        escalation tier's time, or its retry after a failure. One due already waits, held
+    def due(self, now: float, owns: Owns = everything) -> list[float]:
+        """Each owned group's flush, unless its delivery is in flight (its end wakes the timer);
+        each escalation tier's time, or its retry after a failure. One due already waits, held
         back, for an input or a silence's end."""
         due: list[float] = []
         for group in self.book.groups.values():
+            if not owns(group.key):
+                continue  # its owner decides; its log entries (or a takeover) wake this one
             if (group.key, group.receiver, 0) not in self.in_flight:
                 due.append(group.next_flush)
             for _, tier, _, retry_at, waiting in self._tiers(group):
                 due += [at for a in waiting if (at := max(a.starts_at + tier.after, retry_at)) > now]
         return due
+
+    def tidy(self, now: float, owns: Owns) -> None:
+        """What a flush would drop from a group another member owns, where no log entry will
+        say it: alerts that resolved long ago without ever being announced, and groups left
+        empty. Without it, a standby's memory would keep every blip."""
+        for group in list(self.book.groups.values()):
+            if owns(group.key):
+                continue
+            for alert_id in list(group.alerts):
+                alert = self.book.alerts.get(alert_id)
+                ended = alert is not None and alert.ends_at is not None and alert.ends_at < now - TIDY_AFTER
+                if ended and alert_id not in group.notified:
+                    self.book.leave_group(group, alert_id)
+            if not group.alerts and (group.key, group.receiver, 0) not in self.in_flight:
+                del self.book.groups[group.key]
