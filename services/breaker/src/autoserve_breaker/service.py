@@ -77,9 +77,13 @@ class BreakerService(HostedService):
         self._members: frozenset[str] | None = None  # the view ownership was last computed from; None: fenced
         self._changed = asyncio.Event()
         self._start_floor = 0
+        self._lapses = 0  # the membership's lapses the ownership was last computed after
 
     def _may_decide(self) -> bool:
-        return self.membership is None or not self.membership.fenced
+        """Not while fenced, and not after a lapse until the takeover task has rebuilt what
+        it owns: between the two, a resumed member would decide from a stale state."""
+        membership = self.membership
+        return membership is None or (not membership.fenced and membership.lapses == self._lapses)
 
     @property
     def durable(self) -> str:
@@ -158,13 +162,17 @@ class BreakerService(HostedService):
 
     async def _follow_members(self, host: Host) -> None:
         """One ownership change at a time: each rebuild finishes before the next is computed."""
+        assert self.membership is not None
         while True:
             await self._changed.wait()
             self._changed.clear()
-            view = self._view()
-            if view == self._members:
+            lapses, view = self.membership.lapses, self._view()
+            # After a lapse nothing it held is trusted: everything it owns now is gained.
+            before = self._members if lapses == self._lapses else None
+            if view == before:
                 continue
-            await self._reown(host, self._members, view)
+            self._lapses = lapses
+            await self._reown(host, before, view)
 
     async def _reown(self, host: Host, before: frozenset[str] | None, after: frozenset[str] | None) -> None:
         assert self.consumer is not None and self.membership is not None and self.handlers is not None
