@@ -1,7 +1,7 @@
 """Two reporters, active and standby, as real ``autoserve run reporter`` processes on one
 host: one chDB data path and one report API port between them (the lease lets one at a time
-open either). SIGKILL the active one in the middle of ingestion: the standby takes over,
-and every event is stored once."""
+open either). Pause the active one past its lease, then SIGKILL the active one, both in the
+middle of ingestion: the standby takes over each time, and every event is stored once."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from autoserve_events import FailureDetected, FailureType
 from autoserve_reporter.adapters.clickhouse import Store
 from autoserve_reporter.core.rows import EVENTS_TABLE, METRICS_TABLE
 from autoserve_runtime import EmbeddedNatsServer, free_port, provision, spawn_child, stop_child
+from autoserve_runtime.membership import Lease
 
 from .conftest import LOCALHOST, wait_for
 from .test_reporter import AUTOSERVE, probe, publish
@@ -60,9 +61,13 @@ class Member:
         status, body = await self.readyz()
         return status == 503 and any(why.startswith("standby:") for why in body.get("reasons", {}).values())
 
-    def kill(self) -> None:
+    def signal(self, sig: signal.Signals) -> None:
         assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
+        self.process.send_signal(sig)
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        assert self.process is not None
         self.process.wait(10)
 
     async def sigterm(self) -> int:
@@ -72,6 +77,7 @@ class Member:
 
     def stop(self) -> None:
         if self.process is not None:
+            self.process.send_signal(signal.SIGCONT)  # a paused one must be able to stop
             stop_child(self.process)
 
 
@@ -89,47 +95,53 @@ def failure(instance: str, t: float) -> FailureDetected:
                            severity="medium", message="probe failed", timestamp=t)  # fmt: skip
 
 
-async def test_sigkill_the_active_reporter_mid_ingestion_the_standby_takes_over_storing_each_event_once(
+async def test_the_active_reporter_paused_then_killed_mid_ingestion_each_event_is_stored_once(
     nats_server: EmbeddedNatsServer, nc: Client, tmp_path: Path
 ) -> None:
+    """Probes (and a failure per chunk, for the events table) are published all along.
+    1. SIGSTOP the active member ``a`` past its lease: ``b`` takes the lease but cannot open
+       the chDB path ``a`` still holds; SIGCONT ``a``: it finds its lease lapsed, stops
+       ingesting at once and closes the store, and goes back to standby; ``b`` opens it.
+    2. SIGKILL ``b`` in the middle of ingestion: ``a`` takes over again (a second term in
+       the same process), and in the end every event is stored once."""
     await provision(nc.jetstream())
-    n, chunk = 5000, 125
-    now = time.time()
-    probes = [probe("load", f"l{k % 8}", now - 1800 + k * 0.25, float(k % 50)) for k in range(n)]
-    failures = [failure(f"l{k % 8}", now - 1800 + k * 10) for k in range(n // chunk)]  # the events table too
     api_port = free_port()
     api = f"http://{LOCALHOST}:{api_port}"
     clickhouse_url = f"chdb://{tmp_path / 'clickhouse'}"
     a = Member("a", nats_server.url, clickhouse_url, api_port, tmp_path).start()
     b = Member("b", nats_server.url, clickhouse_url, api_port, tmp_path)
-
-    async def publish_continuously() -> None:
-        for i, start in enumerate(range(0, n, chunk)):  # 40 chunks, paced: the load runs across the kill
-            await publish(nc, [*probes[start : start + chunk], failures[i]])
-            await asyncio.sleep(0.1)
-
-    publishing: asyncio.Task[None] | None = None
+    lease = Lease(nc.jetstream(), "reporter", "test", TTL)
+    load = Load(nc)
     try:
         await wait_for(a.active, timeout=60, what="a active")
         b.start()
         await wait_for(b.standby, timeout=60, what="b running as a standby (not ready, saying why)")
-        publishing = asyncio.create_task(publish_continuously())
-        await wait_for(lambda: _some(api), timeout=30, what="the first batches stored by a")
-        assert not publishing.done(), "the load ended before the kill: not a kill during ingestion"
-        a.kill()
+        load.start()
+        await wait_for(lambda: _total_above(api, 0), timeout=30, what="the first batches stored by a")
+
+        a.signal(signal.SIGSTOP)
+        await wait_for(lambda: _holder_is(lease, "b"), timeout=15, what="b holding the lease while a is paused")
+        assert not await b.active()  # a paused still holds the chDB path: b waits for it
+        a.signal(signal.SIGCONT)
+        await wait_for(b.active, timeout=30, what="b active once a let the store go")
+        await wait_for(a.standby, timeout=10, what="a back to standby")
+        stored = await total(api, "load")
+        await wait_for(lambda: _total_above(api, stored), timeout=30, what="b storing")
+
+        b.kill()
         killed_at = time.monotonic()
-        await wait_for(b.active, timeout=30, what="b active after a's SIGKILL")
+        await wait_for(a.active, timeout=30, what="a active again after b's SIGKILL")
         took_over = time.monotonic() - killed_at
-        print(f"\nstandby active {took_over:.2f}s after the SIGKILL (TTL {TTL}s)")
-        await asyncio.wait_for(publishing, 60)
-        await wait_for(lambda: _total_is(api, n), timeout=90, what=f"all {n} probes reported by b")
-        assert await b.sigterm() == 0, b.log.read_text()[-3000:]
+        print(f"\nafter the SIGKILL the standby was active in {took_over:.2f}s (TTL {TTL}s)")
+        n = await load.stop()
+        await wait_for(lambda: _total_is(api, n), timeout=90, what=f"all {n} probes reported by a")
+        assert await a.sigterm() == 0, a.log.read_text()[-3000:]
     finally:
-        if publishing is not None:
-            publishing.cancel()
+        await load.stop()
         a.stop()
         b.stop()
     assert took_over < 3 * TTL + 5  # the lease's TTL, a renewal period, and chDB's start
+    assert '"lease lapsed: stopping ingestion at once, back to standby"' in a.log.read_text()
 
     store = Store(clickhouse_url)  # the members' store, once both are gone
     try:
@@ -142,14 +154,47 @@ async def test_sigkill_the_active_reporter_mid_ingestion_the_standby_takes_over_
     finally:
         await store.close()
     distinct, final, raw = probes_stored
-    print(f"probes: {distinct} distinct, {final} rows read FINAL, {raw} stored before merging "
-          f"({raw - n} repeats of a batch stored by a and not acknowledged before the kill)")  # fmt: skip
+    print(f"probes: {n} published, {distinct} distinct stored, {final} rows read FINAL, {raw} stored before merging "
+          f"({raw - n} repeats of rows stored and not acknowledged before the pause or the kill)")  # fmt: skip
     assert (distinct, final) == (n, n)  # every probe, each stored once
-    assert failures_stored[:2] == (len(failures), len(failures))
+    assert failures_stored[:2] == (load.failures, load.failures)
 
 
-async def _some(api: str) -> bool:
-    return await total(api, "load") > 0
+class Load:
+    """Probes published in chunks every 0.1 s until stopped, and one failure per chunk."""
+
+    def __init__(self, nc: Client, chunk: int = 100) -> None:
+        self.nc, self.chunk = nc, chunk
+        self.probes = self.failures = 0
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        start = time.time() - 3600
+        while not self._stop.is_set():
+            k = self.probes
+            batch = [probe("load", f"l{i % 8}", start + i * 0.01, float(i % 50)) for i in range(k, k + self.chunk)]
+            await publish(self.nc, [*batch, failure(f"l{self.failures % 8}", start + self.failures)])
+            self.probes, self.failures = k + self.chunk, self.failures + 1
+            await asyncio.sleep(0.1)
+
+    async def stop(self) -> int:
+        """Stop after the chunk in flight; the number of probes published."""
+        self._stop.set()
+        if self._task is not None:
+            await asyncio.wait_for(self._task, 30)
+        return self.probes
+
+
+async def _holder_is(lease: Lease, member: str) -> bool:
+    return await lease.current_holder() == member
+
+
+async def _total_above(api: str, n: int) -> bool:
+    return await total(api, "load") > n
 
 
 async def _total_is(api: str, n: int) -> bool:

@@ -153,6 +153,11 @@ class ReporterService(HostedService):
         drain = self.settings.batch_seconds + 5.0
         host.closing(keeper.stop, timeout=2 * drain + CLOSE_SECONDS)  # the drain, then the lease goes
         add_check(self._ready_check, lambda: self.active, self._why_not_active)
+        add_gauge("reporter_active", "1 while this member holds lease.reporter and ingests; 0 on a standby",
+                  lambda: int(self.active))  # fmt: skip
+        add_counter("reporter_terms", "Times this member took lease.reporter and became active", lambda: keeper.terms)
+        add_counter("reporter_fenced", "Active terms that ended because the lease lapsed (a pause or a cut past "
+                    "its TTL): ingestion stopped at once", lambda: keeper.fenced)  # fmt: skip
         host.closing(self._unchecked)
         await asyncio.shield(keeper.first)
 
