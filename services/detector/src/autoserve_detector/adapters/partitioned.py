@@ -250,28 +250,29 @@ class PartitionedDetector:
         since = time.time() - self.detector.window_seconds
         await read_window(self._w.js, self._w.spec.stream, self._w.spec.filter_subject, since, up_to, on_message)
         await asyncio.gather(*stored)
-        for partition, rebuild in batch.items():
-            self._finish(partition, rebuild)
-        seconds = round(time.monotonic() - started, 3)
+        finished = sum(self._finish(partition, rebuild) for partition, rebuild in batch.items())
+        done = {"replayed": folded, "up_to_seq": up_to, "published": published,
+                "seconds": round(time.monotonic() - started, 3)}  # fmt: skip
         if first:
             self.replayed_at_start = folded
             self._first_pass.set()
-            log.info("state rebuilt", durable=self._w.spec.durable, replayed=folded, up_to_seq=up_to,
-                     partitions=len(batch), republished=published, seconds=seconds)  # fmt: skip
-        else:
+            log.info("state rebuilt", durable=self._w.spec.durable, partitions=finished, **done)
+        elif finished:
             self.takeovers += 1
-            log.info("partitions taken over", partitions=len(batch), replayed=folded, up_to_seq=up_to,
-                     republished=published, seconds=seconds)  # fmt: skip
+            log.info("partitions taken over", partitions=finished, **done)
+        if finished < len(batch):  # lost, fenced or gained again meanwhile: rebuilt by a later pass if ours
+            log.info("partition rebuilds abandoned", partitions=len(batch) - finished)
 
-    def _finish(self, partition: int, rebuild: Rebuild[Waiting]) -> None:
+    def _finish(self, partition: int, rebuild: Rebuild[Waiting]) -> bool:
         waiting = self.table.rebuilt(partition, rebuild)
         if waiting is None:
-            return  # lost or fenced meanwhile: what waited was released or waits on
+            return False  # lost or fenced meanwhile: what waited was released or waits on
         for route, (event, done) in waiting:
             if route is Route.SKIP:
                 _resolve(done)  # the replay folded it; its outputs are stored
             else:
                 self._fold_waiting(event, route, done)
+        return True
 
     # -- floors ---------------------------------------------------------------------------
 
