@@ -16,6 +16,7 @@ may have lapsed it decides nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -164,7 +165,10 @@ class BreakerService(HostedService):
         """One ownership change at a time: each rebuild finishes before the next is computed."""
         assert self.membership is not None
         while True:
-            await self._changed.wait()
+            # Woken by a change, and every TTL anyway: a lapse that no change announced still
+            # ends in a rebuild, not in a member that decides nothing for ever.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), self.membership.ttl)
             self._changed.clear()
             lapses, view = self.membership.lapses, self._view()
             # After a lapse nothing it held is trusted: everything it owns now is gained.
