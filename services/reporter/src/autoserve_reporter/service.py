@@ -116,8 +116,8 @@ class ReporterService(HostedService):
         is counted twice on the path of a row)."""
 
         def by_table(attr: str) -> Callable[[], dict[tuple[str, ...], int]]:
-            writers = (self.metrics, self.events)
-            return lambda: {(w.table,): getattr(w.stats, attr) for w in writers if w is not None}
+            # The writers of the current term, read at each scrape (a term makes new ones).
+            return lambda: {(w.table,): getattr(w.stats, attr) for w in (self.metrics, self.events) if w is not None}
 
         labels = ("table",)
         add_counter("reporter_rows_stored", "Rows ClickHouse stored, by table", by_table("rows_stored"), labels)
