@@ -34,7 +34,7 @@ from autoserve_events import (
 )
 from autoserve_runtime import Admission, ConsumerSpec, follow_apps
 from autoserve_runtime.host import Consume, Host, HostedService, Plan, Rpc, Watch
-from autoserve_runtime.membership import slot_durable
+from autoserve_runtime.membership import MEMBER_SLOTS, slot_durable
 from autoserve_runtime.ownership import owner_of
 from autoserve_runtime.timer import DueTimer
 
@@ -48,7 +48,6 @@ log = structlog.get_logger("autoserve.breaker.service")
 
 ALLOW_QUEUE = "autoserve-breaker"  # members share allow requests
 REPLAY_SECONDS = durables.BREAKER_REPLAY_SECONDS
-MEMBER_SLOTS = 8  # members at once: each needs a probe durable of its own
 
 
 def breaker_key(app_name: str, instance_id: str) -> str:
@@ -62,7 +61,7 @@ def owned_by(member: str, members: frozenset[str]) -> Owns:
 
 class BreakerService(HostedService):
     name = SERVICE
-    member_slots = MEMBER_SLOTS
+    member_slots = MEMBER_SLOTS  # each member needs a probe durable of its own
 
     def __init__(self, nats_url: str, *, member: str | None = None, replay_seconds: float = REPLAY_SECONDS):
         super().__init__(nats_url)
