@@ -6,9 +6,7 @@ middle of ingestion: the standby takes over each time, and every event is stored
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -22,25 +20,23 @@ from autoserve_runtime import EmbeddedNatsServer, free_port, provision, spawn_ch
 from autoserve_runtime.membership import Lease
 
 from .conftest import LOCALHOST, wait_for
-from .test_reporter import AUTOSERVE, probe, publish
+from .test_reporter import AUTOSERVE, ReporterProcess, probe, publish
 
 TTL = 2
 
 
-class Member:
+class Member(ReporterProcess):
     """One ``autoserve run reporter`` member: its own /readyz port, the shared store and API."""
 
     def __init__(self, name: str, nats_url: str, clickhouse_url: str, api_port: int, logs: Path) -> None:
-        self.name = name
         self.health = f"http://{LOCALHOST}:{free_port()}"
-        self.log = logs / f"reporter-{name}.log"
-        self.env = {**os.environ, "AUTOSERVE_NATS_URL": nats_url, "AUTOSERVE_CLICKHOUSE_URL": clickhouse_url,
-                    "AUTOSERVE_REPORTER_LISTEN": f"{LOCALHOST}:{api_port}",
-                    "AUTOSERVE_METRICS_PORT": self.health.rpartition(":")[2],
-                    "AUTOSERVE_MEMBER": name, "AUTOSERVE_MEMBER_TTL": str(TTL)}  # fmt: skip
-        self.process: subprocess.Popen[bytes] | None = None
+        super().__init__(nats_url, clickhouse_url, logs / f"reporter-{name}.log", AUTOSERVE_MEMBER=name,
+                         AUTOSERVE_MEMBER_TTL=str(TTL), AUTOSERVE_METRICS_PORT=self.health.rpartition(":")[2],
+                         AUTOSERVE_REPORTER_LISTEN=f"{LOCALHOST}:{api_port}")  # fmt: skip
+        self.port, self.url = api_port, f"http://{LOCALHOST}:{api_port}"
 
-    def start(self) -> Member:
+    def launch(self) -> Member:
+        """Started, without waiting: a standby is never ready."""
         with self.log.open("ab") as out:
             self.process = spawn_child([AUTOSERVE, "run", "reporter"], env=self.env, stdout=out, stderr=out)
         return self
@@ -65,29 +61,15 @@ class Member:
         assert self.process is not None
         self.process.send_signal(sig)
 
-    def kill(self) -> None:
+    def sigkill(self) -> None:
         self.signal(signal.SIGKILL)
         assert self.process is not None
         self.process.wait(10)
-
-    async def sigterm(self) -> int:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
-        return await asyncio.to_thread(self.process.wait, 60)
 
     def stop(self) -> None:
         if self.process is not None:
             self.process.send_signal(signal.SIGCONT)  # a paused one must be able to stop
             stop_child(self.process)
-
-
-async def total(api: str, app: str) -> int:
-    try:
-        async with httpx.AsyncClient(timeout=10) as client:
-            response = await client.get(f"{api}/v1/apps/{app}/report", params={"hours": 24})
-    except httpx.HTTPError:
-        return -1
-    return response.json()["total_health_checks"] if response.status_code == 200 else -1
 
 
 def failure(instance: str, t: float) -> FailureDetected:
@@ -106,18 +88,17 @@ async def test_the_active_reporter_paused_then_killed_mid_ingestion_each_event_i
        the same process), and in the end every event is stored once."""
     await provision(nc.jetstream())
     api_port = free_port()
-    api = f"http://{LOCALHOST}:{api_port}"
     clickhouse_url = f"chdb://{tmp_path / 'clickhouse'}"
-    a = Member("a", nats_server.url, clickhouse_url, api_port, tmp_path).start()
+    a = Member("a", nats_server.url, clickhouse_url, api_port, tmp_path).launch()
     b = Member("b", nats_server.url, clickhouse_url, api_port, tmp_path)
     lease = Lease(nc.jetstream(), "reporter", "test", TTL)
     load = Load(nc)
     try:
         await wait_for(a.active, timeout=60, what="a active")
-        b.start()
+        b.launch()
         await wait_for(b.standby, timeout=60, what="b running as a standby (not ready, saying why)")
         load.start()
-        await wait_for(lambda: _total_above(api, 0), timeout=30, what="the first batches stored by a")
+        await wait_for(lambda: _total_above(a, 0), timeout=30, what="the first batches stored by a")
 
         a.signal(signal.SIGSTOP)
         await wait_for(lambda: _holder_is(lease, "b"), timeout=15, what="b holding the lease while a is paused")
@@ -125,16 +106,16 @@ async def test_the_active_reporter_paused_then_killed_mid_ingestion_each_event_i
         a.signal(signal.SIGCONT)
         await wait_for(b.active, timeout=30, what="b active once a let the store go")
         await wait_for(a.standby, timeout=10, what="a back to standby")
-        stored = await total(api, "load")
-        await wait_for(lambda: _total_above(api, stored), timeout=30, what="b storing")
+        stored = await b.total("load")
+        await wait_for(lambda: _total_above(b, stored), timeout=30, what="b storing")
 
-        b.kill()
+        b.sigkill()
         killed_at = time.monotonic()
         await wait_for(a.active, timeout=30, what="a active again after b's SIGKILL")
         took_over = time.monotonic() - killed_at
         print(f"\nafter the SIGKILL the standby was active in {took_over:.2f}s (TTL {TTL}s)")
         n = await load.stop()
-        await wait_for(lambda: _total_is(api, n), timeout=90, what=f"all {n} probes reported by a")
+        await wait_for(lambda: _total_is(a, n), timeout=90, what=f"all {n} probes reported by a")
         assert await a.sigterm() == 0, a.log.read_text()[-3000:]
     finally:
         await load.stop()
@@ -193,9 +174,9 @@ async def _holder_is(lease: Lease, member: str) -> bool:
     return await lease.current_holder() == member
 
 
-async def _total_above(api: str, n: int) -> bool:
-    return await total(api, "load") > n
+async def _total_above(api: Member, n: int) -> bool:
+    return await api.total("load") > n  # the one API address, whichever member is active
 
 
-async def _total_is(api: str, n: int) -> bool:
-    return await total(api, "load") == n
+async def _total_is(api: Member, n: int) -> bool:
+    return await api.total("load") == n
