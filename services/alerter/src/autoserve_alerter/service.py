@@ -47,7 +47,7 @@ from .adapters.dispatch import Dispatcher
 from .adapters.receivers import build_receivers
 from .adapters.settings import follow_alerting_settings
 from .core.alerter import Alerter, Notification
-from .core.handover import Handover
+from .core.handover import FORGET_AFTER, Handover
 
 log = structlog.get_logger("autoserve.alerter")
 
@@ -169,6 +169,9 @@ class AlerterService(HostedService):
         if self.membership is not None:
             for member, record in self.membership.view.records.items():
                 self._last_seen[member] = max(self._last_seen.get(member, 0.0), record.renewed_at)
+            # Members named host-pid come and go with every restart: forget the long gone.
+            horizon = time.time() - FORGET_AFTER
+            self._last_seen = {m: at for m, at in self._last_seen.items() if at >= horizon}
 
     async def _watch_renewals(self) -> None:
         """Each member's last renewal, sampled every third of a TTL: when one dies, its
