@@ -44,7 +44,7 @@ TTL = 2
 SOON = 8  # seconds an open "soon" breaker waits: beyond the takeover, within the test
 
 APPS = {
-    # name: (breaker config, instances owned by the member to kill, by the survivor)
+    # Synthetic probes, not one every period: a period of 60 s keeps them all in the rebuilt history.
     "hold": {"failure_threshold": 2, "recovery_timeout": 300, "max_test_requests": 1},
     "soon": {"failure_threshold": 2, "recovery_timeout": SOON, "max_test_requests": 1, "success_threshold": 1},
     "count": {"failure_threshold": 3, "recovery_timeout": 300},
@@ -145,7 +145,7 @@ async def test_sigkill_a_member_and_the_other_answers_for_its_breakers_as_they_w
     mine = {app: owned(app, "a", 3) for app in APPS}  # the breakers of the member to be killed
     theirs = {app: owned(app, "b", 1) for app in APPS}
     apps = {
-        app: {"breaker": breaker, "health_check": check(enabled=False),
+        app: {"breaker": breaker, "health_check": check(enabled=False, period_seconds=60),
               "instances": [{"id": i, "host": LOCALHOST, "port": 9} for i in mine[app] + theirs[app]]}
         for app, breaker in APPS.items()
     }  # fmt: skip
@@ -237,7 +237,7 @@ async def test_sigstop_a_member_past_its_lease_and_resume_it_the_log_keeps_one_h
     breaker = {"failure_threshold": 2, "recovery_timeout": 4, "max_test_requests": 1, "success_threshold": 1}
     mine, theirs = owned("soon", "a", 3), owned("soon", "b", 1)
     instances = [{"id": i, "host": LOCALHOST, "port": 9} for i in mine + theirs]
-    await apply_yaml(nc, config_for({"soon": {"breaker": breaker, "health_check": check(enabled=False),
+    await apply_yaml(nc, config_for({"soon": {"breaker": breaker, "health_check": check(enabled=False, period_seconds=60),
                                               "instances": instances}}))  # fmt: skip
     a, b = Member("a", nats_server.url, tmp_path), Member("b", nats_server.url, tmp_path)
     keys = [("soon", i) for i in mine]
@@ -272,7 +272,7 @@ async def test_sigstop_a_member_past_its_lease_and_resume_it_the_log_keeps_one_h
             assert generations == [1, 2, 3] and states == ["open", "half_open", "closed"], (key, states)
         published = len([e for e in outputs.events(BreakerStateChanged) if e.instance_id in mine])
         print(
-            f"SIGSTOP {paused:.1f}s past a TTL of {TTL}s: {len(history)} transitions stored; "
+            f"SIGSTOP for {paused:.1f}s (TTL {TTL}s): {len(history)} transitions stored; "
             f"{published - 3 * len(keys)} published for a's breakers beyond the stored history (refused)"
         )
     finally:

@@ -8,7 +8,7 @@ import msgspec
 
 from autoserve_breaker.core.breaker import CLOSED, HALF_OPEN, OPEN
 from autoserve_breaker.core.breakers import Breakers
-from autoserve_config import AppSpec, BreakerConfig
+from autoserve_config import AppSpec, BreakerConfig, HealthCheckConfig
 from autoserve_events import ProbeCompleted
 
 APP, INSTANCE = "web", "web-1"
@@ -113,3 +113,16 @@ def test_lost_breakers_are_answered_but_no_longer_timed() -> None:
     books.reown(lambda app, instance: False)
     assert books.next_due() is None and books.tick(13) == []
     assert books.allow(APP, INSTANCE, 14)[0].allow is False
+
+
+def test_a_rebuild_replays_only_the_history_that_can_still_count() -> None:
+    books = Breakers()
+    quick = AppSpec(breaker=CONFIG, health_check=HealthCheckConfig(period_seconds=10, timeout_seconds=5))
+    books.set_apps({"quick": quick})
+    assert books.history_seconds(900) == 2 * 3 * 10  # 3 consecutive failures, every 10 s, twice over
+    windowed = BreakerConfig(failure_rate_threshold=50, sliding_window_type="time", sliding_window_size=120)
+    books.set_apps({"quick": quick, "timed": AppSpec(breaker=windowed)})
+    assert books.history_seconds(900) == 2 * 5 * 30 + 120  # the defaults' 5 failures at 30 s, plus the window
+    books.set_apps({"counted": AppSpec(breaker=BreakerConfig(failure_rate_threshold=50))})
+    assert books.history_seconds(900) == 900, "a window of 100 calls at 30 s is longer than the cap"
+    assert Breakers().history_seconds(900) == 900

@@ -196,16 +196,18 @@ class BreakerService(HostedService):
         until = max(self.consumer.highest_seq, self._start_floor)
         self.core.reown(owns, gained)
         started = time.monotonic()
-        since = time.time() - self.replay_seconds
+        history = self.core.history_seconds(self.replay_seconds)  # what can still count, not 15 min
+        since = time.time() - history
         try:
-            folded = await replay_probes(host.js, since, until, self._replay_fold, self._admission)
+            folded = await replay_probes(host.js, since, until, self._replay_fold, self._admission, gained)
         except Exception:
             log.exception("takeover replay failed; deciding from the last transitions alone")
             folded = 0
         self.rebuilt_probes += folded
         self.handlers.publish(self.core.rebuilt())
         log.info("breakers taken over", members=sorted(after), owned=self.core.owned_count(),
-                 probes_replayed=folded, up_to_seq=until, seconds=round(time.monotonic() - started, 3))  # fmt: skip
+                 probes_replayed=folded, history_seconds=history, up_to_seq=until,
+                 seconds=round(time.monotonic() - started, 3))  # fmt: skip
 
     def _replay_fold(self, event: ProbeCompleted) -> None:
         assert self.handlers is not None

@@ -20,6 +20,8 @@ from autoserve_runtime.feed import position, subscribe_from
 
 log = structlog.get_logger("autoserve.breaker.rebuild")
 
+MAX_CACHED = 1_000_000  # subjects remembered during one replay (one per breaker)
+
 
 async def replay_probes(
     js: JetStreamContext,
@@ -27,15 +29,19 @@ async def replay_probes(
     until_seq: int,
     fold: Callable[[ProbeCompleted], object],
     admit: Admit | None = None,
+    wanted: Callable[[str, str], bool] | None = None,
     idle_timeout: float = 5.0,
 ) -> int:
     """Fold the probes stored from wall time ``since`` up to stream sequence ``until_seq``;
-    return how many were folded. Inputs the live consumer refuses (``admit``) are skipped."""
+    return how many were folded. Only those of breakers ``wanted`` (app, instance, read from
+    the subject, so the others are not even decoded); inputs the live consumer refuses
+    (``admit``) are skipped."""
     if until_seq <= 0:
         return 0
     done = asyncio.Event()
     count = 0
     last_delivery = time.monotonic()
+    by_subject: dict[str, bool] = {}
 
     async def on_message(msg: Msg) -> None:
         nonlocal count, last_delivery
@@ -47,10 +53,11 @@ async def replay_probes(
             done.set()
             return
         try:
-            event = decode(msg.data)
-            if isinstance(event, ProbeCompleted) and not (admit and admit(event)):
-                fold(event)
-                count += 1
+            if wanted is None or _wanted(by_subject, msg.subject, wanted):
+                event = decode(msg.data)
+                if isinstance(event, ProbeCompleted) and not (admit and admit(event)):
+                    fold(event)
+                    count += 1
         except MalformedEvent:
             pass  # dead-lettered when it was live
         except Exception:  # as live, where it was dead-lettered: skip it, keep rebuilding
@@ -70,3 +77,14 @@ async def replay_probes(
     finally:
         await sub.unsubscribe()
     return count
+
+
+def _wanted(cache: dict[str, bool], subject: str, wanted: Callable[[str, str], bool]) -> bool:
+    """``…completed.<app>.<instance>``: asked once per subject (an ownership hash each)."""
+    answer = cache.get(subject)
+    if answer is None:
+        _, app, instance = subject.rsplit(".", 2)
+        answer = wanted(app, instance)
+        if len(cache) < MAX_CACHED:
+            cache[subject] = answer
+    return answer

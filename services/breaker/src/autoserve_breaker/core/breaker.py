@@ -83,6 +83,19 @@ def uses_window(config: BreakerConfig) -> bool:
     return config.failure_rate_threshold is not None or config.slow_call_duration_threshold is not None
 
 
+def history_needed(config: BreakerConfig, period: float) -> float:
+    """How far back probes (one every ``period``) can still count toward a breaker's next
+    transition: twice the calls its thresholds or its count window span, plus a time window.
+    Older ones cannot change a decision (an open breaker ignores outcomes altogether)."""
+    calls, seconds = max(config.failure_threshold, config.success_threshold), 0.0
+    if uses_window(config):
+        if config.sliding_window_type == "count":
+            calls = max(calls, config.sliding_window_size)
+        else:
+            seconds = config.sliding_window_size
+    return 2 * calls * period + seconds
+
+
 # -- the fold ---------------------------------------------------------------------------
 
 

@@ -51,6 +51,7 @@ class Breakers:
         self.breakers: dict[Key, Breaker] = {}
         self.configs: dict[str, BreakerConfig] = {}
         self.configured: dict[str, frozenset[str]] = {}
+        self.periods: dict[str, float] = {}  # each app's probe period
         self.allow_unknown_apps = allow_unknown_apps
         self._owns = owns
         self._may_decide = may_decide
@@ -65,6 +66,7 @@ class Breakers:
 
     def set_apps(self, apps: Mapping[str, AppSpec]) -> None:
         self.configs = {name: spec.breaker for name, spec in apps.items()}
+        self.periods = {name: spec.health_check.period_seconds for name, spec in apps.items()}
         self.configured = {name: frozenset(i.id for i in spec.instances) for name, spec in apps.items()}
         self._timed.update(k for k, b in self.breakers.items() if b.state != CLOSED and self.owns(k))
 
@@ -218,6 +220,11 @@ class Breakers:
     def from_log(self, key: Key) -> Breaker:
         entry = self._logged.get(key)
         return core.from_log(*key, entry[0] if entry else None, self._logged_trials.get(key))
+
+    def history_seconds(self, cap: float) -> float:
+        """How much probe history a rebuild must replay: the most any app needs, at most ``cap``."""
+        needed = [core.history_needed(self.configs[app], period) for app, period in self.periods.items()]
+        return min(cap, max(needed, default=cap))
 
     def reown(self, owns: Owns | None, gained: Owns | None = None) -> None:
         """Ownership moved: ``owns`` says which keys this member decides for from now on, and
