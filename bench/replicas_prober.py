@@ -108,7 +108,7 @@ async def prober_replica_tables(nginx_port: int | None = None) -> list[Table]:
         stack.push_async_callback(nc.close)
         log = ProbeLog(APP)
         await log.follow(nc)
-        members = ProberMembers(nats.url, LOG_DIR / "replicas", ttl=TTL)
+        members = ProberMembers.on(nats.url, LOG_DIR / "replicas", ttl=TTL)
         stack.callback(members.stop_all)
         for name in ("a", "b", "c"):
             members.start(name)

@@ -68,7 +68,7 @@ async def test_members_share_the_targets_and_take_over_from_a_killed_or_stopped_
         await apply_yaml(nc, fleet(port))
         log = ProbeLog(APP)
         await log.follow(nc)
-        members = ProberMembers(nats_server.url, tmp_path / "logs", ttl=TTL)
+        members = ProberMembers.on(nats_server.url, tmp_path / "logs", ttl=TTL)
         try:
             # Two members, then three: each target once per period.
             members.start("a")
@@ -123,7 +123,9 @@ async def test_members_share_the_targets_and_take_over_from_a_killed_or_stopped_
             assert after_pause <= bound, f"b's targets were probed again {after_pause:.2f}s after it paused"
             assert all(n <= 1 for n in extra.values()), f"b probed as a zombie: {extra}"
 
-            # SIGTERM b: it leaves first, and a probes its targets within a period.
+            # SIGTERM b: it leaves first, and a probes its targets within a period. (From a
+            # steady state: the first slot after an at-once probe may be 1.5 periods on.)
+            await wait_for(lambda: time.time() > back_at + 2 * PERIOD, timeout=5, what="a steady state")
             handed = [i for i in INSTANCES if owners(APP, INSTANCES, ["a", "b"])[i] == "b"]
             stopped_at = members.terminate("b")
             assert await members.wait_exit("b") == 0, members.log("b")
@@ -145,10 +147,10 @@ async def test_each_workers_shard_is_a_member_with_its_own_name_and_share(
     ``-w1`` and split the targets between them (one name for both would probe all twice)."""
     with nginx(tmp_path / "nginx") as port:
         await apply_yaml(nc, fleet(port))
-        members = ProberMembers(nats_server.url, tmp_path / "logs", ttl=TTL)
+        members = ProberMembers.on(nats_server.url, tmp_path / "logs", ttl=TTL, workers=2)
         try:
-            members.start("host", "--workers", "2")
-            ports = [members.ports["host"] + SHARD_PORT_STEP * i for i in range(2)]
+            members.start("host")
+            ports = [members.port("host") + SHARD_PORT_STEP * i for i in range(2)]
 
             def shares() -> list[float]:
                 return [metric(p, "autoserve_probe_targets") or 0.0 for p in ports]

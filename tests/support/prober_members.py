@@ -26,12 +26,9 @@ from nats.aio.msg import Msg
 from prometheus_client.parser import text_string_to_metric_families
 
 from autoserve_events import ProbeCompleted, decode, wildcard
-from autoserve_runtime import free_port
 from autoserve_runtime.ownership import owner_of
-from autoserve_runtime.process import spawn_child, stop_child
 
-from .cluster import AUTOSERVE, LOCALHOST, clean_env
-from .secure_nats import get
+from .cluster import LOCALHOST, Services
 
 
 @dataclass
@@ -103,39 +100,42 @@ def metric(port: int, name: str) -> float | None:
 
 @dataclass
 class ProberMembers:
-    """``autoserve run prober`` members on one nats-server, by member name."""
+    """``autoserve run prober`` members on one nats-server, by member name (``Services``
+    runs them: each its own /metrics port and log, ``AUTOSERVE_MEMBER``, a short TTL)."""
 
-    url: str
-    logs: Path
-    ttl: int = 2
-    ports: dict[str, int] = field(default_factory=dict)
-    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    services: Services
+    names: list[str] = field(default_factory=list)
 
-    def start(self, name: str, *flags: str) -> None:
-        self.logs.mkdir(parents=True, exist_ok=True)
-        self.ports[name] = port = free_port()
-        env = clean_env(
-            AUTOSERVE_NATS_URL=self.url, AUTOSERVE_METRICS_PORT=str(port), AUTOSERVE_DOCKER="false",
-            AUTOSERVE_MEMBER=name, AUTOSERVE_MEMBER_TTL=str(self.ttl),
-        )  # fmt: skip
-        with (self.logs / f"{name}.log").open("ab") as log:
-            self.processes[name] = spawn_child([AUTOSERVE, "run", "prober", *flags], env=env, stdout=log, stderr=log)
+    @classmethod
+    def on(cls, url: str, logs: Path, ttl: int = 2, workers: int = 1) -> ProberMembers:
+        services = Services(url, logs, logs / "data", member_ttl=ttl)
+        if workers > 1:
+            services.extra_env["prober"] = {"AUTOSERVE_PROBER_WORKERS": str(workers)}
+        return cls(services)
+
+    def start(self, name: str) -> None:
+        self.services.start("prober", member=name)
+        self.names.append(name)
+
+    def process(self, name: str) -> subprocess.Popen[bytes]:
+        return self.services.processes[f"prober-{name}"]
+
+    def port(self, name: str) -> int:
+        return self.services.ports[f"prober-{name}"]
 
     @property
     def alive(self) -> list[str]:
-        return [name for name, process in self.processes.items() if process.poll() is None]
+        return [name for name in self.names if self.process(name).poll() is None]
 
     def log(self, name: str) -> str:
-        return (self.logs / f"{name}.log").read_text(errors="replace")[-4000:]
+        return self.services.log(f"prober-{name}")
 
     def ready(self, name: str) -> bool:
-        process = self.processes[name]
-        assert process.poll() is None, f"{name} exited with {process.returncode}:\n{self.log(name)}"
-        return get(f"http://{LOCALHOST}:{self.ports[name]}/readyz") == 200
+        return self.services.ready(f"prober-{name}")
 
     def targets(self, name: str) -> int:
         """What the member's ``probe_targets`` gauge says it owns (-1 while unreadable)."""
-        value = metric(self.ports[name], "autoserve_probe_targets")
+        value = metric(self.port(name), "autoserve_probe_targets")
         return -1 if value is None else int(value)
 
     def settled(self, total: int) -> bool:
@@ -145,34 +145,32 @@ class ProberMembers:
 
     def kill(self, name: str) -> float:
         """SIGKILL: no goodbye. The wall time of the kill."""
-        process = self.processes[name]
         at = time.time()
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+        self.process(name).send_signal(signal.SIGKILL)
+        self.process(name).wait()
         return at
 
     def pause(self, name: str) -> float:
         """SIGSTOP: the member keeps its state but renews nothing (a GC pause, a frozen VM)."""
         at = time.time()
-        self.processes[name].send_signal(signal.SIGSTOP)
+        self.process(name).send_signal(signal.SIGSTOP)
         return at
 
     def resume(self, name: str) -> float:
         at = time.time()
-        self.processes[name].send_signal(signal.SIGCONT)
+        self.process(name).send_signal(signal.SIGCONT)
         return at
 
     def terminate(self, name: str) -> float:
         """SIGTERM: a graceful stop (the member leaves first). The wall time it was sent."""
         at = time.time()
-        self.processes[name].send_signal(signal.SIGTERM)
+        self.process(name).send_signal(signal.SIGTERM)
         return at
 
     async def wait_exit(self, name: str, timeout: float = 30) -> int:
-        return await asyncio.to_thread(self.processes[name].wait, timeout)
+        return await asyncio.to_thread(self.process(name).wait, timeout)
 
     def stop_all(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGCONT)  # a paused member cannot stop
-            stop_child(process, 15)
+        for name in self.alive:
+            self.process(name).send_signal(signal.SIGCONT)  # a paused member cannot stop
+        self.services.stop()

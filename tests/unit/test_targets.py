@@ -164,8 +164,9 @@ def test_targets_gained_from_another_member_are_the_known_ones_not_yet_running()
 def test_targets_of_a_member_that_left_keep_their_slots_and_of_one_that_died_are_probed_at_once() -> None:
     ttl, now, wall = 2.0, 100.0, 5_000.0
     heard = {"left": now - 0.6, "died": now - 2.3}  # a heartbeat ago; a TTL and the marker ago
-    assert takeover_since({"left"}, heard, now, wall, ttl, was_fenced=False) == wall - HANDOVER_GRACE_SECONDS
-    assert takeover_since({"died"}, heard, now, wall, ttl, was_fenced=False) == 0.0
-    assert takeover_since({"left", "died"}, heard, now, wall, ttl, was_fenced=False) == 0.0
-    assert takeover_since({"unheard"}, heard, now, wall, ttl, was_fenced=False) == 0.0
-    assert takeover_since(set(), heard, now, wall, ttl, was_fenced=True) == 0.0  # our own lease lapsed
+    assert takeover_since({"left"}, heard, now, wall, ttl) == wall - HANDOVER_GRACE_SECONDS
+    assert takeover_since({"died"}, heard, now, wall, ttl) == 0.0
+    assert takeover_since({"left", "died"}, heard, now, wall, ttl) == 0.0
+    assert takeover_since({"unheard"}, heard, now, wall, ttl) == 0.0
+    # Regained after our own lease lapsed: the others probe them until they see us back.
+    assert takeover_since(set(), heard, now, wall, ttl) == wall - HANDOVER_GRACE_SECONDS

@@ -63,7 +63,6 @@ class ProberService(HostedService):
         self._known: set[TargetKey] = set()  # every member's targets, at the last reconcile
         self._members: frozenset[str] = frozenset()  # the members at the last change
         self._heard: dict[str, float] = {}  # when each member's last renewal arrived (monotonic)
-        self._was_fenced = False
         self._joined_at: float | None = None  # (wall) while the first targets are not planned yet
 
     @property
@@ -83,7 +82,7 @@ class ProberService(HostedService):
         membership = self.membership
         assert membership is not None
         self._owners = Owners(membership.member)
-        self._members, self._was_fenced = membership.members, membership.fenced
+        self._members = membership.members
         if membership.members - {membership.member}:  # others had our share until we joined
             self._joined_at = membership.started_at
         membership.on_change.append(self._on_members)
@@ -143,10 +142,8 @@ class ProberService(HostedService):
         membership = self.membership
         assert membership is not None
         departed = self._members - membership.members
-        since = takeover_since(
-            departed, self._heard, time.monotonic(), time.time(), membership.ttl, was_fenced=self._was_fenced
-        )
-        self._members, self._was_fenced = membership.members, membership.fenced
+        since = takeover_since(departed, self._heard, time.monotonic(), time.time(), membership.ttl)
+        self._members = membership.members
         self._reconcile(None, taken_since=since)
 
     async def _note_renewals(self) -> None:

@@ -97,9 +97,8 @@ HANDOVER_GRACE_SECONDS = 0.25  # beyond how long the news of a graceful leave ta
 
 
 def takeover_since(
-    departed: Collection[str], heard: Mapping[str, float], now: float, wall_now: float, ttl: float,
-    *, was_fenced: bool,
-) -> float:  # fmt: skip
+    departed: Collection[str], heard: Mapping[str, float], now: float, wall_now: float, ttl: float
+) -> float:
     """From when (wall clock) the slots of the targets taken over now were nobody's: a slot
     since then is caught up at once (``schedule.catch_up_due``).
 
@@ -108,9 +107,12 @@ def takeover_since(
     ``HANDOVER_GRACE_SECONDS`` may have been missed, and the others keep their slots on the
     shared grid, once per period. One that died (SIGKILL, a pause, a cut) was last heard
     at least a TTL ago: its targets have missed slots, and are probed at once (0: since
-    ever). So are targets regained after this member's own lease lapsed. ``heard``: when
+    ever). Targets regained after this member's own lease lapsed follow the first rule:
+    the others that took them over probe them until they see it back, and a zombie's
+    probe beside theirs is what fencing avoids (a lapse too short for the others to take
+    over leaves a gap of the lapse and a period, within 2 periods + TTL). ``heard``: when
     (monotonic, ``now``) each member's last renewal arrived, as last seen."""
-    if was_fenced or any(now - heard.get(member, float("-inf")) > ttl * 2 / 3 for member in departed):
+    if any(now - heard.get(member, float("-inf")) > ttl * 2 / 3 for member in departed):
         return 0.0
     return wall_now - HANDOVER_GRACE_SECONDS
 
