@@ -19,6 +19,7 @@ import httpx
 from nats.aio.client import Client
 from nats.js.api import DeliverPolicy
 
+from autoserve_breaker.adapters.follow import BreakerEventFollower
 from autoserve_breaker.adapters.outbox import Outbox
 from autoserve_breaker.core.breakers import Breakers
 from autoserve_breaker.service import breaker_key
@@ -27,6 +28,7 @@ from autoserve_events import (
     BREAKER_EVENTS_WILDCARD,
     EVENTS_STREAM,
     BreakerStateChanged,
+    BreakerTrialAdmitted,
     ProbeCompleted,
     decode,
     encode,
@@ -111,15 +113,16 @@ async def publish(nc: Client, probes: list[ProbeCompleted]) -> None:
         await js.publish(subject_for(event), encode(event), headers=headers_for(event))
 
 
-async def stored(nc: Client) -> list[BreakerStateChanged]:
-    """Every transition the stream holds (what was published but refused is not there)."""
+async def stored(nc: Client, kinds: tuple[type, ...] = (BreakerStateChanged,)) -> list:
+    """Every transition (of ``kinds``) the stream holds, in order: what was published but
+    refused is not there."""
     js, found = nc.jetstream(), []
     sub = await js.subscribe(BREAKER_EVENTS_WILDCARD, stream=EVENTS_STREAM, ordered_consumer=True,
                              deliver_policy=DeliverPolicy.ALL)  # fmt: skip
     try:
         for _ in range(100_000):  # bounded; ends at the last one stored
             msg = await sub.next_msg(timeout=5)
-            if isinstance(event := decode(msg.data), BreakerStateChanged):
+            if isinstance(event := decode(msg.data), kinds):
                 found.append(event)
             if msg.metadata.num_pending == 0:
                 break
@@ -301,4 +304,39 @@ async def test_a_transition_that_does_not_extend_the_last_stored_one_is_refused(
         history = await stored(nc)
         assert [(e.generation, e.cause_event_id) for e in history] == [(1, "probe-1")]
     finally:
+        await publisher.close()
+
+
+async def test_transitions_decided_back_to_back_are_stored_in_order_each_naming_the_last(nc: Client) -> None:
+    """A member's second transition of a breaker waits until the stream has shown it the first
+    (its sequence is what the second must name), and a trial waits behind its half-open."""
+    await provision(nc.jetstream())
+    publisher = EventPublisher(nc.jetstream()).start()
+    books = Breakers()
+    books.set_apps({"web": AppSpec(breaker=BreakerConfig(failure_threshold=1, recovery_timeout=0.5))})
+    outbox = Outbox(publisher, books, books.resync)
+
+    def follow(event: BreakerStateChanged | BreakerTrialAdmitted, seq: int) -> bool:
+        applied = books.follow(event, seq)
+        outbox.logged((event.app_name, event.instance_id))
+        return applied
+
+    follower = BreakerEventFollower(nc.jetstream(), follow)
+    await follower.start()
+    try:
+        now = time.time()
+        opened = books.record("web", "w-1", False, 1.0, now, "probe-1")
+        half_open = books.tick(now + 1)
+        decision, admitted = books.allow("web", "w-1", now + 1)
+        assert [c.generation for c in opened + half_open] == [1, 2] and decision.allow
+        futures = [outbox.submit(e) for e in [*opened, *half_open, *admitted]]  # all at once
+        assert await asyncio.wait_for(asyncio.gather(*futures), 10) == [True, True, True]
+        history = await stored(nc, (BreakerStateChanged, BreakerTrialAdmitted))
+        assert [(type(e).__name__, e.generation) for e in history] == [
+            ("BreakerStateChanged", 1), ("BreakerStateChanged", 2), ("BreakerTrialAdmitted", 2)
+        ], "in decision order, the trial after its half-open"  # fmt: skip
+        assert outbox.refused == 0
+        await wait_for(lambda: books.logged(("web", "w-1"))[0] == 2, 5, "the second followed")
+    finally:
+        await follower.stop()
         await publisher.close()
