@@ -121,7 +121,6 @@ async def test_the_active_reporter_paused_then_killed_mid_ingestion_each_event_i
         await load.stop()
         a.stop()
         b.stop()
-    assert took_over < 3 * TTL + 5  # the lease's TTL, a renewal period, and chDB's start
     assert '"lease lapsed: stopping ingestion at once, back to standby"' in a.log.read_text()
 
     store = Store(clickhouse_url)  # the members' store, once both are gone
