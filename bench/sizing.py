@@ -90,7 +90,7 @@ def cpu_per_event(tables: Sequence[Table]) -> dict[str, float | None]:
     probes_per_cpu = cell(tables, "Probe cost", "autoserve prober, keep_alive: true", "probes/CPU-s")
     reporter_cpu = cell(tables, "Reporter: ingestion", "reporter", "reporter CPU s")
     reporter_events = cell(tables, "Reporter: ingestion", "reporter", "events")
-    detector_us = cell(tables, "Replicas: detector", "1 member", "CPU µs per event")
+    detector_us = cell(tables, "Detector throughput with 1 and 2 members", "1", "CPU µs per event")
     return {
         "prober": 1 / probes_per_cpu if probes_per_cpu else None,
         "detector": detector_us / 1e6 if detector_us else None,
@@ -120,7 +120,7 @@ def sizing_table(tables: Sequence[Table], bus_bytes: float, clickhouse_bytes: fl
     )
     table.notes += [
         "per event: CPU seconds of the service's process per probe result it handles, from this run's "
-        "'Probe cost' (prober, keep_alive: true), 'Replicas: detector' (1 member) and 'Reporter: ingestion' "
+        "'Probe cost' (prober, keep_alive: true), 'Detector throughput with 1 and 2 members' (1 member) and 'Reporter: ingestion' "
         "sections; bytes measured in this section (stream bytes per stored result; ClickHouse bytes on disk per "
         "probe after merges, 1,000,000 generated probes, 1 in 50 failing).",
         f"computed: cores = results/s x CPU per result; members = max({MIN_MEMBERS}, cores / {MEMBER_CORES} "
