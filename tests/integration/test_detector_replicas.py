@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from autoserve_detector.service import thresholds
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
+from prometheus_client.parser import text_string_to_metric_families
 
 from autoserve_config import DetectorConfig, load_config_text
 from autoserve_events import (
@@ -73,12 +75,19 @@ class Member:
     name: str
     log: Path
     process: subprocess.Popen[bytes] | None = None
+    port: int = 0
+
+    def metrics(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        with urllib.request.urlopen(f"http://{LOCALHOST}:{self.port}/metrics", timeout=10) as reply:
+            families = text_string_to_metric_families(reply.read().decode())
+            return {(s.name, frozenset(s.labels.items())): s.value for family in families for s in family.samples}
 
     def start(self, url: str) -> Member:
+        self.port = free_port()
         env = {**os.environ, "AUTOSERVE_MEMBER": self.name, "AUTOSERVE_MEMBER_TTL": str(TTL),
                "AUTOSERVE_LOG_FORMAT": "json", "AUTOSERVE_DATA_DIR": str(self.log.parent / f"{self.name}-data")}  # fmt: skip
         with self.log.open("ab") as out:
-            command = [AUTOSERVE, "run", "detector", "--nats-url", url, "--metrics-port", str(free_port())]
+            command = [AUTOSERVE, "run", "detector", "--nats-url", url, "--metrics-port", str(self.port)]
             self.process = subprocess.Popen(command, stdout=out, stderr=out, env=env)
         return self
 
@@ -105,10 +114,10 @@ class Member:
         return found
 
 
-async def partitions_owned(nc: Client) -> dict[str, int]:
+async def partitions_owned(nc: Client, names: tuple[str, ...] = ("a", "b", "solo")) -> dict[str, int]:
     """What each live member says it owns (its member record, renewed every TTL/3)."""
     js, owned = nc.jetstream(), {}
-    for name in ("a", "b"):
+    for name in names:
         try:
             msg = await js.get_msg(f"KV_{MEMBERS_BUCKET}", subject=f"$KV.{MEMBERS_BUCKET}.detector.{name}")
         except NotFoundError:
@@ -125,11 +134,11 @@ async def settled(nc: Client, *members: str) -> bool:
     return set(owned) == set(members) and sum(owned.values()) == 64 and all(owned.values())
 
 
-async def all_folded(nc: Client) -> bool:
+async def all_folded(nc: Client, durables: tuple[str, ...] = ("autoserve-detector", "autoserve-detector-1")) -> bool:
     """Every member durable has acknowledged the last probe: every output is stored."""
     js = nc.jetstream()
     last = (await js.stream_info(PROBES_STREAM)).state.last_seq
-    for durable in ("autoserve-detector", "autoserve-detector-1"):
+    for durable in durables:
         info = await js.consumer_info(PROBES_STREAM, durable)
         if info.num_ack_pending or (info.ack_floor.stream_seq if info.ack_floor else 0) < last:
             return False
@@ -156,22 +165,25 @@ class Fleet:
         self._running = False
 
 
-async def reference(nc: Client) -> tuple[dict[str, list[HealthChanged]], Counter[str]]:
-    """One detector core folding AUTOSERVE_PROBES as stored, in order."""
+async def reference(nc: Client) -> tuple[dict[str, list[HealthChanged]], Counter[str], Counter[str]]:
+    """One detector core folding AUTOSERVE_PROBES as stored, in order: its HealthChanged per
+    instance, its FailureDetected ids, and its outputs by type."""
     apps = load_config_text(config_for(APPS)).apps
     core = Detector(DetectorConfig(), thresholds(dict(apps)))
     changes: dict[str, list[HealthChanged]] = defaultdict(list)
     failures: Counter[str] = Counter()
+    types: Counter[str] = Counter()
 
     def fold(msg: Msg) -> None:
         for output in core.apply(decode(msg.data)):
+            types[type(output).__name__] += 1
             if isinstance(output, HealthChanged):
                 changes[output.instance_id].append(output)
             else:
                 failures[output.event_id] += 1
 
     await read_stream(nc.jetstream(), PROBES_STREAM, "autoserve.probe.>", fold)
-    return changes, failures
+    return changes, failures, types
 
 
 async def stored(nc: Client) -> tuple[dict[str, list[HealthChanged]], Counter[str]]:
@@ -237,7 +249,7 @@ async def test_two_members_store_what_one_detector_folds_through_a_kill_and_a_pa
         for member in (a, b):
             member.stop()
 
-    expected_changes, expected_failures = await reference(nc)
+    expected_changes, expected_failures, _ = await reference(nc)
     got_changes, got_failures = await stored(nc)
     takeovers = [(m.name, line["partitions"], line["published"]) for m in (a, b)
                  for line in m.lines("partitions taken over")]  # fmt: skip
@@ -252,3 +264,52 @@ async def test_two_members_store_what_one_detector_folds_through_a_kill_and_a_pa
     assert got_failures == expected_failures  # each once, none missing, none extra
     skipped = [line["skipped"] for m in (a, b) for line in m.lines("detector stopped")]
     assert skipped and all(skipped), "each member skipped the other's inputs"
+
+
+async def test_one_member_paused_past_its_lease_holds_its_inputs_and_counts_each_output_once(
+    tmp_path: Path, nats_server: EmbeddedNatsServer, nc: Client
+) -> None:
+    """Alone and fenced after a pause, the member folds nothing until it is a member again,
+    then rebuilds every partition: stored outputs and its counters are one detector's."""
+    await provision(nc.jetstream())
+    await apply_yaml(nc, config_for(APPS))
+    solo = Member("solo", tmp_path / "solo.log")
+    fleet = Fleet(nc)
+    publishing: asyncio.Task[None] | None = None
+    try:
+        solo.start(nats_server.url)
+        await wait_for(lambda: settled(nc, "solo"), 30, "the member owns every partition")
+        publishing = asyncio.create_task(fleet.run())
+        await wait_for(lambda: fleet.rounds >= 20, 30, "2 s of flapping")
+        paused_at = time.monotonic()
+        solo.signal(signal.SIGSTOP)
+        await wait_for(lambda: time.monotonic() - paused_at >= 2 * TTL, 10, "a pause of 2 TTLs")
+        solo.signal(signal.SIGCONT)
+        await wait_for(lambda: solo.lines("partitions taken over"), 30, "its partitions rebuilt once a member again")
+        rounds = fleet.rounds
+        await wait_for(lambda: fleet.rounds >= rounds + 20, 30, "2 s more of flapping")
+        fleet.stop()
+        await publishing
+        await wait_for(lambda: all_folded(nc, ("autoserve-detector",)), 60, "every probe acknowledged")
+        metrics = solo.metrics()
+    finally:
+        fleet.stop()
+        if publishing is not None and not publishing.done():
+            publishing.cancel()
+        solo.stop()
+
+    expected_changes, expected_failures, expected_types = await reference(nc)
+    got_changes, got_failures = await stored(nc)
+    for instance in INSTANCES:
+        assert transitions(got_changes[instance]) == transitions(expected_changes[instance]), instance
+    assert got_failures == expected_failures
+    (rebuild,) = solo.lines("partitions taken over")
+    print(
+        f"\nrebuilt {rebuild['partitions']} partitions after the pause: replayed {rebuild['replayed']}, "
+        f"published {rebuild['published']} outputs"
+    )
+    counted = {kind: metrics.get(("autoserve_events_out_total", frozenset({"service": "detector", "type": kind}.items())))
+               for kind in expected_types}  # fmt: skip
+    assert counted == dict(expected_types)  # each output counted once, none while fenced
+    folded = ("autoserve_events_in_total", frozenset({"service": "detector", "type": "ProbeCompleted"}.items()))
+    assert metrics[folded] == fleet.rounds * len(INSTANCES)

@@ -91,15 +91,17 @@ def test_a_fenced_member_folds_and_writes_nothing_and_rebuilds_what_it_still_own
     table.floors_written({P: 10, Q: 10})
     assert feed(table, [(P, 11)]) == [PUBLISH]
     update = table.update(set(), fenced=True, position=11)  # paused past the lease
-    assert update.lost == [P, Q]
+    assert update.lost == [P, Q] and table.live_at_fence == {P: 11, Q: 11}  # folded live up to 11
     assert feed(table, [(P, 12), (Q, 13), (Q, 14)]) == [HOLD, HOLD, HOLD]
     assert table.floors_due(acked=11) == {}
     update = table.update({P}, fenced=False, position=14)  # a member again; Q moved meanwhile
     assert (update.gained, update.released) == ([P], ["s13", "s14"])
+    assert table.live_at_fence == {P: 11}  # Q is another member's now
     assert feed(table, [(P, 15)]) == [HOLD]
     routes, released = rebuild(table, {P: 12}, [(P, 12), (P, 14)])
     assert routes == [SILENT, PUBLISH]  # the successor published up to 12
     assert released == {P: [(SKIP, "s12"), (PUBLISH, "s15")]}  # 12 was covered by the replay
+    assert table.live_at_fence == {}
 
 
 def test_fenced_while_rebuilding_the_waiting_inputs_wait_on() -> None:

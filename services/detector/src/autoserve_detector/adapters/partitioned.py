@@ -29,6 +29,7 @@ from autoserve_runtime import ConsumerSpec, EventConsumer
 from autoserve_runtime.admission import Admit
 from autoserve_runtime.consumer import Output, ensure_durable
 from autoserve_runtime.membership import Membership
+from autoserve_runtime.observability.metrics import EVENTS_OUT
 from autoserve_runtime.publisher import EventPublisher
 
 from ..core.detector import Detector
@@ -68,6 +69,7 @@ class PartitionedDetector:
         self.table: PartitionTable[Waiting] = PartitionTable()
         self._admit = admit
         self._partitions: dict[tuple[str, str], int] = {}
+        self._outs = EVENTS_OUT.child("detector")  # the live fold's outputs are counted by the consumer
         self._wake = asyncio.Event()
         self._first_pass = asyncio.Event()
         self._w: Wiring | None = None
@@ -185,8 +187,14 @@ class PartitionedDetector:
         if route is not Route.PUBLISH or not outputs:
             _resolve(done)
             return
+        self._count(outputs)
         stored = self._submit(outputs)
         asyncio.gather(*stored).add_done_callback(lambda _: _resolve(done))
+
+    def _count(self, outputs: list[Event]) -> None:
+        for output in outputs:
+            kind = output.__class__
+            self._outs[kind] = self._outs.get(kind, 0) + 1
 
     def _submit(self, outputs: list[Event]) -> list[asyncio.Future[bool]]:
         assert self._w is not None
@@ -216,6 +224,9 @@ class PartitionedDetector:
         found = await self._floors.read(batch)
         for partition, rebuild in batch.items():
             self.table.floor_read(partition, rebuild, found.get(partition, self._default_floor))
+        # Outputs are counted (autoserve_events_out_total) once per process, as if folded live:
+        # those of inputs this process took while fenced, not those it or another published.
+        counted_above = {p: self.table.live_at_fence.get(p) for p in batch}
         stored: list[asyncio.Future[bool]] = []
         seen: set[str] = set()
         folded = published = 0
@@ -231,7 +242,8 @@ class PartitionedDetector:
             instance = getattr(event, "instance_id", None)
             if instance is None:
                 return True
-            route = self.table.replay_route(self._partition(event.app_name, instance), seq, batch)
+            partition = self._partition(event.app_name, instance)
+            route = self.table.replay_route(partition, seq, batch)
             if route is Route.SKIP or event.event_id in seen or self._admit(event):
                 return True
             seen.add(event.event_id)
@@ -244,6 +256,8 @@ class PartitionedDetector:
             if route is Route.PUBLISH and outputs:
                 published += len(outputs)
                 stored.extend(self._submit(outputs))
+                if (above := counted_above[partition]) is not None and seq > above:
+                    self._count(outputs)
             return True
 
         up_to = max(r.up_to for r in batch.values())

@@ -72,7 +72,8 @@ class PartitionTable(Generic[T]):
         self.rebuilding: dict[int, Rebuild[T]] = {}
         self.fenced = False
         self.known: dict[int, int] = {}  # the highest floor read or written, per partition
-        self.live_at_fence: dict[int, int] = {}  # partition -> the last sequence taken when fenced
+        # Partitions this process folded live until a fence, not rebuilt since: up to which sequence.
+        self.live_at_fence: dict[int, int] = {}
         self._fence_queue: list[tuple[int, int, T]] = []  # (partition, seq, input) while fenced
         self._generation = 0
 
@@ -95,6 +96,8 @@ class PartitionTable(Generic[T]):
             rebuild = self.rebuilding.pop(partition, None)
             if rebuild is not None:  # the new owner folds them
                 update.released += [item for _, item in rebuild.waiting]
+        for partition in set(self.live_at_fence) - owned:  # another member folds it from now on
+            del self.live_at_fence[partition]
         for partition in update.gained:
             self._generation += 1
             self.rebuilding[partition] = Rebuild(self._generation, position)
@@ -114,7 +117,7 @@ class PartitionTable(Generic[T]):
             return Update()
         self.fenced = True
         update: Update[T] = Update(lost=sorted(self.owned))
-        self.live_at_fence = dict.fromkeys(self.live, position)
+        self.live_at_fence.update(dict.fromkeys(self.live, position))
         waiting = [(p, seq, item) for p, r in self.rebuilding.items() for seq, item in r.waiting]
         self._fence_queue = sorted(waiting, key=lambda w: w[1]) + self._fence_queue
         self.live.clear()
@@ -181,6 +184,7 @@ class PartitionTable(Generic[T]):
             return None
         del self.rebuilding[partition]
         self.live[partition] = rebuild.floor
+        self.live_at_fence.pop(partition, None)
         return [(self._after_rebuild(seq, rebuild), item) for seq, item in rebuild.waiting]
 
     @staticmethod
