@@ -42,7 +42,7 @@ from .adapters.follow import BreakerEventFollower
 from .adapters.handlers import SERVICE, Handlers
 from .adapters.outbox import Outbox
 from .adapters.rebuild import replay_probes
-from .core.breakers import Breakers, Key, Owns
+from .core.breakers import Breakers, Owns
 
 log = structlog.get_logger("autoserve.breaker.service")
 
@@ -222,6 +222,3 @@ class BreakerService(HostedService):
             "reowned": self.reowned,
             "refused": self.outbox.refused if self.outbox else 0,
         }
-
-
-__all__ = ["BreakerService", "Key", "breaker_key", "owned_by"]
