@@ -9,6 +9,10 @@ nothing (a cluster without a stream leader, NATS away) the prober stops probing 
 than pile up results (the publisher never drops one). The rounds that waited, and for how
 long, are counted; slots that passed meanwhile are counted as missed, never fired as a
 burst. The publisher logs each stall once.
+
+With ``owns``, a worker asks before each probe whether its target is still this member's:
+a member resumed after its lease lapsed skips the slot instead of probing beside its
+successor, until the change that stops the worker arrives.
 """
 
 from __future__ import annotations

@@ -129,8 +129,8 @@ class Owners:
     stopping owns nothing: it has handed its targets over."""
 
     member: str
-    _members: frozenset[str] = frozenset()
-    _owner: dict[TargetKey, str | None] = field(default_factory=dict)
+    _members: frozenset[str] = field(default=frozenset(), init=False)
+    _owner: dict[TargetKey, str | None] = field(default_factory=dict, init=False)
 
     def owns(self, key: TargetKey, members: frozenset[str], *, fenced: bool, stopping: bool = False) -> bool:
         alive = members | {self.member}
