@@ -126,3 +126,17 @@ def test_a_rebuild_replays_only_the_history_that_can_still_count() -> None:
     books.set_apps({"counted": AppSpec(breaker=BreakerConfig(failure_rate_threshold=50))})
     assert books.history_seconds(900) == 900, "a window of 100 calls at 30 s is longer than the cap"
     assert Breakers().history_seconds(900) == 900
+
+
+def test_an_override_is_applied_by_the_owner_even_while_it_rebuilds() -> None:
+    flag = [True]
+    books = member(owns=False, may_decide=flag)
+    assert not books.decides_overrides(KEY)  # another member's
+    books.reown(lambda app, instance: True, gained=lambda app, instance: True)
+    assert not books.owns(KEY) and books.decides_overrides(KEY)
+    [held] = books.override(APP, INSTANCE, "open", 5, "ops", "cmd-1")
+    assert (held.state, held.forced, held.generation) == (OPEN, True, 1)
+    assert [c for t in (1, 2, 3) for c in books.replay_probe(probe(t))] == []  # older than the override
+    assert books.rebuilt() == [] and books.get(APP, INSTANCE).forced
+    flag[0] = False
+    assert not books.decides_overrides(KEY)  # nor while fenced

@@ -150,7 +150,7 @@ class Handlers:
             if msg.reply:
                 await self._nc.publish(msg.reply, encode_message(OverrideReply(ok=False, error=str(exc))))
             return
-        if not self._core.owns((request.app_name, request.instance_id)):
+        if not self._core.decides_overrides((request.app_name, request.instance_id)):
             return  # the owning member answers
         self.stats.overrides += 1
         changes = self._core.override(

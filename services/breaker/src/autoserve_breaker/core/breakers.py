@@ -83,6 +83,14 @@ class Breakers:
             owned = self._owned[key] = owned and not (self._gained is not None and self._gained(*key))
         return owned
 
+    def decides_overrides(self, key: Key) -> bool:
+        """An operator's override needs no counts: the owner applies it even while it is still
+        rebuilding the breaker (replayed outcomes older than it are then ignored)."""
+        if self.owns(key):
+            return True
+        may_decide = self._may_decide is None or self._may_decide()
+        return may_decide and self._gained is not None and self._gained(*key)
+
     def owned_count(self) -> int:
         return sum(1 for key in self.breakers if self.owns(key))
 
