@@ -1,6 +1,6 @@
 """``autoserve breaker open|close|reset APP INSTANCE``: a manual override.
 
-The request goes to the breaker replica that owns the instance; it records the override as
+The request goes to the breaker member that owns the instance; it records the override as
 a ``BreakerStateChanged`` (trigger ``manual``) and answers once that is stored. ``open``
 and ``close`` hold the breaker until another override; ``reset`` returns it to automatic
 operation, closed, with its counts cleared.
@@ -44,7 +44,7 @@ async def override(nats_url: str, action: str, app: str, instance: str, timeout:
         msg = await nc.request(BREAKER_OVERRIDE_RPC, encode_message(request), timeout=timeout)
     except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
         print(
-            f"autoserve breaker: no breaker replica answered for {app}/{instance} within {timeout:g}s "
+            f"autoserve breaker: no breaker member answered for {app}/{instance} within {timeout:g}s "
             "(is `autoserve run breaker` running?)",
             file=sys.stderr,
         )

@@ -97,11 +97,8 @@ def _parser() -> argparse.ArgumentParser:
         help="this process's name among its service's members, shown by `autoserve status` (env AUTOSERVE_MEMBER; "
         "default <host name>-<pid>; prober workers add -w<i>)",
     )
-    run.add_argument(
-        "--replica",
-        default=os.environ.get("AUTOSERVE_BREAKER_REPLICA"),
-        help="breaker: this replica I/N, deciding for 1/N of the breakers (env AUTOSERVE_BREAKER_REPLICA)",
-    )
+    # Deprecated (breaker members share the breakers by membership): accepted, ignored with a warning.
+    run.add_argument("--replica", default=os.environ.get("AUTOSERVE_BREAKER_REPLICA"), help=argparse.SUPPRESS)
     run.add_argument(
         "--clickhouse-url", help="reporter: env AUTOSERVE_CLICKHOUSE_URL; default chdb://<data dir>/clickhouse"
     )
