@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
         "nats-server, every stream and bucket with N replicas (AUTOSERVE_STREAM_REPLICAS overrides)",
     )  # fmt: skip
     up.add_argument("--demo", action="store_true", help="also start the bundled demo targets")
-    up.add_argument("--prober-workers", type=int, default=1, help="prober processes (targets are sharded)")
+    up.add_argument("--prober-workers", type=int, default=1, help="prober processes, each a member of the prober")
     up.add_argument("--no-status", action="store_true", help="do not show the live status table")
 
     run = commands.add_parser("run", help="run one service in the foreground")
