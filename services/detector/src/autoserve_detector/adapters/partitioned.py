@@ -221,6 +221,7 @@ class PartitionedDetector:
     async def _rebuild(self, batch: dict[int, Rebuild[Waiting]]) -> None:
         assert self._w is not None and self._floors is not None
         started, first = time.monotonic(), not self._first_pass.is_set()
+        self._drop(set(batch))  # from scratch: a pass that failed may have folded part of the window
         found = await self._floors.read(batch)
         for partition, rebuild in batch.items():
             self.table.floor_read(partition, rebuild, found.get(partition, self._default_floor))
@@ -262,8 +263,14 @@ class PartitionedDetector:
 
         up_to = max(r.up_to for r in batch.values())
         since = time.time() - self.detector.window_seconds
-        await read_window(self._w.js, self._w.spec.stream, self._w.spec.filter_subject, since, up_to, on_message)
+        spec = self._w.spec
+        complete = await read_window(self._w.js, spec.stream, spec.filter_subject, since, up_to, on_message)
         await asyncio.gather(*stored)
+        if not complete:
+            # Fenced mid-replay (the table may not know yet), or JetStream went quiet: the
+            # state is partial, so nothing goes live; rebuilt again while still ours.
+            self.on_change()
+            raise RuntimeError(f"replay stopped before stream sequence {up_to}" + (" (fenced)" if self.fenced else ""))
         finished = sum(self._finish(partition, rebuild) for partition, rebuild in batch.items())
         done = {"replayed": folded, "up_to_seq": up_to, "published": published,
                 "seconds": round(time.monotonic() - started, 3)}  # fmt: skip

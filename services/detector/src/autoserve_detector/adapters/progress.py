@@ -66,32 +66,42 @@ async def read_window(
     until_seq: int,
     on_message: Callable[[int, Msg], bool],
     idle_timeout: float = 5.0,
-) -> None:
+) -> bool:
     """Hand ``on_message(seq, msg)`` every message on ``subject`` from wall time ``since``
-    up to stream sequence ``until_seq``, in order; it returns False to stop early. Folds in
-    the delivery callback, as ``EventConsumer.replay`` does (a ``next_msg`` per message
-    measured at half the speed)."""
+    up to stream sequence ``until_seq``, in order; it returns False to stop early. True if
+    the read got there (or to the stream's end); False if it was stopped, or nothing came
+    for ``idle_timeout`` (JetStream away). Folds in the delivery callback, as
+    ``EventConsumer.replay`` does (a ``next_msg`` per message measured at half the speed)."""
     if until_seq <= 0:
-        return
+        return True
     done = asyncio.Event()
     last_delivery = time.monotonic()
+    reached = False
 
     async def deliver(msg: Msg) -> None:
-        nonlocal last_delivery
+        nonlocal last_delivery, reached
         last_delivery = time.monotonic()
         if done.is_set():
             return
         seq, pending = position(msg)
-        if seq > until_seq or not on_message(seq, msg) or seq >= until_seq or pending == 0:
-            done.set()
+        if seq > until_seq:
+            reached = True
+        elif not on_message(seq, msg):
+            pass
+        elif seq >= until_seq or pending == 0:
+            reached = True
+        else:
+            return
+        done.set()
 
     sub = await subscribe_from(js, stream, [subject], deliver, since=since)
     try:
         info = await sub.consumer_info()
         if info.num_pending == 0 and not info.delivered.consumer_seq:
-            return  # nothing stored in range: do not wait for a message that won't come
+            return True  # nothing stored in range: do not wait for a message that won't come
         while not done.is_set() and time.monotonic() - last_delivery < idle_timeout:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(done.wait(), 0.5)
     finally:
         await sub.unsubscribe()
+    return reached
