@@ -94,27 +94,24 @@ class ActiveStandby:
         self.terms += 1
         log.info("lease taken: active", lease=self.lease.key, member=self.lease.holder, term=self.terms)
         activating = asyncio.create_task(self._activate_now(), name="reporter-activate")
+        lapsed = False
         try:
-            while True:
+            while not self._stopping:
                 await self._wait(period, activating)
                 if activating.done() and activating.exception() is not None:
                     activating.result()  # activation failed: the service fails
                 # A lapse ends the term even if the lease could be taken again: someone may
                 # have held it meanwhile (and recreated the durables we are bound to).
-                if self._stopping or not self.lease.held:
+                if not self.lease.held or (not self._stopping and not await self._take() and not self.lease.held):
+                    lapsed = not self._stopping
                     break
-                if not await self._take():
-                    log.warning("lease renewal failed", lease=self.lease.key, held=self.lease.held)
-                    if not self.lease.held:
-                        break
         finally:
-            drain = self._stopping
-            if not drain:
+            if lapsed:
                 self.fenced += 1
                 log.error("lease lapsed: stopping ingestion at once, back to standby", lease=self.lease.key)
             await cancel_all([activating])
             self.active = False
-            await self._deactivate(drain)
+            await self._deactivate(self._stopping)
 
     async def _activate_now(self) -> None:
         started = time.monotonic()
