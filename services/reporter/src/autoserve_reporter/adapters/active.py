@@ -111,7 +111,13 @@ class ActiveStandby:
                 log.error("lease lapsed: stopping ingestion at once, back to standby", lease=self.lease.key)
             await cancel_all([activating])
             self.active = False
-            await self._deactivate(self._stopping)
+            # A drain can outlast the TTL: the lease is kept until the store is closed, so no
+            # successor starts on the durables while this member still acknowledges.
+            renewing = [asyncio.create_task(self._renew_every(period))] if self._stopping and not lapsed else []
+            try:
+                await self._deactivate(self._stopping)
+            finally:
+                await cancel_all(renewing)
 
     async def _activate_now(self) -> None:
         started = time.monotonic()
@@ -120,6 +126,11 @@ class ActiveStandby:
         log.info("active: ingesting", seconds=round(time.monotonic() - started, 2), term=self.terms)
         if not self.first.done():
             self.first.set_result(None)
+
+    async def _renew_every(self, period: float) -> None:
+        while self.lease.held:
+            await asyncio.sleep(period)
+            await self._take()
 
     async def _take(self) -> bool:
         try:
