@@ -136,3 +136,11 @@ async def test_status_shows_each_members_host_what_it_owns_and_when_it_was_last_
     out = capsys.readouterr().out
     assert "Members" in out and "2 members of 1 services" in out
     assert "150 targets" in out and "s ago" in out
+
+
+async def test_a_slot_whose_key_vanished_without_another_holder_is_taken_back_not_lost(joined: Join) -> None:
+    a = await joined("a", slots=2)
+    kv = await a._js.key_value("autoserve-members")
+    await kv.purge("lease.prober.slot0")  # as if it expired on the server during a stall
+    await a._renew_slot()
+    assert not a.slot_lost and await Lease(a._js, "prober.slot0", "x", ttl=2).current_holder() == "a"

@@ -176,7 +176,9 @@ class Membership:
             await asyncio.sleep(min(1.0, self.ttl / 3))
 
     async def _renew_slot(self) -> None:
-        if self._slot_lease is None or await self._slot_lease.try_take():
+        # A renewal refused because the key expired (a server stall past the TTL) finds the
+        # slot free on the second try, and takes it back; only another holder loses it.
+        if self._slot_lease is None or await self._slot_lease.try_take() or await self._slot_lease.try_take():
             return
         # Our slot lapsed and another member took it (we were paused past the TTL): its
         # durable is theirs now. Stop owning anything; the service fails its readiness.
