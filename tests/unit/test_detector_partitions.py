@@ -63,14 +63,16 @@ def test_a_member_behind_the_previous_owner_publishes_nothing_it_already_publish
 
 def test_a_partition_lost_while_rebuilding_releases_what_waited() -> None:
     table: PartitionTable[str] = PartitionTable()
-    table.update({P, Q}, fenced=False, position=0)
-    feed(table, [(P, 1), (Q, 2), (P, 3)])
+    table.update({P, Q}, fenced=False, position=1)
+    feed(table, [(P, 2), (Q, 3), (P, 4)])
     batch = table.start_rebuilds()
-    update = table.update({Q}, fenced=False, position=3)  # another member joined and took P
-    assert (update.lost, update.released) == ([P], ["s1", "s3"])
+    assert table.replay_route(P, 1, batch) is PUBLISH
+    update = table.update({Q}, fenced=False, position=4)  # another member joined and took P
+    assert (update.lost, update.released) == ([P], ["s2", "s4"])
+    assert table.replay_route(P, 1, batch) is SKIP  # the replay under way folds no more of it
     assert table.rebuilt(P, batch[P]) is None  # stale: P is not ours
-    assert table.rebuilt(Q, batch[Q]) == [(PUBLISH, "s2")]
-    assert feed(table, [(P, 4), (Q, 5)]) == [SKIP, PUBLISH]
+    assert table.rebuilt(Q, batch[Q]) == [(PUBLISH, "s3")]
+    assert feed(table, [(P, 5), (Q, 6)]) == [SKIP, PUBLISH]
 
 
 def test_a_partition_lost_and_gained_again_during_a_replay_is_rebuilt_again() -> None:

@@ -271,7 +271,9 @@ class PartitionedDetector:
             # state is partial, so nothing goes live; rebuilt again while still ours.
             self.on_change()
             raise RuntimeError(f"replay stopped before stream sequence {up_to}" + (" (fenced)" if self.fenced else ""))
-        finished = sum(self._finish(partition, rebuild) for partition, rebuild in batch.items())
+        unfinished = {p for p, rebuild in batch.items() if not self._finish(p, rebuild)}
+        self._drop(unfinished)  # lost, fenced or gained again meanwhile: what was folded is partial
+        finished = len(batch) - len(unfinished)
         done = {"replayed": folded, "up_to_seq": up_to, "published": published,
                 "seconds": round(time.monotonic() - started, 3)}  # fmt: skip
         if first:
@@ -281,8 +283,8 @@ class PartitionedDetector:
         elif finished:
             self.takeovers += 1
             log.info("partitions taken over", partitions=finished, **done)
-        if finished < len(batch):  # lost, fenced or gained again meanwhile: rebuilt by a later pass if ours
-            log.info("partition rebuilds abandoned", partitions=len(batch) - finished)
+        if unfinished:  # rebuilt by a later pass if still ours
+            log.info("partition rebuilds abandoned", partitions=len(unfinished))
 
     def _finish(self, partition: int, rebuild: Rebuild[Waiting]) -> bool:
         waiting = self.table.rebuilt(partition, rebuild)

@@ -172,8 +172,8 @@ class PartitionTable(Generic[T]):
         """An input the rebuild's replay reads: folded only if it is of a partition being
         rebuilt and not beyond the rebuild's ``up_to`` (later ones are live inputs)."""
         rebuild = batch.get(partition)
-        if rebuild is None or seq > rebuild.up_to or self.fenced:
-            return Route.SKIP
+        if rebuild is None or seq > rebuild.up_to or not self._current(partition, rebuild):
+            return Route.SKIP  # not rebuilt by this pass, a live input, or lost meanwhile
         return Route.SILENT if seq <= rebuild.floor else Route.PUBLISH
 
     def rebuilt(self, partition: int, rebuild: Rebuild[T]) -> list[tuple[Route, T]] | None:
