@@ -24,17 +24,18 @@ run: setup
 	$(BIN)/autoserve up --demo -c examples/demo.yaml $(UP_ARGS)
 
 # Three lanes at once, sharing no ports and no state: the unit tests (CPU only, niced), the
-# cluster tests (3-node NATS clusters on free ports; marker `cluster`, mostly waiting on
-# elections) and the other integration tests, which mostly wait on real components. The run
-# takes about the longest lane's time. All must pass; the two side logs follow the output.
+# cluster and members tests (3-node NATS clusters and several members of a service on free
+# ports; markers `cluster` and `members`, mostly waiting on elections and lease expiries) and
+# the other integration tests, which mostly wait on real components. The run takes about the
+# longest lane's time. All must pass; the two side logs follow the output.
 test: setup system
 	$(BIN)/ruff check .
 	@mkdir -p .autoserve
 	@nice -n 10 $(BIN)/pytest tests/unit -p no:cacheprovider > .autoserve/unit-tests.log 2>&1 & unit=$$!; \
-	$(BIN)/pytest tests/integration -m cluster -p no:cacheprovider > .autoserve/cluster-tests.log 2>&1 & cluster=$$!; \
-	$(BIN)/pytest tests/integration -m "not cluster"; integration=$$?; \
+	$(BIN)/pytest tests/integration -m "cluster or members" -p no:cacheprovider > .autoserve/cluster-tests.log 2>&1 & cluster=$$!; \
+	$(BIN)/pytest tests/integration -m "not cluster and not members"; integration=$$?; \
 	wait $$cluster; clusters=$$?; wait $$unit; units=$$?; \
-	echo "---- tests/integration -m cluster (ran beside) ----"; cat .autoserve/cluster-tests.log; \
+	echo "---- tests/integration -m \"cluster or members\" (ran beside) ----"; cat .autoserve/cluster-tests.log; \
 	echo "---- tests/unit (ran beside) ----"; cat .autoserve/unit-tests.log; \
 	test $$integration -eq 0 && test $$clusters -eq 0 && test $$units -eq 0
 

@@ -39,6 +39,8 @@ from .conftest import LOCALHOST, apply_yaml, wait_for
 from .test_alerter import SECRET, config, crash, publish, webhook
 from .test_reporter import AUTOSERVE
 
+pytestmark = pytest.mark.members  # the members lane of make test, beside the others
+
 TTL = 2
 # Longer than a TTL plus a renewal: the owner dies while its group waits, so long before the
 # flush that it could not have sent it (the repeat count stays 0).

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from nats.aio.client import Client
 from nats.js.api import DeliverPolicy
 
@@ -41,6 +42,8 @@ from autoserve_runtime.ownership import owner_of
 
 from .conftest import LOCALHOST, Outputs, apply_yaml, check, config_for, wait_for
 from .test_breaker import AUTOSERVE
+
+pytestmark = pytest.mark.members  # the members lane of make test, beside the others
 
 TTL = 2
 SOON = 8  # seconds an open "soon" breaker waits: beyond the takeover, within the test

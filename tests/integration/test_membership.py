@@ -18,6 +18,8 @@ from autoserve_runtime.membership import Lease, Membership, slot_durable
 from autoserve_runtime.ownership import owner_of
 from tests.support.waiting import wait_for
 
+pytestmark = pytest.mark.members  # the members lane of make test, beside the others
+
 KEYS = [f"web/w{i}" for i in range(300)]
 
 

@@ -11,6 +11,7 @@ import itertools
 import time
 from pathlib import Path
 
+import pytest
 from nats.aio.client import Client
 
 from autoserve_runtime import EmbeddedNatsServer
@@ -21,6 +22,8 @@ from ..support.cluster import nginx
 from ..support.prober_members import ProbeLog, ProberMembers, metric, owners
 from ..support.waiting import wait_for
 from .conftest import LOCALHOST, apply_yaml, check, config_for
+
+pytestmark = pytest.mark.members  # the members lane of make test, beside the others
 
 APP = "fleet"
 TARGETS = 300

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from nats.aio.client import Client
 
 from autoserve_events import FailureDetected, FailureType
@@ -21,6 +22,8 @@ from autoserve_runtime.membership import Lease
 
 from .conftest import LOCALHOST, wait_for
 from .test_reporter import AUTOSERVE, ReporterProcess, probe, publish
+
+pytestmark = pytest.mark.members  # the members lane of make test, beside the others
 
 TTL = 2
 
