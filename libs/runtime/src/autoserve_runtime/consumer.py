@@ -45,7 +45,7 @@ from autoserve_events.durables import DurableSpec
 
 from . import observability
 from .admission import Admit
-from .feed import position, sequences, subscribe_from
+from .feed import read_window, sequences
 from .publisher import EventPublisher
 from .tasks import cancel_all
 
@@ -245,25 +245,11 @@ class EventConsumer:
 
     async def replay(self, since: float, until_seq: int, subject: str, idle_timeout: float = 5.0) -> int:
         """Fold inputs on ``subject`` from wall time ``since`` up to stream sequence
-        ``until_seq`` without publishing anything; return how many were folded.
-
-        The fold runs in the delivery callback: a ``next_msg`` per message (a timer and a
-        future each) measured at half the speed."""
-        if until_seq <= 0:
-            return 0
-        done = asyncio.Event()
+        ``until_seq`` without publishing anything; return how many were folded."""
         count = 0
-        last_delivery = time.monotonic()
 
-        async def fold(msg: Msg) -> None:
-            nonlocal count, last_delivery
-            last_delivery = time.monotonic()
-            if done.is_set():
-                return
-            seq, pending = position(msg)
-            if seq > until_seq:
-                done.set()
-                return
+        def fold(seq: int, msg: Msg) -> bool:
+            nonlocal count
             try:
                 event = decode(msg.data)
                 if self._seen.add(event.event_id) and not (self._admit and self._admit(event)):
@@ -273,19 +259,9 @@ class EventConsumer:
                 pass  # dead-lettered when it was live
             except Exception:  # as live, where it was dead-lettered: skip it, keep rebuilding
                 log.exception("fold failed during replay; input skipped", subject=msg.subject, seq=seq)
-            if seq >= until_seq or pending == 0:
-                done.set()
+            return True
 
-        sub = await subscribe_from(self._js, self._spec.stream, [subject], fold, since=since)
-        try:
-            info = await sub.consumer_info()
-            if info.num_pending == 0 and not info.delivered.consumer_seq:
-                return 0  # nothing stored in range: do not wait for a message that won't come
-            while not done.is_set() and time.monotonic() - last_delivery < idle_timeout:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(done.wait(), 0.5)
-        finally:
-            await sub.unsubscribe()
+        await read_window(self._js, self._spec.stream, subject, since, until_seq, fold, idle_timeout)
         self.stats.replayed = count
         return count
 

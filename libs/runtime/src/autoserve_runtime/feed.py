@@ -103,6 +103,56 @@ async def subscribe_from(
     )
 
 
+async def read_window(
+    js: JetStreamContext,
+    stream: str,
+    subject: str,
+    since: float,
+    until_seq: int,
+    on_message: Callable[[int, Msg], bool],
+    idle_timeout: float = 5.0,
+) -> bool:
+    """Hand ``on_message(seq, msg)`` every message on ``subject`` from wall time ``since``
+    up to stream sequence ``until_seq``, in order; it returns False to stop early. True if
+    the read got there (or to the stream's end); False if it was stopped, or nothing came
+    for ``idle_timeout`` (JetStream away). The replays of a start-up or a takeover: the
+    caller folds in the delivery callback (a ``next_msg`` per message, a timer and a future
+    each, measured at half the speed)."""
+    if until_seq <= 0:
+        return True
+    done = asyncio.Event()
+    last_delivery = time.monotonic()
+    reached = False
+
+    async def deliver(msg: Msg) -> None:
+        nonlocal last_delivery, reached
+        last_delivery = time.monotonic()
+        if done.is_set():
+            return
+        seq, pending = position(msg)
+        if seq > until_seq:
+            reached = True
+        elif not on_message(seq, msg):
+            pass
+        elif seq >= until_seq or pending == 0:
+            reached = True
+        else:
+            return
+        done.set()
+
+    sub = await subscribe_from(js, stream, [subject], deliver, since=since)
+    try:
+        info = await sub.consumer_info()
+        if info.num_pending == 0 and not info.delivered.consumer_seq:
+            return True  # nothing stored in range: do not wait for a message that won't come
+        while not done.is_set() and time.monotonic() - last_delivery < idle_timeout:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), 0.5)
+    finally:
+        await sub.unsubscribe()
+    return reached
+
+
 class Feed:
     """An ordered read of ``subjects`` in ``stream`` that a service lives on: each stream
     sequence reaches ``on_message`` once and in order, the consumer is re-created from the

@@ -5,9 +5,6 @@ probe is folded once, and in stream order."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import time
 from collections.abc import Callable
 
 import structlog
@@ -16,7 +13,7 @@ from nats.js import JetStreamContext
 
 from autoserve_events import MalformedEvent, ProbeCompleted, decode, durables
 from autoserve_runtime.admission import Admit
-from autoserve_runtime.feed import position, subscribe_from
+from autoserve_runtime.feed import read_window
 
 log = structlog.get_logger("autoserve.breaker.rebuild")
 
@@ -36,22 +33,11 @@ async def replay_probes(
     return how many were folded. Only those of breakers ``wanted`` (app, instance, read from
     the subject, so the others are not even decoded); inputs the live consumer refuses
     (``admit``) are skipped."""
-    if until_seq <= 0:
-        return 0
-    done = asyncio.Event()
     count = 0
-    last_delivery = time.monotonic()
     by_subject: dict[str, bool] = {}
 
-    async def on_message(msg: Msg) -> None:
-        nonlocal count, last_delivery
-        last_delivery = time.monotonic()
-        if done.is_set():
-            return
-        seq, pending = position(msg)
-        if seq > until_seq:
-            done.set()
-            return
+    def on_message(seq: int, msg: Msg) -> bool:
+        nonlocal count
         try:
             if wanted is None or _wanted(by_subject, msg.subject, wanted):
                 event = decode(msg.data)
@@ -62,20 +48,10 @@ async def replay_probes(
             pass  # dead-lettered when it was live
         except Exception:  # as live, where it was dead-lettered: skip it, keep rebuilding
             log.exception("fold failed during a takeover replay; input skipped", subject=msg.subject, seq=seq)
-        if seq >= until_seq or pending == 0:
-            done.set()
+        return True
 
     (subject,) = durables.BREAKER.filter_subjects
-    sub = await subscribe_from(js, durables.BREAKER.stream, [subject], on_message, since=since)
-    try:
-        info = await sub.consumer_info()
-        if info.num_pending == 0 and not info.delivered.consumer_seq:
-            return 0  # nothing stored in range
-        while not done.is_set() and time.monotonic() - last_delivery < idle_timeout:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(done.wait(), 0.5)
-    finally:
-        await sub.unsubscribe()
+    await read_window(js, durables.BREAKER.stream, subject, since, until_seq, on_message, idle_timeout)
     return count
 
 
