@@ -41,6 +41,7 @@ log = structlog.get_logger("autoserve.detector")
 
 FLOOR_SECONDS = 1.0  # a partition's floor is written at most this often
 RETRY_SECONDS = 1.0
+PARTITION_CACHE = 200_000  # instances whose partition is remembered
 
 Waiting = tuple[AnyEvent, "asyncio.Future[bool]"]
 
@@ -119,6 +120,8 @@ class PartitionedDetector:
         key = (app, instance)
         found = self._partitions.get(key)
         if found is None:
+            if len(self._partitions) >= PARTITION_CACHE:  # discovered containers come and go
+                self._partitions.clear()
             found = self._partitions[key] = partition_of(app, instance)
         return found
 
