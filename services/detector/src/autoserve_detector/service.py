@@ -21,14 +21,13 @@ from autoserve_config import AppSpec, DetectorConfig
 from autoserve_events import APPS_BUCKET, SETTINGS_BUCKET, durables
 from autoserve_runtime import Admission, ConsumerSpec, follow_apps, follow_detector_settings
 from autoserve_runtime.host import Consume, Host, HostedService, Plan, Watch
-from autoserve_runtime.membership import slot_durable
+from autoserve_runtime.membership import MEMBER_SLOTS, slot_durable
 
 from .adapters.partitioned import PartitionedDetector, Wiring
 from .adapters.slot import DurableSlot
 from .core.detector import AppThresholds, Detector
 
 CONSUMER = ConsumerSpec.of(durables.DETECTOR)
-MEMBER_SLOTS = 8
 
 
 def consumer_spec(slot: int | None) -> ConsumerSpec:

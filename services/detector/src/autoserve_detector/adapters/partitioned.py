@@ -28,13 +28,14 @@ from autoserve_events import AnyEvent, Event, MalformedEvent, decode
 from autoserve_runtime import ConsumerSpec, EventConsumer
 from autoserve_runtime.admission import Admit
 from autoserve_runtime.consumer import Output, ensure_durable
+from autoserve_runtime.feed import read_window
 from autoserve_runtime.membership import Membership
 from autoserve_runtime.observability.metrics import EVENTS_OUT
 from autoserve_runtime.publisher import EventPublisher
 
 from ..core.detector import Detector
 from ..core.partitions import PARTITIONS, PartitionTable, Rebuild, Route, partition_key, partition_of
-from .progress import Floors, read_window
+from .progress import Floors
 from .slot import DurableSlot
 
 log = structlog.get_logger("autoserve.detector")
