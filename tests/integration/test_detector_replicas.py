@@ -41,6 +41,16 @@ from autoserve_runtime import EmbeddedNatsServer, free_port, provision
 from autoserve_runtime.ownership import decode_record
 from autoserve_runtime.provisioning import MEMBERS_BUCKET
 from tests.support.cluster_counts import read_stream
+from tests.support.secure_nats import (
+    SecureNats,
+    clean_env,
+    provisioned,
+    secure_nats,  # noqa: F401  (a fixture)
+    session,
+)
+from tests.support.secure_nats import (
+    stored as stored_as_admin,
+)
 
 from .conftest import LOCALHOST, apply_yaml, check, config_for, wait_for
 
@@ -62,11 +72,11 @@ def healthy(round_: int, n: int) -> bool:
     return ((round_ + n) // run) % 2 == 0
 
 
-def probe(round_: int, n: int) -> ProbeCompleted:
+def probe(round_: int, n: int, app: str = "flap", instance: str = "") -> ProbeCompleted:
     ok = healthy(round_, n)
     failed = {} if ok else {"status_code": 503, "error": "Unexpected status code: 503",
                             "error_kind": ErrorKind.UNEXPECTED_STATUS}  # fmt: skip
-    return ProbeCompleted(instance_id=INSTANCES[n], app_name="flap", check_type="http", is_healthy=ok,
+    return ProbeCompleted(instance_id=instance or INSTANCES[n], app_name=app, check_type="http", is_healthy=ok,
                           response_time_ms=3.0, timestamp=time.time(), **failed)  # fmt: skip
 
 
@@ -82,12 +92,13 @@ class Member:
             families = text_string_to_metric_families(reply.read().decode())
             return {(s.name, frozenset(s.labels.items())): s.value for family in families for s in family.samples}
 
-    def start(self, url: str) -> Member:
+    def start(self, url: str, **extra: str) -> Member:
         self.port = free_port()
-        env = {**os.environ, "AUTOSERVE_MEMBER": self.name, "AUTOSERVE_MEMBER_TTL": str(TTL),
+        env = {**os.environ, "AUTOSERVE_MEMBER_TTL": str(TTL), **extra, "AUTOSERVE_MEMBER": self.name,
                "AUTOSERVE_LOG_FORMAT": "json", "AUTOSERVE_DATA_DIR": str(self.log.parent / f"{self.name}-data")}  # fmt: skip
         with self.log.open("ab") as out:
-            command = [AUTOSERVE, "run", "detector", "--nats-url", url, "--metrics-port", str(self.port)]
+            nats = ["--nats-url", url] if url else []
+            command = [AUTOSERVE, "run", "detector", *nats, "--metrics-port", str(self.port)]
             self.process = subprocess.Popen(command, stdout=out, stderr=out, env=env)
         return self
 
@@ -313,3 +324,41 @@ async def test_one_member_paused_past_its_lease_holds_its_inputs_and_counts_each
     assert counted == dict(expected_types)  # each output counted once, none while fenced
     folded = ("autoserve_events_in_total", frozenset({"service": "detector", "type": "ProbeCompleted"}.items()))
     assert metrics[folded] == fleet.rounds * len(INSTANCES)
+
+
+async def test_members_with_their_deployed_credentials_are_refused_nothing(
+    tmp_path: Path,
+    secure_nats: SecureNats,  # noqa: F811
+) -> None:
+    """deploy/nats/nats-server.conf lets the members do all they do: slot leases, their slot
+    durables, the floors, a rebuild's replay, a graceful stop's final floors and the takeover
+    after it. On the way: probes stored before a new member's durable existed, in its share
+    and unfolded (the other member is paused), are folded and published by its first rebuild."""
+    await provisioned(secure_nats)  # app web, instance w-1: partition 42, member b's of {a, b}
+    env = {**clean_env(**secure_nats.env("detector")), "AUTOSERVE_MEMBER_TTL": "10"}  # the pause stays within it
+    a, b = Member("a", tmp_path / "a.log"), Member("b", tmp_path / "b.log")
+    prober = await session(secure_nats, "prober")
+    try:
+        a.start("", **env)
+        await wait_for(lambda: a.lines("detector started"), 30, "a started")
+        a.signal(signal.SIGSTOP)
+        js = prober.nc.jetstream()
+        for n in range(6):
+            event = probe(n, 0, app="web", instance="w-1")
+            await js.publish(subject_for(event), encode(event), headers={"Nats-Msg-Id": event.event_id})
+        b.start("", **env)
+        await wait_for(lambda: b.lines("state rebuilt"), 30, "b rebuilt its share")
+        a.signal(signal.SIGCONT)
+        assert b.lines("state rebuilt")[0]["published"] > 0
+        assert [e for _, e in await stored_as_admin(secure_nats, "autoserve.event.health.>")], "nothing published"
+        b.stop()  # graceful: final floors, and a takes its partitions over at once
+        await wait_for(lambda: a.lines("partitions taken over"), 30, "a took b's partitions over")
+    finally:
+        await prober.nc.close()
+        for member in (a, b):
+            member.stop()
+    refused = [line for line in secure_nats.violations() if "user:detector" in line]
+    assert refused == []
+    for member in (a, b):
+        text = member.log.read_text(errors="replace")
+        assert "permission" not in text.lower() and "floors not written" not in text, text[-3000:]

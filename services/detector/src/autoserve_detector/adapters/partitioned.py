@@ -87,13 +87,16 @@ class PartitionedDetector:
     async def start(self, wiring: Wiring) -> None:
         """Before the consumer goes live: where its durable stands, what this member owns."""
         self._w, self._floors = wiring, Floors(wiring.js)
-        _, info = await ensure_durable(wiring.js, wiring.spec.stream, wiring.spec.config())
+        created, info = await ensure_durable(wiring.js, wiring.spec.stream, wiring.spec.config())
         acked = info.ack_floor.stream_seq if info.ack_floor else 0
         delivered = info.delivered.stream_seq if info.delivered else 0
         # The consumer resumes after its ack floor when inputs were left unacknowledged,
         # else where it delivered last (a durable created now: the stream's end).
         self._start_position = acked if info.num_ack_pending else max(acked, delivered)
-        self._default_floor = acked  # one detector upgraded from before floors: as it replayed then
+        # A partition nobody wrote a floor for: one detector upgraded from before floors
+        # starts where its durable's acks say, as it did then. A durable created now says
+        # nothing (its ack floor is just where it starts): publish the window's outputs.
+        self._default_floor = 0 if created else acked
         wiring.membership.on_change.append(self.on_change)
         self.on_change()
         if not self.table.rebuilding:
