@@ -111,6 +111,11 @@ async def test_a_lease_has_one_holder_and_lapses_when_the_holder_stops_renewing(
     assert not await first.try_take()
     await second.release()
     assert await first.try_take()
+    # Its holder paused past the TTL, its key not expired yet: the holder renews it, nobody else takes it.
+    first._renewed_at -= 2.5
+    assert not first.held
+    assert not await second.try_take()
+    assert await first.try_take() and first.held
 
 
 async def test_members_that_need_a_durable_each_take_their_own_slot(joined: Join) -> None:

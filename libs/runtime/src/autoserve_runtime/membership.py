@@ -315,7 +315,7 @@ class Lease:
             last = self._revision
         else:
             holder, last = await self._last()
-            if holder is not None:
+            if holder not in (None, self.holder):  # ours after a lapse (not expired yet): renew it
                 self._revision = 0
                 return False
         try:
