@@ -151,3 +151,12 @@ async def test_a_slot_whose_key_vanished_without_another_holder_is_taken_back_no
     await kv.purge("lease.prober.slot0")  # as if it expired on the server during a stall
     await a._renew_slot()
     assert not a.slot_lost and await Lease(a._js, "prober.slot0", "x", ttl=2).current_holder() == "a"
+
+
+async def test_a_renewal_late_by_the_clock_but_before_the_key_expired_is_no_lapse(joined: Join) -> None:
+    a = await joined("a")
+    a._tasks[1].cancel()  # renewals by hand from here
+    a._renewed_at -= 2.5  # as if the last renewal was sent longer than the TTL ago (a stall)
+    assert a.fenced and not a.owns("web/w1")
+    await a._renew()  # our key is still there, untouched: nobody can have taken over
+    assert not a.fenced and a.owns("web/w1") and a.lapses == 0

@@ -24,7 +24,7 @@ from collections.abc import Callable
 import nats.errors
 import structlog
 from nats.js import JetStreamContext
-from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
+from nats.js.errors import APIError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KV_DEL, KV_MARKER_REASON, KV_OP, KV_PURGE, KeyValue
 
 from .ownership import MemberRecord, MemberView, decode_record, encode_record, member_name, owner_of
@@ -33,8 +33,12 @@ from .tasks import cancel_all
 
 log = structlog.get_logger("autoserve.membership")
 
-DEFAULT_TTL_SECONDS = 5.0
+# Longer than a NATS cluster's failover (a stream's leader election took up to about 8 s
+# here, bench/RESULTS.md "Cluster: failover"), so a failover pauses no member's work.
+DEFAULT_TTL_SECONDS = 15.0
 EXPIRY_GRACE_SECONDS = 1.0  # beyond a member's TTL before this process drops it itself
+EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
+WRONG_LAST_SEQUENCE = (10071, 10164)  # JetStream: the subject's last sequence is not the one named
 LOAD_TIMEOUT_SECONDS = 30.0
 # Members of a service that each need a durable consumer of their own (detector, breaker,
 # alerter) take one of this many slots; the NATS permissions list each slot's durable.
@@ -90,6 +94,7 @@ class Membership:
         self.started_at = time.time()
         self._kv: KeyValue | None = None
         self._renewed_at = -1e18  # monotonic
+        self._seq = 0  # the stream sequence of our last renewal
         self._view_loaded = asyncio.Event()
         self._fresh = False  # the view was (re)read since the lease last lapsed
         self._was_fenced = True
@@ -195,19 +200,37 @@ class Membership:
         )  # fmt: skip
 
     async def _renew(self) -> None:
+        """Write our record again. Each renewal names the previous one
+        (``Nats-Expected-Last-Subject-Sequence``): accepted, nothing was written to our key
+        in between, so it never expired and nobody can have taken our work over, however
+        late this renewal is (a stall shorter than the server's own expiry). Refused, the
+        key expired or was rewritten: a real lapse, and we re-read the members before
+        owning anything again."""
         sent = time.monotonic()
         subject = f"$KV.{MEMBERS_BUCKET}.{self.key}"
-        await self._js.publish(subject, encode_record(self.record()), msg_ttl=self.ttl, timeout=self.ttl / 3)
-        if sent - self._renewed_at > self.ttl:
-            # The lease lapsed (first join, a pause, an outage): others may own our keys
-            # now. Re-read the membership before owning anything again.
+        payload, wait = encode_record(self.record()), self.ttl / 3
+        try:
+            headers = {EXPECTED_LAST_SUBJECT_SEQUENCE: str(self._seq)} if self._seq else None
+            ack = await self._js.publish(subject, payload, msg_ttl=self.ttl, timeout=wait, headers=headers)
+            broken = not self._seq
+        except APIError as exc:
+            if exc.err_code not in WRONG_LAST_SEQUENCE:
+                raise
+            ack = await self._js.publish(subject, payload, msg_ttl=self.ttl, timeout=wait)
+            broken = True
+        self._seq = ack.seq
+        late = sent - self._renewed_at > self.ttl
+        if broken:
             if self._renewed_at > 0:
                 self.lapses += 1
-                log.warning("membership lease lapsed; re-reading the members before owning anything",
+                log.warning("membership lapsed (our key expired); re-reading the members before owning anything",
                             service=self.service, member=self.member,
-                            lapsed_for=round(sent - self._renewed_at - self.ttl, 1))  # fmt: skip
+                            lapsed_for=round(max(0.0, sent - self._renewed_at - self.ttl), 1))  # fmt: skip
             self._fresh = False
             self._reload.set()
+        elif late:
+            log.info("membership renewed late, before the key expired: nobody took over",
+                     service=self.service, member=self.member, late_by=round(sent - self._renewed_at - self.ttl, 1))  # fmt: skip
         self._renewed_at = sent
 
     async def _heartbeat(self) -> None:
