@@ -155,8 +155,30 @@ async def test_a_slot_whose_key_vanished_without_another_holder_is_taken_back_no
 
 async def test_a_renewal_late_by_the_clock_but_before_the_key_expired_is_no_lapse(joined: Join) -> None:
     a = await joined("a")
-    a._tasks[1].cancel()  # renewals by hand from here
     a._renewed_at -= 2.5  # as if the last renewal was sent longer than the TTL ago (a stall)
-    assert a.fenced and not a.owns("web/w1")
+    assert not a.fenced and a.owns("web/w1")  # alone: nobody it knows of can have taken over
+    await joined("b")
+    await wait_for(lambda: a.members == {"a", "b"}, 10, "a sees b")
+    a._tasks[1].cancel()  # renewals by hand from here
+    await a._renew()
+    a._renewed_at -= 2.5
+    assert a.fenced and not a.owns("web/w1") and not a.owns("web/w2")  # not alone: it may have a successor
     await a._renew()  # our key is still there, untouched: nobody can have taken over
-    assert not a.fenced and a.owns("web/w1") and a.lapses == 0
+    assert not a.fenced and a.lapses == 0
+    assert {a.owner(f"web/w{i}") for i in range(20)} == {"a", "b"}
+
+
+async def test_a_renewal_that_timed_out_but_was_stored_is_no_lapse(joined: Join, nc: Client) -> None:
+    a = await joined("a")
+    a._tasks[1].cancel()
+    stale = a._seq
+    await a._renew()  # stored, as if its ack had been lost in a failover:
+    a._seq = stale  # this process still names the one before
+    await a._renew()
+    assert a.lapses == 0 and not a.fenced
+    lease = Lease(nc.jetstream(), "prober", "a", ttl=2)
+    assert await lease.try_take()
+    revision = lease._revision
+    assert await lease.try_take() and lease._revision != revision
+    lease._revision = revision  # the same for a lease renewal
+    assert await lease.try_take() and lease.held

@@ -43,6 +43,7 @@ from autoserve_runtime import (
 from autoserve_runtime.bus import redact_url
 from autoserve_runtime.nats_cluster import EmbeddedNatsCluster
 from autoserve_runtime.observability import PORT_ENV
+from autoserve_runtime.ownership import member_name
 
 from .apply import store_config
 from .cluster_status import ClusterWatch
@@ -230,6 +231,15 @@ def _service_env(env: dict[str, str], index: int) -> dict[str, str]:
     return service_env
 
 
+def _member_env(env: dict[str, str], service: str) -> dict[str, str]:
+    """A service ``up`` restarts comes back as the same member (``up-<service>`` on this host,
+    unless AUTOSERVE_MEMBER is given): it renews its own keys and leases at once instead of
+    waiting out the dead process's TTL."""
+    if env.get("AUTOSERVE_MEMBER"):
+        return {}
+    return {"AUTOSERVE_MEMBER": member_name(f"{socket.gethostname()}-up-{service}")}
+
+
 def _endpoints(envs: dict[str, dict[str, str]]) -> str:
     """Where each service serves /healthz, /readyz and /metrics."""
     shown = []
@@ -348,7 +358,7 @@ async def _main(
                 launch = _python_child(["-m", "autoserve_cli.demo", "--target", target], logs / f"{name}.log", env)
                 children[name] = Child(name, logs / f"{name}.log", launch)
                 supervisor.add(name, Policy(Restart.NO, TARGETS_GROUP, grace=GRACE_SECONDS))
-        envs = {name: _service_env(env, index) for index, name in enumerate(SERVICES)}
+        envs = {name: _service_env(env, index) | _member_env(env, name) for index, name in enumerate(SERVICES)}
         for name in SERVICES:
             command = ["-m", "autoserve_cli.main", "run", name]
             if name == "prober":

@@ -117,8 +117,19 @@ class Membership:
 
     @property
     def fenced(self) -> bool:
-        """True while this member may not act as an owner: its lease may have lapsed."""
-        return self._left or self.slot_lost or not self._fresh or time.monotonic() - self._renewed_at > self.ttl
+        """True while this member may not act as an owner: its lease may have lapsed. A
+        member that was alone in its last view is not fenced by a late renewal (a NATS outage
+        or failover): nobody it knows of can have taken its work over, and a member that joins
+        meanwhile at worst repeats work whose outputs are idempotent (deterministic ids,
+        chained breaker transitions, idempotency keys). One service keeps working as before."""
+        if self._left or self.slot_lost or not self._fresh:
+            return True
+        return time.monotonic() - self._renewed_at > self.ttl and not self.alone
+
+    @property
+    def alone(self) -> bool:
+        """No other member of the service in the last view."""
+        return self.view.members <= {self.member}
 
     def owner(self, key: str) -> str | None:
         return owner_of(key, self.view.members | {self.member})
@@ -171,7 +182,7 @@ class Membership:
         deadline = time.monotonic() + timeout
         while True:
             for slot in range(self.slots):
-                lease = Lease(self._js, f"{self.service}.slot{slot}", self.member, self.ttl)
+                lease = Lease(self._js, f"{self.service}.slot{slot}", self.member, self.ttl, lambda: self.alone)
                 if await lease.try_take():
                     self.slot, self._slot_lease = slot, lease
                     return
@@ -216,8 +227,12 @@ class Membership:
         except APIError as exc:
             if exc.err_code not in WRONG_LAST_SEQUENCE:
                 raise
-            ack = await self._js.publish(subject, payload, msg_ttl=self.ttl, timeout=wait)
-            broken = True
+            # A renewal that timed out may have been stored all the same: our own record
+            # last on the key is no break.
+            last = await self._last_record(subject)
+            broken = last is None or last[1] != (self.record().pid, self.started_at)
+            headers = {EXPECTED_LAST_SUBJECT_SEQUENCE: str(last[0])} if last and not broken else None
+            ack = await self._js.publish(subject, payload, msg_ttl=self.ttl, timeout=wait, headers=headers)
         self._seq = ack.seq
         late = sent - self._renewed_at > self.ttl
         if broken:
@@ -232,6 +247,15 @@ class Membership:
             log.info("membership renewed late, before the key expired: nobody took over",
                      service=self.service, member=self.member, late_by=round(sent - self._renewed_at - self.ttl, 1))  # fmt: skip
         self._renewed_at = sent
+
+    async def _last_record(self, subject: str) -> tuple[int, tuple[int, float]] | None:
+        """The last entry on our key: its sequence and whose record it is (pid, start)."""
+        try:
+            msg = await self._js.get_msg(f"KV_{MEMBERS_BUCKET}", subject=subject)
+        except NotFoundError:
+            return None
+        record = decode_record(msg.data or b"")
+        return (msg.seq or 0, (record.pid, record.started_at)) if record else None
 
     async def _heartbeat(self) -> None:
         while True:
@@ -318,17 +342,20 @@ class Lease:
     revision-checked update, lapsing by TTL when the holder dies. ``held`` follows the same
     fencing rule as membership: not beyond the TTL after the last renewal that succeeded."""
 
-    def __init__(self, js: JetStreamContext, name: str, holder: str, ttl: float) -> None:
+    def __init__(
+        self, js: JetStreamContext, name: str, holder: str, ttl: float, alone: Callable[[], bool] = lambda: False
+    ) -> None:
         self._js = js
         self.key = f"lease.{name}"
         self.holder = holder
         self.ttl = ttl
+        self._alone = alone  # as for membership: alone, a late renewal does not give the lease up
         self._revision = 0
         self._renewed_at = -1e18
 
     @property
     def held(self) -> bool:
-        return self._revision > 0 and time.monotonic() - self._renewed_at <= self.ttl
+        return self._revision > 0 and (time.monotonic() - self._renewed_at <= self.ttl or self._alone())
 
     async def try_take(self) -> bool:
         """Take the lease if it is free, or renew it if this holder has it; True if held."""
@@ -344,8 +371,12 @@ class Lease:
         try:
             self._revision = await kv._update(self.key, self.holder.encode(), last=last, msg_ttl=self.ttl)
         except KeyWrongLastSequenceError:
-            self._revision = 0  # taken by another in between, or our renewal came too late
-            return False
+            holder, last = await self._last()
+            if holder != self.holder:
+                self._revision = 0  # taken by another in between, or expired before our renewal
+                return False
+            # Ours: a renewal that timed out was stored all the same.
+            self._revision = await kv._update(self.key, self.holder.encode(), last=last, msg_ttl=self.ttl)
         self._renewed_at = sent
         return True
 

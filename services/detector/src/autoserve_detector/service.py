@@ -67,8 +67,9 @@ class DetectorService(HostedService):
 
     async def open(self, host: Host) -> None:
         assert self.membership is not None
-        self.slot = DurableSlot(host.js, self.membership.member, self.membership.ttl, MEMBER_SLOTS, CONSUMER.stream,
-                                lambda k: consumer_spec(k).durable)  # fmt: skip
+        membership = self.membership
+        self.slot = DurableSlot(host.js, membership.member, membership.ttl, MEMBER_SLOTS, CONSUMER.stream,
+                                lambda k: consumer_spec(k).durable, lambda: membership.alone)  # fmt: skip
         await self.slot.take()
         host.closing(self.slot.release)
         host.spawn(self.slot.keep(self.partitioned.on_change), "detector-slot")

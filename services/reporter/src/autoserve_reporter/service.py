@@ -148,7 +148,8 @@ class ReporterService(HostedService):
         assert self.membership is not None and host.nc is not None
         self._host = host
         self._export_writer_stats()
-        lease = Lease(host.js, SERVICE, self.membership.member, self.membership.ttl)
+        membership = self.membership
+        lease = Lease(host.js, SERVICE, membership.member, membership.ttl, lambda: membership.alone)
         self.keeper = keeper = ActiveStandby(lease, self._activate, self._deactivate).start()
         drain = self.settings.batch_seconds + 5.0
         host.closing(keeper.stop, timeout=2 * drain + CLOSE_SECONDS)  # the drain, then the lease goes
@@ -229,9 +230,12 @@ class ReporterService(HostedService):
         return {**self.status(), **terms}
 
 
-async def _quietly(step: Awaitable[object]) -> None:
-    """One part failing to close must not keep the others (or the lease) held."""
+async def _quietly(step: Awaitable[object], timeout: float = 30.0) -> None:
+    """One part failing to close, or hanging on a NATS that is away, must not keep the others
+    (or the lease) held."""
     try:
-        await step
+        await asyncio.wait_for(step, timeout)
+    except TimeoutError:
+        log.warning("closing a part of the term timed out; closing the rest", seconds=timeout)
     except Exception:
         log.exception("closing a part of the term failed; closing the rest")

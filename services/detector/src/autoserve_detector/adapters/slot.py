@@ -28,9 +28,17 @@ log = structlog.get_logger("autoserve.detector")
 
 class DurableSlot:
     def __init__(
-        self, js: JetStreamContext, member: str, ttl: float, slots: int, stream: str, durable: Callable[[int], str]
+        self,
+        js: JetStreamContext,
+        member: str,
+        ttl: float,
+        slots: int,
+        stream: str,
+        durable: Callable[[int], str],
+        alone: Callable[[], bool] = lambda: False,
     ) -> None:
         self._js = js
+        self._alone = alone  # the membership's: alone, a late renewal keeps the slot (Lease)
         self._member = member
         self.ttl = ttl
         self._slots = slots
@@ -50,7 +58,7 @@ class DurableSlot:
         while True:
             waiting_for_dead = False
             for slot in range(self._slots):
-                lease = Lease(self._js, f"detector.slot{slot}", self._member, self.ttl)
+                lease = Lease(self._js, f"detector.slot{slot}", self._member, self.ttl, self._alone)
                 if await lease.try_take():
                     self.slot, self._lease = slot, lease
                     log.info("durable slot taken", slot=slot, durable=self._durable(slot),
