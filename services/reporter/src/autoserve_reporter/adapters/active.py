@@ -99,7 +99,13 @@ class ActiveStandby:
             while not self._stopping:
                 await self._wait(period, activating)
                 if activating.done() and activating.exception() is not None:
-                    activating.result()  # activation failed: the service fails
+                    if not self.first.done():
+                        activating.result()  # the first activation failed: the service fails to start
+                    # A later one (JetStream electing a leader as the term opened): end this
+                    # term and take the lease again for a new one.
+                    log.warning("activation failed; ending the term and trying again",
+                                error=repr(activating.exception()), term=self.terms)  # fmt: skip
+                    break
                 # A lapse ends the term even if the lease could be taken again: someone may
                 # have held it meanwhile (and recreated the durables we are bound to).
                 if not self.lease.held or (not self._stopping and not await self._take() and not self.lease.held):
@@ -109,7 +115,8 @@ class ActiveStandby:
             if lapsed:
                 self.fenced += 1
                 log.error("lease lapsed: stopping ingestion at once, back to standby", lease=self.lease.key)
-            await cancel_all([activating])
+            with contextlib.suppress(Exception):  # a failed activation was logged above
+                await cancel_all([activating])
             self.active = False
             # A drain can outlast the TTL: the lease is kept until the store is closed, so no
             # successor starts on the durables while this member still acknowledges.
