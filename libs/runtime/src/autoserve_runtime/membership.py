@@ -235,7 +235,13 @@ class Membership:
             ack = await self._js.publish(subject, payload, msg_ttl=self.ttl, timeout=wait, headers=headers)
         self._seq = ack.seq
         late = sent - self._renewed_at > self.ttl
-        if broken:
+        if broken and self._renewed_at > 0 and self.alone:
+            # Alone in the last view: nobody it knew of can have taken over. Keep working;
+            # the fresh read of the members shows anyone who joined meanwhile.
+            log.warning("membership key expired while alone (NATS away past the TTL); re-reading the members",
+                        service=self.service, member=self.member)  # fmt: skip
+            self._reload.set()
+        elif broken:
             if self._renewed_at > 0:
                 self.lapses += 1
                 log.warning("membership lapsed (our key expired); re-reading the members before owning anything",
