@@ -17,6 +17,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 from autoserve_detector.core.detector import Detector
 from autoserve_detector.service import thresholds
 from nats.aio.client import Client
@@ -53,6 +54,8 @@ from tests.support.secure_nats import (
 )
 
 from .conftest import LOCALHOST, apply_yaml, check, config_for, wait_for
+
+pytestmark = pytest.mark.members  # the members lane of make test, beside the others
 
 AUTOSERVE = str(Path(sys.executable).parent / "autoserve")
 INSTANCES = [f"f-{i}" for i in range(40)]
