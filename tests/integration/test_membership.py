@@ -182,3 +182,14 @@ async def test_a_renewal_that_timed_out_but_was_stored_is_no_lapse(joined: Join,
     assert await lease.try_take() and lease._revision != revision
     lease._revision = revision  # the same for a lease renewal
     assert await lease.try_take() and lease.held
+
+
+async def test_a_lease_that_expired_while_its_holder_was_alone_is_kept(nc: Client) -> None:
+    await provision(nc.jetstream())
+    alone = Lease(nc.jetstream(), "reporter", "r1", ttl=2, alone=lambda: True)
+    assert await alone.try_take()
+    kv = await nc.jetstream().key_value("autoserve-members")
+    await kv.purge("lease.reporter")  # as if it expired while NATS was away
+    assert alone.held and await alone.try_take() and alone.held
+    other = Lease(nc.jetstream(), "reporter", "r2", ttl=2)
+    assert not await other.try_take()

@@ -378,10 +378,11 @@ class Lease:
             self._revision = await kv._update(self.key, self.holder.encode(), last=last, msg_ttl=self.ttl)
         except KeyWrongLastSequenceError:
             holder, last = await self._last()
-            if holder != self.holder:
+            if holder != self.holder and not (holder is None and self._alone()):
                 self._revision = 0  # taken by another in between, or expired before our renewal
                 return False
-            # Ours: a renewal that timed out was stored all the same.
+            # Ours: a renewal that timed out was stored all the same. Or it expired while we
+            # were alone (NATS away past the TTL): nobody can have held it since.
             self._revision = await kv._update(self.key, self.holder.encode(), last=last, msg_ttl=self.ttl)
         self._renewed_at = sent
         return True
