@@ -60,18 +60,18 @@ async def read_members(js: JetStreamContext) -> list[MemberRecord]:
     bucket that hold a value now (leases and progress marks are not members; an expired or
     deleted key's last entry is a marker, not a record)."""
     stream, prefix = f"KV_{MEMBERS_BUCKET}", f"$KV.{MEMBERS_BUCKET}."
-    try:
+    records: list[MemberRecord] = []
+    # The bucket's leader may be in an election (a node just died): the table is left out
+    # of this reading rather than failing the whole status.
+    with contextlib.suppress(nats.errors.Error, TimeoutError):
         info = await js.stream_info(stream, subjects_filter=f"{prefix}>")
-    except NotFoundError:
-        return []
-    records = []
-    for subject in sorted(info.state.subjects or {}):
-        if subject.removeprefix(prefix).split(".")[0] in ("lease", "progress"):
-            continue
-        with contextlib.suppress(NotFoundError):
-            msg = await js.get_msg(stream, subject=subject)
-            if record := decode_record(msg.data or b""):
-                records.append(record)
+        for subject in sorted(info.state.subjects or {}):
+            if subject.removeprefix(prefix).split(".")[0] in ("lease", "progress"):
+                continue
+            with contextlib.suppress(NotFoundError):
+                msg = await js.get_msg(stream, subject=subject)
+                if record := decode_record(msg.data or b""):
+                    records.append(record)
     return records
 
 
