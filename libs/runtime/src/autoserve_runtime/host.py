@@ -276,10 +276,7 @@ def watch_membership(membership: Membership) -> str:
     (it owns nothing then: paused, or cut off from NATS)."""
     name = f"{membership.service} member {membership.member} holds its lease"
 
-    def why() -> str:
-        return f"no membership renewal within {membership.ttl:g}s: owning nothing until it is renewed"
-
-    add_check(name, lambda: not membership.fenced, why)
+    add_check(name, lambda: not membership.fenced, membership.why_fenced)
     return name
 
 

@@ -53,7 +53,7 @@ def member_ttl() -> float:
     try:
         ttl = float(text) if text else DEFAULT_TTL_SECONDS
     except ValueError:
-        raise ValueError(f"AUTOSERVE_MEMBER_TTL: expected seconds such as 5, got {text!r}") from None
+        raise ValueError(f"AUTOSERVE_MEMBER_TTL: expected seconds such as 15, got {text!r}") from None
     if ttl < 1 or ttl != int(ttl):
         raise ValueError(f"AUTOSERVE_MEMBER_TTL: expected a whole number of seconds >= 1, got {text!r}")
     return ttl
@@ -104,6 +104,7 @@ class Membership:
         self._stopped = False
         self._tasks: list[asyncio.Task[None]] = []
         self._reload = asyncio.Event()
+        self._generation = 0  # reload requests: a watcher publishes only the view of its own
         self.lapses = 0  # times this member's lease lapsed (paused or cut off)
         self.slots = slots
         self.slot: int | None = None
@@ -125,6 +126,16 @@ class Membership:
         if self._left or self.slot_lost or not self._fresh:
             return True
         return time.monotonic() - self._renewed_at > self.ttl and not self.alone
+
+    def why_fenced(self) -> str:
+        """Why ``fenced`` holds, for ``/readyz``."""
+        if self._left:
+            return "leaving: its work is handed over"
+        if self.slot_lost:
+            return f"its slot was taken by another member: restart it to take a free one (of {self.slots})"
+        if not self._fresh:
+            return "re-reading the members after its key expired: owning nothing until then"
+        return f"no membership renewal within {self.ttl:g}s: owning nothing until it is renewed"
 
     @property
     def alone(self) -> bool:
@@ -163,12 +174,14 @@ class Membership:
         if self._kv is not None:
             with contextlib.suppress(Exception):
                 await self._kv.delete(self.key)
-        if self._slot_lease is not None:
-            await self._slot_lease.release()
         log.info("left", service=self.service, member=self.member)
 
     async def stop(self) -> None:
+        """At teardown, after the drain: the slot (and its durable) is free for another
+        member only once this one has stopped acknowledging on it."""
         await self.leave()
+        if self._slot_lease is not None:
+            await self._slot_lease.release()
         self._stopped = True
         await cancel_all(self._tasks)
 
@@ -240,7 +253,7 @@ class Membership:
             # the fresh read of the members shows anyone who joined meanwhile.
             log.warning("membership key expired while alone (NATS away past the TTL); re-reading the members",
                         service=self.service, member=self.member)  # fmt: skip
-            self._reload.set()
+            self._request_reload()
         elif broken:
             if self._renewed_at > 0:
                 self.lapses += 1
@@ -248,7 +261,7 @@ class Membership:
                             service=self.service, member=self.member,
                             lapsed_for=round(max(0.0, sent - self._renewed_at - self.ttl), 1))  # fmt: skip
             self._fresh = False
-            self._reload.set()
+            self._request_reload()
         elif late:
             log.info("membership renewed late, before the key expired: nobody took over",
                      service=self.service, member=self.member, late_by=round(sent - self._renewed_at - self.ttl, 1))  # fmt: skip
@@ -266,11 +279,11 @@ class Membership:
     async def _heartbeat(self) -> None:
         while True:
             await asyncio.sleep(self.ttl / 3)
-            try:
-                await self._renew_slot()
-                await self._renew()
-            except Exception as exc:  # keep trying: NATS may be electing or away
-                log.warning("membership renewal failed", service=self.service, error=repr(exc))
+            for renewal in (self._renew_slot, self._renew):  # one failing must not skip the other
+                try:
+                    await renewal()
+                except Exception as exc:  # keep trying: NATS may be electing or away
+                    log.warning("membership renewal failed", service=self.service, error=repr(exc))
             self._notify()
 
     # -- following ------------------------------------------------------------------------
@@ -290,6 +303,7 @@ class Membership:
 
     async def _watch_once(self) -> None:
         assert self._kv is not None
+        generation = self._generation
         watcher = await self._kv.watch(f"{self.service}.>")
         view, loaded = MemberView(), False
         try:
@@ -311,11 +325,15 @@ class Membership:
                     loaded = loaded or entry.delta == 0
                 if not self._lapsed(now):  # a view frozen while we are cut off keeps the others
                     view.expire(now, EXPIRY_GRACE_SECONDS, keep=self.member)
-                if loaded:
+                if loaded and generation == self._generation:  # not a view read before a lapse
                     self._publish_view(view)
         finally:
             with contextlib.suppress(Exception):
                 await watcher.stop()
+
+    def _request_reload(self) -> None:
+        self._generation += 1
+        self._reload.set()
 
     def _lapsed(self, now: float) -> bool:
         return now - self._renewed_at > self.ttl
@@ -356,6 +374,7 @@ class Lease:
         self.holder = holder
         self.ttl = ttl
         self._alone = alone  # as for membership: alone, a late renewal does not give the lease up
+        self._kv: KeyValue | None = None
         self._revision = 0
         self._renewed_at = -1e18
 
@@ -365,7 +384,7 @@ class Lease:
 
     async def try_take(self) -> bool:
         """Take the lease if it is free, or renew it if this holder has it; True if held."""
-        kv = await self._js.key_value(MEMBERS_BUCKET)
+        kv = await self._bucket()
         sent = time.monotonic()
         if self.held:
             last = self._revision
@@ -388,11 +407,16 @@ class Lease:
         return True
 
     async def release(self) -> None:
+        """Free it for the next holder (a graceful stop); never raises: NATS may be away."""
         if self._revision:
-            kv = await self._js.key_value(MEMBERS_BUCKET)
             with contextlib.suppress(Exception):
-                await kv.delete(self.key, last=self._revision)
+                await (await self._bucket()).delete(self.key, last=self._revision)
         self._revision = 0
+
+    async def _bucket(self) -> KeyValue:
+        if self._kv is None:
+            self._kv = await self._js.key_value(MEMBERS_BUCKET)
+        return self._kv
 
     async def current_holder(self) -> str | None:
         return (await self._last())[0]

@@ -1,4 +1,4 @@
-"""``autoserve run prober``: one prober process, or several shards of it (each a member)."""
+"""``autoserve run prober``: one prober process, or several (``--workers``), each a member."""
 
 from __future__ import annotations
 

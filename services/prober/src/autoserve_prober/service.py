@@ -48,7 +48,6 @@ class ProberService(HostedService):
     ) -> None:
         super().__init__(nats_url)
         self.shard = shard
-        self.shards = shards
         if shards > 1:  # one host's shards are distinct members
             self.member = default_member(f"-w{shard}")
         self.use_docker = docker_available() if docker is None else docker
@@ -148,7 +147,7 @@ class ProberService(HostedService):
 
     async def _note_renewals(self) -> None:
         """Remember when each member was last heard from, beyond its removal from the view:
-        what tells a graceful leave from a death (``probe_at_once``)."""
+        what tells a graceful leave from a death (``takeover_since``)."""
         membership = self.membership
         assert membership is not None
         while True:

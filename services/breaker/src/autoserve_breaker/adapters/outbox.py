@@ -24,12 +24,12 @@ import structlog
 
 from autoserve_events import BreakerStateChanged, BreakerTrialAdmitted, encode, headers_for, subject_for
 from autoserve_runtime import EventPublisher
+from autoserve_runtime.membership import EXPECTED_LAST_SUBJECT_SEQUENCE
 
 from ..core.breakers import Breakers, Key
 
 log = structlog.get_logger("autoserve.breaker.outbox")
 
-EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
 
 Item = tuple[BreakerStateChanged | BreakerTrialAdmitted, asyncio.Future[bool]]
 
@@ -75,14 +75,14 @@ class Outbox:
                 if generation != event.generation - 1:
                     self._refuse(key, f"the log is at generation {generation}, this one follows {event.generation - 1}")
                     return
-                headers = {**headers_for(event), EXPECTED_LAST: str(seq)}
+                headers = {**headers_for(event), EXPECTED_LAST_SUBJECT_SEQUENCE: str(seq)}
                 self._unseen[key] = event
             else:
                 headers = headers_for(event)
             queue.popleft()
             stored = self._publisher.submit_raw(subject_for(event), encode(event), headers, track=True)
             assert stored is not None
-            expected = int(headers.get(EXPECTED_LAST, -1))
+            expected = int(headers.get(EXPECTED_LAST_SUBJECT_SEQUENCE, -1))
             stored.add_done_callback(lambda done, k=key, f=future, e=event, x=expected: self._settled(k, e, x, f, done))
         del self._waiting[key]
 

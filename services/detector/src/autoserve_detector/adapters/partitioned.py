@@ -216,6 +216,8 @@ class PartitionedDetector:
             self._wake.clear()
             batch = self.table.start_rebuilds()
             if not batch:
+                if not self.table.rebuilding:  # what the start gained was lost meanwhile: ready anyway
+                    self._first_pass.set()
                 continue
             try:
                 await self._rebuild(batch)
