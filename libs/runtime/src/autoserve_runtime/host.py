@@ -146,6 +146,7 @@ class Host:
         self.nc: Client | None = None
         self.stopping = asyncio.Event()  # set on SIGTERM, before anything is closed
         self._closers = contextlib.AsyncExitStack()
+        self._stop = asyncio.Event()  # run's: set to stop the service
 
     @property
     def js(self) -> JetStreamContext:
@@ -171,6 +172,7 @@ class Host:
 
     async def run(self, stop: asyncio.Event) -> None:
         service, name = self.service, self.service.name
+        self._stop = stop
         async with self._closers:
             try:
                 if await self._started_before(stop):
@@ -206,6 +208,7 @@ class Host:
         service.membership = membership = Membership(
             self.js, service.name, service.member, describe=service.owns_what, slots=service.member_slots
         )
+        membership.on_change.append(self._stop_if_slot_lost)
         await membership.start()
         self.closing(membership.stop)
         check = watch_membership(membership)
@@ -228,6 +231,14 @@ class Host:
         await nc.flush()
         await service.started(self)
         service.ready.set()
+
+    def _stop_if_slot_lost(self) -> None:
+        """A member whose slot (and durable) another member took while it was paused can
+        do nothing useful: it stops, and its supervisor starts it again on a free slot."""
+        membership = self.service.membership
+        if membership is not None and membership.slot_lost and not self._stop.is_set():
+            log.error("member slot lost: stopping so that it starts again on a free one", service=self.service.name)
+            self._stop.set()
 
     async def _follow(self, plan: Plan) -> None:
         first_values = []
