@@ -23,11 +23,10 @@ from autoserve_detector.service import consumer_spec
 from nats.js import JetStreamContext
 
 from autoserve_cli.apply import store_config
+from autoserve_cli.cluster_status import read_members
 from autoserve_config import load_config_text
 from autoserve_events import EVENTS_STREAM, PROBES_STREAM, decode, encode
 from autoserve_runtime import connect, free_port, provision, spawn_child, stop_child
-from autoserve_runtime.ownership import decode_record
-from autoserve_runtime.provisioning import MEMBERS_BUCKET
 from bench.common import LOG_DIR, VENV_BIN, Table, cpu_seconds, fmt, machine_busy, nats_server, until
 from bench.detector import INSTANCES, probe, publish_all
 
@@ -64,16 +63,9 @@ class Member:
 
 
 async def _owned(js: JetStreamContext, names: list[str]) -> dict[str, int]:
-    owned = {}
-    for name in names:
-        try:
-            msg = await js.get_msg(f"KV_{MEMBERS_BUCKET}", subject=f"$KV.{MEMBERS_BUCKET}.detector.{name}")
-        except Exception:
-            continue
-        record = decode_record(msg.data or b"")
-        if record is not None and record.owns:
-            owned[name] = int(record.owns.split()[0])
-    return owned
+    """Partitions each named detector member says it owns (``autoserve status``'s reading)."""
+    return {r.member: int(r.owns.split()[0]) for r in await read_members(js)
+            if r.service == "detector" and r.member in names and r.owns}  # fmt: skip
 
 
 async def _run(members: int, events: int) -> dict[str, float]:
